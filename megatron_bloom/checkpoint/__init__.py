@@ -1,0 +1,1 @@
+"""Checkpoints: the training-checkpoint layout (`layout`) and Hugging Face import/export (`hf`)."""

@@ -1,0 +1,80 @@
+"""`mbloom-convert`: Hugging Face checkpoints to training checkpoints and back.
+
+    mbloom-convert from-hf --hf HF_DIR --output CKPT_DIR [--tp N] [--pp N]
+    mbloom-convert to-hf --checkpoint CKPT_DIR --output HF_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from megatron_bloom.checkpoint.hf import (
+    TOKENIZER_FILES,
+    hf_to_state_dict,
+    read_hf_config,
+    read_hf_weights,
+    write_hf_checkpoint,
+)
+from megatron_bloom.checkpoint.layout import CheckpointMetadata, load_model_state_dict, save_model_checkpoint
+from megatron_bloom.errors import UserError, exit_on_user_error
+
+
+def from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Path:
+    """Convert a Hugging Face BLOOM directory into a training checkpoint; returns the checkpoint's dir."""
+    if not Path(hf_dir).is_dir():
+        raise UserError(f"--hf {hf_dir}: no such directory.")
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
+    if tp != 1 or pp != 1:
+        raise UserError(f"--tp {tp} --pp {pp}: this version writes single-rank checkpoints (tp 1, pp 1) only; "
+                        "split layouts arrive with tensor and pipeline parallelism.")
+    model, task = read_hf_config(hf_dir)
+    state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
+    has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
+    metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,
+                                  tokenizer=str(Path(hf_dir).resolve()) if has_tokenizer else None)
+    return save_model_checkpoint(output, state_dict, metadata)
+
+
+def to_hf(checkpoint: Path, output: Path) -> List[Path]:
+    """Export a training checkpoint as a Hugging Face directory; returns the files written."""
+    metadata, state_dict = load_model_state_dict(checkpoint)
+    tokenizer = Path(metadata.tokenizer) if metadata.tokenizer and Path(metadata.tokenizer).exists() else None
+    return write_hf_checkpoint(output, state_dict, metadata.model, metadata.task, tokenizer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbloom-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    hf_in = commands.add_parser("from-hf", help="Hugging Face BLOOM directory -> training checkpoint")
+    hf_in.add_argument("--hf", required=True, type=Path, help="directory with config.json and the weights")
+    hf_in.add_argument("--output", required=True, type=Path, help="checkpoint directory to write")
+    hf_in.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the layout (default 1)")
+    hf_in.add_argument("--pp", type=int, default=1, help="pipeline stages of the layout (default 1)")
+    hf_out = commands.add_parser("to-hf", help="training checkpoint -> Hugging Face BLOOM directory")
+    hf_out.add_argument("--checkpoint", required=True, type=Path,
+                        help="a checkpoint.dir (its latest checkpoint) or one checkpoint's directory")
+    hf_out.add_argument("--output", required=True, type=Path, help="directory to write")
+    return parser
+
+
+@exit_on_user_error("mbloom-convert")
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.command == "from-hf":
+        directory = from_hf(args.hf, args.output, args.tp, args.pp)
+        metadata = CheckpointMetadata.from_json((directory / "mbloom.json").read_text(), directory)
+        print(f"wrote {directory} ({metadata.task.name}, {metadata.model.num_parameters():,} parameters, "
+              f"tp={metadata.tp} pp={metadata.pp}) in {time.perf_counter() - start:.1f} s")
+    else:
+        written = to_hf(args.checkpoint, args.output)
+        print(f"wrote {args.output}: {', '.join(p.name for p in written)} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

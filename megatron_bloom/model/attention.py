@@ -1,0 +1,81 @@
+"""BLOOM self-attention: fused QKV in BLOOM's per-head interleaved layout, ALiBi, fp32 softmax."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_bloom.model.alibi import alibi_bias, alibi_slopes
+from megatron_bloom.model.config import ModelConfig
+
+
+def causal_additive_mask(attention_mask: Optional[torch.Tensor], batch_size: int, q_length: int,
+                         kv_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[batch, 1, q, kv]` mask added to the scores: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Query i sits at key position `kv_length - q_length + i` (the earlier keys come from a KV cache).
+    A padded key (attention_mask == 0) is never attended. Using the finite minimum rather than -inf keeps
+    rows with no visible key (left padding) finite, as Hugging Face does.
+    """
+    query_positions = torch.arange(kv_length - q_length, kv_length, device=device)
+    key_positions = torch.arange(kv_length, device=device)
+    allowed = key_positions[None, :] <= query_positions[:, None]  # [q, kv]
+    allowed = allowed[None, None].expand(batch_size, 1, q_length, kv_length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class BloomAttention(nn.Module):
+    """Multi-head self-attention with ALiBi.
+
+    The fused `query_key_value` output is laid out per head as `[head, (q, k, v), head_dim]`, so the rows
+    of heads `a..b` form one contiguous block: tensor parallelism splits it by rows and each rank keeps
+    whole heads. `num_heads` and `alibi_slopes` are those of the heads this module computes; splitting
+    the module across ranks narrows both (see `megatron_bloom.parallel`).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
+        self.hidden_dropout = config.hidden_dropout
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        # Float32 on purpose and not a buffer: `model.to(bfloat16)` must not round the slopes, and they are
+        # derived from the head count, so they are not saved with the weights.
+        self.alibi_slopes = alibi_slopes(config.num_heads)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+                additive_mask: torch.Tensor) -> torch.Tensor:
+        """`hidden_states`, `residual`: [batch, seq, hidden]; `positions`: ALiBi key positions [batch, seq]."""
+        batch_size, q_length, _ = hidden_states.shape
+        fused_qkv = self.query_key_value(hidden_states)
+        fused_qkv = fused_qkv.view(batch_size, q_length, self.num_heads, 3, self.head_dim)
+        # [batch * heads, seq, head_dim]
+        query, key, value = (
+            fused_qkv[..., i, :].transpose(1, 2).reshape(batch_size * self.num_heads, q_length, self.head_dim)
+            for i in range(3)
+        )
+        if self.alibi_slopes.device != hidden_states.device:
+            self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
+        bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)
+        # scores = bias + (q @ k^T) / sqrt(head_dim), one fused call
+        scores = bias.baddbmm(query, key.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
+        scores = scores.view(batch_size, self.num_heads, q_length, -1) + additive_mask
+        # Softmax in float32 whatever the compute dtype: bf16/fp16 rows of 2048 scores lose too much.
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = self.attention_dropout(probs)
+        context = torch.bmm(probs.view(batch_size * self.num_heads, q_length, -1), value)
+        # [batch * heads, seq, head_dim] -> [batch, seq, heads * head_dim]
+        context = context.view(batch_size, self.num_heads, q_length, self.head_dim).permute(0, 2, 1, 3)
+        context = context.reshape(batch_size, q_length, self.num_heads * self.head_dim)
+        output = self.dense(context)
+        return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)

@@ -1,0 +1,190 @@
+"""The four task models of the Hugging Face BLOOM documentation on top of the shared trunk.
+
+Names, pooling and losses follow `transformers` (`BloomForCausalLM`, `BloomForSequenceClassification`,
+`BloomForTokenClassification`, `BloomForQuestionAnswering`) so that weights and results carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_bloom.errors import ConfigError
+from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.transformer import BloomModel
+
+IGNORE_INDEX = -100
+TASKS = ("causal_lm", "sequence_classification", "token_classification", "question_answering")
+
+
+@dataclass
+class TaskConfig:
+    """Which head sits on the trunk. `num_labels`/`labels` matter for the two classification heads."""
+
+    name: str = "causal_lm"
+    num_labels: int = 2
+    problem_type: Optional[str] = None
+    labels: Optional[List[str]] = None  # label names in index order (exported as id2label)
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise ConfigError(f"task.name must be one of {', '.join(TASKS)}; got {self.name!r}.")
+        if self.num_labels < 1:
+            raise ConfigError(f"task.num_labels must be at least 1, got {self.num_labels}.")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ConfigError(
+                f"task.labels names {len(self.labels)} labels but task.num_labels is {self.num_labels}."
+            )
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class QuestionAnsweringOutput:
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels of -100 are ignored."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class BloomForCausalLM(nn.Module):
+    """Language model: logits over the real vocabulary from the input embedding matrix (tied LM head)."""
+
+    task = "causal_lm"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = BloomModel(config)
+
+    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The first vocab_size rows are a view: padding rows are never scored, and nothing is copied.
+        return F.linear(hidden_states, self.transformer.word_embeddings.weight[: self.config.vocab_size])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        logits = self.lm_logits(self.transformer(input_ids, attention_mask))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss)
+
+
+class BloomForSequenceClassification(nn.Module):
+    """Scores the last non-padding token of each sequence (left or right padding)."""
+
+    task = "sequence_classification"
+
+    def __init__(self, config: ModelConfig, num_labels: int = 2, problem_type: Optional[str] = None) -> None:
+        super().__init__()
+        if problem_type not in (None, "regression", "single_label_classification",
+                                "multi_label_classification"):
+            raise ValueError(f"unknown problem_type {problem_type!r}")
+        self.config = config
+        self.num_labels = num_labels
+        self.problem_type = problem_type
+        self.transformer = BloomModel(config)
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+
+    def last_token_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of the rightmost token that is not padding, per row (the last token without a pad id)."""
+        if self.config.pad_token_id is None:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        not_pad = (input_ids != self.config.pad_token_id).to(torch.int32)
+        token_indices = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+        return (token_indices * not_pad).argmax(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        token_logits = self.score(self.transformer(input_ids, attention_mask))
+        batch = torch.arange(input_ids.shape[0], device=input_ids.device)
+        logits = token_logits[batch, self.last_token_index(input_ids)]
+        loss = self.loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem_type = self.problem_type
+        if problem_type is None:  # inferred as transformers does
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits, labels)
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class BloomForTokenClassification(nn.Module):
+    """A label per token (e.g. named entities); labels of -100 are ignored."""
+
+    task = "token_classification"
+
+    def __init__(self, config: ModelConfig, num_labels: int = 2,
+                 classifier_dropout: Optional[float] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.transformer = BloomModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        logits = self.classifier(self.dropout(self.transformer(input_ids, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+class BloomForQuestionAnswering(nn.Module):
+    """Extractive QA: start and end logits per token; the loss averages the two cross-entropies."""
+
+    task = "question_answering"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = BloomModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                start_positions: Optional[torch.Tensor] = None,
+                end_positions: Optional[torch.Tensor] = None) -> QuestionAnsweringOutput:
+        logits = self.qa_outputs(self.transformer(input_ids, attention_mask))
+        start_logits, end_logits = (part.squeeze(-1) for part in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # Positions outside the input (answer cut off by truncation) are ignored, as in transformers.
+            ignored = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, ignored)
+            end = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
+
+
+TASK_MODELS: Dict[str, Type[nn.Module]] = {
+    model.task: model
+    for model in (BloomForCausalLM, BloomForSequenceClassification, BloomForTokenClassification,
+                  BloomForQuestionAnswering)
+}

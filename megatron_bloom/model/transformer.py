@@ -1,0 +1,49 @@
+"""The BLOOM trunk: word embeddings + their LayerNorm, the blocks, the final LayerNorm.
+
+Each piece is usable on its own (`embed`, `attention_inputs`, the blocks, `ln_f`), which is what pipeline
+stages are built from. Parameter names match Hugging Face's `BloomModel`, so state dicts convert by name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from megatron_bloom.model.alibi import alibi_positions
+from megatron_bloom.model.attention import causal_additive_mask
+from megatron_bloom.model.block import BloomBlock
+from megatron_bloom.model.config import ModelConfig
+
+
+class BloomModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size(), config.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, seq] -> normalized embeddings [batch, seq, hidden] (BLOOM's embedding LayerNorm)."""
+        return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+
+    @staticmethod
+    def attention_inputs(attention_mask: Optional[torch.Tensor], hidden_states: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ALiBi key positions and the additive causal/padding mask shared by all blocks."""
+        batch_size, seq_length, _ = hidden_states.shape
+        device, dtype = hidden_states.device, hidden_states.dtype
+        positions = alibi_positions(attention_mask, batch_size, seq_length, device)
+        mask = causal_additive_mask(attention_mask, batch_size, seq_length, seq_length, dtype, device)
+        return positions, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids [batch, seq] (and a 0/1 padding mask) -> final hidden states [batch, seq, hidden]."""
+        hidden_states = self.embed(input_ids)
+        positions, mask = self.attention_inputs(attention_mask, hidden_states)
+        for block in self.h:
+            hidden_states = block(hidden_states, positions, mask)
+        return self.ln_f(hidden_states)

@@ -1,0 +1,51 @@
+"""megatron_bloom: train BLOOM models with tensor, pipeline and ZeRO data parallelism.
+
+Install torch first (`pip install torch==2.13.0` on a CPU machine) so that no dependency pulls a CUDA build.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def config_files():
+    """configs/ is installed under share/megatron_bloom/configs for non-editable installs."""
+    by_dir = {}
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        relative = path.relative_to(ROOT)
+        by_dir.setdefault(str(Path("share/megatron_bloom") / relative.parent), []).append(str(relative))
+    return sorted(by_dir.items())
+
+
+setup(
+    name="megatron_bloom",
+    version="0.1.0",
+    description="Train BLOOM language models with tensor, pipeline and ZeRO data parallelism",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
+    data_files=config_files(),
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "datasets>=2.19",
+        "tokenizers>=0.19",
+        "wandb>=0.17",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # transformers is only the reference that parity tests compare against; training never needs it.
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "transformers>=4.44"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mbloom-convert=megatron_bloom.convert:main",
+        ],
+    },
+)

@@ -1,0 +1,90 @@
+"""Shared helpers: small random models on both sides (ours and transformers'), and running console scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from megatron_bloom.model import ModelConfig, TaskConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def small_config(**overrides) -> ModelConfig:
+    """A BLOOM small enough for a test: 2 layers, hidden 64, 4 heads, vocabulary 1024."""
+    fields = dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1024, seq_length=64)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def hf_config(config: ModelConfig, task: TaskConfig | None = None):
+    """The `transformers.BloomConfig` of the same shape (and head)."""
+    from transformers import BloomConfig
+
+    task = task or TaskConfig()
+    return BloomConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, n_layer=config.num_layers,
+        n_head=config.num_heads, layer_norm_epsilon=config.layer_norm_epsilon,
+        initializer_range=config.init_std, hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, num_labels=task.num_labels,
+    )
+
+
+def hf_model(config: ModelConfig, task: TaskConfig | None = None, seed: int = 0):
+    """A randomly initialized transformers BLOOM model for `task`, in eval mode.
+
+    Biases and LayerNorm parameters are randomized too (transformers initializes them to 0/1), so that a
+    parity test would notice a bias or a LayerNorm applied in the wrong place.
+    """
+    import transformers
+
+    task = task or TaskConfig()
+    from megatron_bloom.checkpoint.hf import ARCHITECTURES
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHITECTURES[task.name])(hf_config(config, task))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "ln_f" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def load_hf_weights_into(ours: torch.nn.Module, hf) -> None:
+    """Copy a transformers model's weights into ours (by name, through the converter)."""
+    from megatron_bloom.checkpoint.hf import hf_to_state_dict
+
+    state = hf_to_state_dict(hf.state_dict(), ours.config, _task_of(ours))
+    ours.load_state_dict(state, strict=True)
+
+
+def _task_of(model) -> TaskConfig:
+    return TaskConfig(name=model.task, num_labels=getattr(model, "num_labels", 2))
+
+
+def run_cli(args: Sequence[str], cwd: Path | None = None, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args...` as users do, and return the finished process (text output)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env, text=True,
+                            capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user mistake: exit status 2, one `program: error:` paragraph naming the fragments, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error:" in result.stderr, result.stderr
+    paragraph = " ".join(result.stderr.split())  # the message is wrapped for the terminal
+    for fragment in fragments:
+        assert fragment in paragraph, (fragment, result.stderr)

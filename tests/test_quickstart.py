@@ -1,0 +1,17 @@
+"""The README's main command, as a newcomer runs it."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_quickstart_reports_parity_and_a_bit_exact_round_trip(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--workdir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "max |logits diff| = 0.00e+00" in result.stdout
+    assert "round trip HF -> megatron_bloom -> HF bit-exact: True" in result.stdout
+    assert "265,728 parameters (built model: 265,728)" in result.stdout
+    assert result.stdout.rstrip().endswith("quickstart: OK")
+    assert (tmp_path / "checkpoint" / "latest").is_file() and (tmp_path / "hf-export" / "config.json").is_file()
