@@ -46,6 +46,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mbloom-convert=megatron_bloom.convert:main",
+            "mbloom-eval=megatron_bloom.eval:main",
         ],
     },
 )

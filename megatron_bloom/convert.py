@@ -20,6 +20,8 @@ from megatron_bloom.checkpoint.hf import (
 )
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, load_model_state_dict, save_model_checkpoint
 from megatron_bloom.errors import UserError, exit_on_user_error
+from megatron_bloom.parallel.parallelize import check_tensor_parallel
+from megatron_bloom.parallel.sharding import split_for_ranks
 
 
 def from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Path:
@@ -28,15 +30,16 @@ def from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Path:
         raise UserError(f"--hf {hf_dir}: no such directory.")
     if tp < 1 or pp < 1:
         raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
-    if tp != 1 or pp != 1:
-        raise UserError(f"--tp {tp} --pp {pp}: this version writes single-rank checkpoints (tp 1, pp 1) only; "
-                        "split layouts arrive with tensor and pipeline parallelism.")
+    if pp != 1:
+        raise UserError(f"--pp {pp}: this version writes checkpoints without pipeline stages (--pp 1) only; "
+                        "pipeline layouts arrive with 3D training.")
     model, task = read_hf_config(hf_dir)
+    check_tensor_parallel(model, tp)
     state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
     has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
     metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,
                                   tokenizer=str(Path(hf_dir).resolve()) if has_tokenizer else None)
-    return save_model_checkpoint(output, state_dict, metadata)
+    return save_model_checkpoint(output, split_for_ranks(state_dict, model, tp), metadata)
 
 
 def to_hf(checkpoint: Path, output: Path) -> List[Path]:

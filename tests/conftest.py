@@ -88,3 +88,37 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     paragraph = " ".join(result.stderr.split())  # the message is wrapped for the terminal
     for fragment in fragments:
         assert fragment in paragraph, (fragment, result.stderr)
+
+
+# --- text and tokenizers made here (nothing is downloaded) -------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "tu", "ré", "ça", "ün", "ø", "да", "ни", "ком", "你", "好", "世", "ب", "ال",
+              "नम", "स्ते", "def", "return", "(x)", "{", "}", ";", " ", "  "]
+
+
+def sample_texts(count: int, seed: int = 0, max_words: int = 60) -> list:
+    """Deterministic pseudo-multilingual documents of 1 to `max_words` words."""
+    import random
+
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+                 for _ in range(rng.randint(1, max_words))]
+        texts.append(" ".join(words))
+    return texts
+
+
+def train_test_tokenizer(directory: Path, texts: Sequence[str], vocab_size: int = 500) -> Path:
+    """A byte-level BPE tokenizer with BLOOM's special tokens, saved as `directory/tokenizer.json`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory

@@ -55,7 +55,7 @@ def test_exported_model_loads_in_transformers_and_matches_ours(tmp_path):
     ours = build_model(config, seed=9).eval()
     from megatron_bloom.checkpoint.layout import CheckpointMetadata, save_model_checkpoint
 
-    save_model_checkpoint(tmp_path / "ckpt", ours.state_dict(), CheckpointMetadata(model=config))
+    save_model_checkpoint(tmp_path / "ckpt", [ours.state_dict()], CheckpointMetadata(model=config))
     run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt" / "global_step0"),
              "--output", str(tmp_path / "hf")])
     reference = transformers.BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -79,6 +79,24 @@ def test_checkpoint_layout_and_metadata(tmp_path):
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)  # DeepSpeed's keys
     assert {"module", "global_steps", "dp_world_size", "mp_world_size"} <= set(states)
     assert f"{metadata.model.num_parameters():,} parameters" in result.stdout
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_checkpoint_round_trip(tmp_path, tp):
+    """from-hf --tp N writes one DeepSpeed model file per rank, holding that rank's slices; to-hf merges."""
+    _, source = save_hf(tmp_path)
+    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
+             "--tp", str(tp)])
+    tag = tmp_path / "c" / "global_step0"
+    assert sorted(p.name for p in tag.glob("mp_rank_*")) == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+    assert read_metadata(tag).tp == tp
+    shard = torch.load(tag / "mp_rank_01_model_states.pt", weights_only=True)
+    assert shard["mp_world_size"] == tp
+    assert shard["module"]["transformer.h.0.mlp.dense_h_to_4h.weight"].shape == (4 * 64 // tp, 64)
+    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "back")])
+    original, exported = hf_tensors(source), hf_tensors(tmp_path / "back")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[name], exported[name]) for name in original)
 
 
 def test_sharded_safetensors_and_pytorch_bin_inputs(tmp_path):
@@ -141,13 +159,13 @@ def test_untied_lm_head_is_refused(tmp_path):
     assert_user_error(result, "lm_head.weight differs")
 
 
-@pytest.mark.parametrize("problem", ["no-dir", "no-config", "not-bloom", "no-weights", "truncated", "tp"])
+@pytest.mark.parametrize("problem", ["no-dir", "no-config", "not-bloom", "no-weights", "truncated", "pp"])
 def test_bad_input_is_one_clear_error(tmp_path, problem):
     _, source = save_hf(tmp_path)
     extra = []
     expected = {
         "no-dir": "no such directory", "no-config": "has no config.json", "not-bloom": "'gpt2' model",
-        "no-weights": "holds no weights", "truncated": "Is the file complete?", "tp": "--tp 2",
+        "no-weights": "holds no weights", "truncated": "Is the file complete?", "pp": "--pp 2",
     }[problem]
     if problem == "no-dir":
         source = tmp_path / "missing"
@@ -161,7 +179,7 @@ def test_bad_input_is_one_clear_error(tmp_path, problem):
         data = (source / "model.safetensors").read_bytes()
         (source / "model.safetensors").write_bytes(data[: len(data) // 2])
     else:
-        extra = ["--tp", "2"]
+        extra = ["--pp", "2"]
     result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
                       *extra], check=False)
     assert_user_error(result, expected)

@@ -20,12 +20,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
+from megatron_bloom.parallel.sharding import merge_state_dicts
 
 METADATA_FILE = "mbloom.json"
 LATEST_FILE = "latest"
@@ -95,20 +96,21 @@ def publish_checkpoint(root: Path, tag: str, write_files: Callable[[Path], None]
     return final
 
 
-def save_model_checkpoint(root: Path, state_dict: Dict[str, torch.Tensor],
+def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
                           metadata: CheckpointMetadata) -> Path:
-    """A model-only single-rank checkpoint (what `mbloom-convert from-hf` writes) in DeepSpeed's file format.
-
-    The keys besides `module` are those DeepSpeed's `load_checkpoint(load_module_only=True)` reads.
+    """A model-only checkpoint, one DeepSpeed model file per tensor-parallel rank (`shards` in tp-rank
+    order). The keys besides `module` are those DeepSpeed's `load_checkpoint(load_module_only=True)` reads.
     """
-    if metadata.tp != 1 or metadata.pp != 1:
-        raise ValueError("save_model_checkpoint writes single-rank checkpoints only")
+    if len(shards) != metadata.tp or metadata.pp != 1:
+        raise ValueError(f"expected {metadata.tp} tensor-parallel shards and pp=1, got {len(shards)} and "
+                         f"pp={metadata.pp}")
 
     def write(directory: Path) -> None:
-        states = {"module": state_dict, "global_steps": metadata.iteration,
-                  "global_samples": metadata.consumed_samples, "skipped_steps": 0,
-                  "dp_world_size": 1, "mp_world_size": 1}
-        torch.save(states, directory / model_states_file(0))
+        for tp_rank, state_dict in enumerate(shards):
+            states = {"module": state_dict, "global_steps": metadata.iteration,
+                      "global_samples": metadata.consumed_samples, "skipped_steps": 0,
+                      "dp_world_size": 1, "mp_world_size": metadata.tp}
+            torch.save(states, directory / model_states_file(tp_rank))
 
     return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata)
 
@@ -142,15 +144,22 @@ def read_metadata(checkpoint: Path) -> CheckpointMetadata:
     return metadata
 
 
-def load_model_state_dict(checkpoint: Path) -> tuple[CheckpointMetadata, Dict[str, torch.Tensor]]:
-    """The single-process model weights of a checkpoint, with its metadata."""
+def load_model_shard(checkpoint: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """The weights of one tensor-parallel rank, as stored (a tp=1 checkpoint has only rank 0)."""
+    directory = resolve_checkpoint(checkpoint)
+    states = torch.load(directory / model_states_file(tp_rank), map_location="cpu", weights_only=True)
+    return states["module"]
+
+
+def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[str, torch.Tensor]]:
+    """The full single-process model weights of a checkpoint of any tp layout, with its metadata."""
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
-    if metadata.tp != 1 or metadata.pp != 1:
-        raise UserError(f"checkpoint {directory} is split over tp={metadata.tp}, pp={metadata.pp}; merging "
-                        "layouts is not available yet in this version: only tp=1, pp=1 checkpoints load here.")
-    states = torch.load(directory / model_states_file(0), map_location="cpu", weights_only=True)
-    return metadata, states["module"]
+    if metadata.pp != 1:
+        raise UserError(f"checkpoint {directory} is split over pp={metadata.pp} pipeline stages; reading "
+                        "pipeline layouts is not available yet in this version.")
+    shards = [load_model_shard(directory, rank) for rank in range(metadata.tp)]
+    return metadata, merge_state_dicts(shards, metadata.model)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_bloom.config.schema import TrainConfig
 from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.model.config import ModelConfig
 
 SCHEMA_NAME = "train_schema"
 CONFIG_DIR_ENV = "MBLOOM_CONFIG_DIR"
@@ -52,9 +53,16 @@ def compose_dictconfig(overrides: Sequence[str] = (), config_name: str = "train"
         raise ConfigError(_explain(error, overrides)) from None
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> TrainConfig:
-    """Compose, resolve interpolations and validate: the `TrainConfig` a command runs with."""
+def load_config(overrides: Sequence[str] = (), config_name: str = "train",
+                model: Optional[ModelConfig] = None) -> TrainConfig:
+    """Compose, resolve interpolations and validate: the `TrainConfig` a command runs with.
+
+    `model`: the model of a checkpoint, which replaces the `model` section (evaluation and generation run
+    the checkpoint's model, so the layout is checked against it).
+    """
     cfg = compose_dictconfig(overrides, config_name)
+    if model is not None:
+        cfg.model = OmegaConf.structured(model)
     try:
         return OmegaConf.to_object(cfg)  # builds the dataclasses, which runs their __post_init__ checks
     except OmegaConfBaseException as error:

@@ -56,8 +56,9 @@ class BloomAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
                 additive_mask: torch.Tensor) -> torch.Tensor:
         """`hidden_states`, `residual`: [batch, seq, hidden]; `positions`: ALiBi key positions [batch, seq]."""
-        batch_size, q_length, _ = hidden_states.shape
         fused_qkv = self.query_key_value(hidden_states)
+        # Shapes come from the QKV output: with sequence parallelism the input holds part of the sequence.
+        batch_size, q_length, _ = fused_qkv.shape
         fused_qkv = fused_qkv.view(batch_size, q_length, self.num_heads, 3, self.head_dim)
         # [batch * heads, seq, head_dim]
         query, key, value = (

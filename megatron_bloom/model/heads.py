@@ -61,8 +61,28 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+class TiedLMHead(nn.Module):
+    """Logits from the input embedding matrix (BLOOM ties its LM head to it), so no parameters of its own.
+
+    Only the first `vocab_size` rows are scored: a view, so padding rows cost nothing and are never
+    predicted. Tensor parallelism swaps in a vocab-parallel head with the same call.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden_states: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, embedding_weight[: self.vocab_size])
+
+
+class CausalLMLoss(nn.Module):
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(logits, labels)
+
+
 class BloomForCausalLM(nn.Module):
-    """Language model: logits over the real vocabulary from the input embedding matrix (tied LM head)."""
+    """Language model: the trunk, then logits from the tied embedding matrix."""
 
     task = "causal_lm"
 
@@ -70,15 +90,14 @@ class BloomForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = BloomModel(config)
-
-    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The first vocab_size rows are a view: padding rows are never scored, and nothing is copied.
-        return F.linear(hidden_states, self.transformer.word_embeddings.weight[: self.config.vocab_size])
+        self.lm_head = TiedLMHead(config.vocab_size)
+        self.loss_fn = CausalLMLoss()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        logits = self.lm_logits(self.transformer(input_ids, attention_mask))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        hidden_states = self.transformer(input_ids, attention_mask)
+        logits = self.lm_head(hidden_states, self.transformer.word_embeddings.weight)
+        loss = self.loss_fn(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
 
 

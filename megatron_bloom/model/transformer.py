@@ -31,11 +31,11 @@ class BloomModel(nn.Module):
         return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
 
     @staticmethod
-    def attention_inputs(attention_mask: Optional[torch.Tensor], hidden_states: torch.Tensor
+    def attention_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], dtype: torch.dtype
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """ALiBi key positions and the additive causal/padding mask shared by all blocks."""
-        batch_size, seq_length, _ = hidden_states.shape
-        device, dtype = hidden_states.device, hidden_states.dtype
+        batch_size, seq_length = input_ids.shape
+        device = input_ids.device
         positions = alibi_positions(attention_mask, batch_size, seq_length, device)
         mask = causal_additive_mask(attention_mask, batch_size, seq_length, seq_length, dtype, device)
         return positions, mask
@@ -43,7 +43,7 @@ class BloomModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token ids [batch, seq] (and a 0/1 padding mask) -> final hidden states [batch, seq, hidden]."""
         hidden_states = self.embed(input_ids)
-        positions, mask = self.attention_inputs(attention_mask, hidden_states)
+        positions, mask = self.attention_inputs(input_ids, attention_mask, hidden_states.dtype)
         for block in self.h:
             hidden_states = block(hidden_states, positions, mask)
         return self.ln_f(hidden_states)

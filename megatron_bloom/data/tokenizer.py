@@ -1,0 +1,25 @@
+"""Loading a `tokenizers` tokenizer from a `tokenizer.json` file or a directory holding one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from megatron_bloom.errors import UserError
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    path = Path(path)
+    candidate = path / "tokenizer.json" if path.is_dir() else path
+    if not candidate.is_file():
+        raise UserError(f"tokenizer {path} not found: give a tokenizer.json file or a directory holding one.")
+    return candidate
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    file = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as error:  # the Rust side raises a bare Exception for a malformed file
+        raise UserError(f"cannot load tokenizer {file}: {error}.") from None

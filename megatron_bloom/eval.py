@@ -1,0 +1,116 @@
+"""`mbloom-eval`: loss and perplexity of a checkpoint on a jsonl file, at any tensor-parallel layout.
+
+    [torchrun --nproc-per-node N -m] mbloom-eval checkpoint.load=CKPT eval.input=DOCS.jsonl eval.tokenizer=TOK
+
+Each document's `text` is tokenized without special tokens and cut to `eval.seq_length` (default: the
+model's); loss = summed next-token negative log-likelihood over all documents / number of predicted
+tokens. Data-parallel ranks split the documents. The last line of stdout is JSON:
+`{"loss": ..., "perplexity": ..., "tokens": ..., "documents": ..., "skipped": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from megatron_bloom.checkpoint.model_loading import load_model
+from megatron_bloom.checkpoint.layout import read_metadata
+from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
+from megatron_bloom.config.cli import parse_overrides
+from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
+from megatron_bloom.data.tokenizer import load_tokenizer
+from megatron_bloom.errors import UserError, exit_on_user_error
+from megatron_bloom.model.heads import IGNORE_INDEX
+from megatron_bloom.parallel import ParallelState, init_distributed
+from megatron_bloom.parallel.distributed import state_for_run
+
+USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl eval.tokenizer=TOK [parallel.tp=N] [precision=fp32] ..."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1):
+    """Right-padded ids, the 0/1 attention mask, and labels with -100 on padding."""
+    length = max(len(doc) for doc in documents)
+    length = -(-length // multiple_of) * multiple_of
+    input_ids = torch.full((len(documents), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, doc in enumerate(documents):
+        input_ids[row, : len(doc)] = torch.tensor(doc, dtype=torch.long)
+        mask[row, : len(doc)] = 1
+    return input_ids, mask, input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+
+
+def evaluate(config: TrainConfig, state: ParallelState) -> dict:
+    sequence_parallel = config.parallel.sequence_parallel
+    model, metadata = load_model(config.checkpoint.load, state, DTYPES[config.precision], sequence_parallel)
+    model.eval()
+    tokenizer = load_tokenizer(config.eval.tokenizer)
+    if tokenizer.get_vocab_size() > metadata.model.vocab_size:
+        raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
+                        f"the model's vocabulary ({metadata.model.vocab_size}).")
+    seq_length = config.eval.seq_length or metadata.model.seq_length
+    report = SkipReport()
+    texts = list(read_jsonl_texts(config.eval.input, "text", report))
+    if not texts:
+        raise UserError(f"{config.eval.input} holds no documents with a non-empty \"text\"."
+                        + (f" Skipped: {report.summary()}." if report.total else ""))
+    if report.total and state.is_first_rank:
+        print(f"mbloom-eval: skipped {report.total} lines of {config.eval.input}: {report.summary()}",
+              file=sys.stderr)
+    mine = texts[state.dp_rank:: state.dp]
+    documents = [encoding.ids[:seq_length] for encoding in tokenizer.encode_batch(mine, add_special_tokens=False)]
+    pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
+    nll_sum, predicted = 0.0, 0
+    micro = config.eval.micro_batch_size
+    with torch.no_grad():
+        for start in range(0, len(documents), micro):
+            input_ids, mask, labels = pad_batch(documents[start: start + micro], pad_id,
+                                                state.tp if sequence_parallel else 1)
+            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if count == 0:
+                continue  # one-token documents predict nothing
+            output = model(input_ids.to(state.device), attention_mask=mask.to(state.device),
+                           labels=labels.to(state.device))
+            nll_sum += output.loss.double().item() * count
+            predicted += count
+    totals = torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64)
+    if state.dp > 1:
+        dist.all_reduce(totals, group=state.dp_group)
+    nll_sum, predicted, documents_seen = totals.tolist()
+    if predicted == 0:
+        raise UserError(f"no document of {config.eval.input} has two or more tokens: there is nothing to predict.")
+    loss = nll_sum / predicted
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(predicted),
+            "documents": int(documents_seen), "skipped": report.total}
+
+
+@exit_on_user_error("mbloom-eval")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    overrides = parse_overrides(argv, "mbloom-eval", USAGE)
+    raw = compose_dictconfig(overrides)
+    missing = [key for key in ("checkpoint.load", "eval.input", "eval.tokenizer") if not OmegaConf.select(raw, key)]
+    if missing:
+        raise UserError(f"mbloom-eval needs {', '.join(missing)}. Usage: mbloom-eval {USAGE}")
+    # The checkpoint defines the model: validate the layout against it, not against the default preset.
+    config = load_config(overrides, model=read_metadata(raw.checkpoint.load).model)
+    start = time.perf_counter()
+    world_size = init_distributed()
+    state = state_for_run(config.parallel, world_size)
+    result = evaluate(config, state)
+    if state.is_first_rank:
+        print(f"mbloom-eval: {result['documents']} documents, {result['tokens']} predicted tokens, tp={state.tp} "
+              f"dp={state.dp}, {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(json.dumps(result), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Starting torch.distributed from the environment a launcher leaves: torchrun, deepspeed, srun, or none."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config.schema import ParallelConfig
+from megatron_bloom.errors import UserError
+from megatron_bloom.parallel.state import ParallelState, default_device
+
+
+def launcher_env() -> Optional[dict]:
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun or deepspeed, else from SLURM (one task per rank).
+
+    None when no launcher started this process: it then runs alone.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0))}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0))}
+    return None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`node[03-05,07],gpu1` -> `node03`), via scontrol if present."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^,\[]+)(?:\[(\d+)[^\]]*\])?", nodelist)
+    return (match.group(1) + (match.group(2) or "")) if match else nodelist
+
+
+def init_distributed(timeout_minutes: int = 30) -> int:
+    """Initialize the default process group when launched as several ranks; returns the world size.
+
+    NCCL on CUDA, gloo on CPU. Each rank takes the CUDA device of its LOCAL_RANK.
+    """
+    if dist.is_initialized():
+        return dist.get_world_size()
+    env = launcher_env()
+    if env is None or env["world_size"] == 1 and "MASTER_ADDR" not in os.environ:
+        return 1
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise UserError(f"{key} is not set: start several ranks with torchrun, the deepspeed launcher or "
+                            "srun, which set MASTER_ADDR and MASTER_PORT.")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env["local_rank"] % torch.cuda.device_count())
+        backend = "nccl"
+    dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"],
+                            timeout=timedelta(minutes=timeout_minutes))
+    return env["world_size"]
+
+
+def state_for_run(parallel: ParallelConfig, world_size: int) -> ParallelState:
+    """The ParallelState of this process for the configured layout (checked against the world size)."""
+    dp = parallel.dp if parallel.dp is not None else max(1, world_size // (parallel.tp * parallel.pp))
+    if parallel.tp * parallel.pp * dp != world_size:
+        launch = "" if world_size > 1 else (
+            f" Start {parallel.tp * parallel.pp * dp} processes, e.g. torchrun --nproc-per-node "
+            f"{parallel.tp * parallel.pp * dp} -m <command> ...")
+        raise UserError(
+            f"parallel.tp ({parallel.tp}) x parallel.pp ({parallel.pp}) x parallel.dp ({dp}) must equal the number "
+            f"of processes ({world_size}).{launch}"
+        )
+    if world_size == 1:
+        return ParallelState.single(default_device())
+    return ParallelState.create(tp=parallel.tp, pp=parallel.pp, dp=dp)

@@ -1,0 +1,170 @@
+"""The tensor-parallel collectives, each an autograd function with a known backward (Megatron-LM's mappings).
+
+Tensors are `[batch, seq, hidden]`: "last dim" regions split the hidden/vocab features across tp ranks,
+"sequence" regions (sequence parallelism, Korthikanti et al. 2022) split dim 1. `group=None` or a group of
+one rank makes every function the identity, so the same code runs in a single process.
+
+    copy_to_tp_region            forward: identity          backward: all-reduce
+    reduce_from_tp_region        forward: all-reduce        backward: identity
+    gather_from_tp_region        forward: all-gather last   backward: split last
+    scatter_to_sequence_region   forward: split seq         backward: all-gather seq
+    gather_from_sequence_region  forward: all-gather seq    backward: reduce-scatter seq (or split, see below)
+    reduce_scatter_to_sequence_region  forward: reduce-scatter seq  backward: all-gather seq
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+SEQUENCE_DIM = 1
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# --- the raw collectives (no autograd) ---------------------------------------------------------------
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    x = x.clone()  # never modify an input that autograd may have saved
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size = group_size(group)
+    if size == 1:
+        return x
+    if x.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} tensor-parallel ranks")
+    return x.chunk(size, dim=dim)[group_rank(group)].contiguous()
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size = group_size(group)
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size = group_size(group)
+    if size == 1:
+        return x
+    if x.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} tensor-parallel ranks")
+    parts = [part.contiguous() for part in x.chunk(size, dim=dim)]
+    output = torch.empty_like(parts[0])
+    dist.reduce_scatter(output, parts, group=group)
+    return output
+
+
+# --- autograd regions --------------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, -1, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, SEQUENCE_DIM, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_is_partial):
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _gather(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grad_is_partial:
+            return _reduce_scatter(grad, SEQUENCE_DIM, ctx.group), None, None
+        return _split(grad, SEQUENCE_DIM, ctx.group), None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, SEQUENCE_DIM, ctx.group), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Enter a tensor-parallel computation with a replicated input (its gradient is summed over ranks)."""
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum the partial results of the ranks (after a row-parallel matmul or a vocab-parallel lookup)."""
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the ranks' slices of the last dimension."""
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's slice of the sequence."""
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group)
+
+
+def gather_from_sequence_region(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
+    """All-gather the sequence. `grad_is_partial`: the consumer is tensor-parallel, so each rank's gradient
+    is a partial sum and the backward reduce-scatters; otherwise (a replicated consumer) it just splits."""
+    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum the ranks' partial results and keep this rank's slice of the sequence."""
+    return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)

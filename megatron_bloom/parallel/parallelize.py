@@ -1,0 +1,123 @@
+"""Splitting a plain BLOOM model across tensor-parallel ranks (what torchtitan's `parallelize_*` does).
+
+The model code stays as it is: `parallelize_bloom` swaps its `nn.Linear`/`nn.Embedding` layers, the tied
+LM head and the loss for tensor-parallel ones of the same names, and narrows each attention module to its
+heads (and their ALiBi slopes: each rank must use the slopes of its own heads, not the first ones).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_bloom.errors import ConfigError
+from megatron_bloom.model import BloomForCausalLM, ModelConfig, TaskConfig, create_task_model, initial_value
+from megatron_bloom.model.alibi import alibi_slopes
+from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss, VocabParallelLMHead
+from megatron_bloom.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceGatheredLinear,
+    VocabParallelEmbedding,
+)
+from megatron_bloom.parallel.sharding import StateDict, full_shapes, shard_tensor
+from megatron_bloom.parallel.state import ParallelState
+
+_TASK_HEADS = ("score", "classifier", "qa_outputs")
+
+
+def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
+    if config.num_heads % tp or config.hidden_size % tp:
+        raise ConfigError(
+            f"model.num_heads ({config.num_heads}) and model.hidden_size ({config.hidden_size}) must both be "
+            f"divisible by parallel.tp ({tp}): each tensor-parallel rank holds whole heads."
+        )
+    if sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1: it shards along tp ranks.")
+
+
+def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel: bool = False) -> nn.Module:
+    """Replace the layers of a plain BLOOM task model by tensor-parallel ones, in place.
+
+    Build the model on the meta device: the new layers are created empty, and `materialize` fills them.
+    """
+    config: ModelConfig = model.config
+    tp, group = state.tp, state.tp_group
+    check_tensor_parallel(config, tp, sequence_parallel)
+    if tp == 1:
+        return model
+    h, sp = config.hidden_size, sequence_parallel
+    trunk = model.transformer
+    trunk.word_embeddings = VocabParallelEmbedding(config.padded_vocab_size(tp), h, group, sequence_parallel=sp)
+    local_heads = config.num_heads // tp
+    first_head = state.tp_rank * local_heads
+    for block in trunk.h:
+        attention = block.self_attention
+        attention.query_key_value = ColumnParallelLinear(h, 3 * h, group, sequence_parallel=sp)
+        attention.dense = RowParallelLinear(h, h, group, sequence_parallel=sp)
+        attention.num_heads = local_heads
+        attention.alibi_slopes = alibi_slopes(config.num_heads)[first_head: first_head + local_heads]
+        block.mlp.dense_h_to_4h = ColumnParallelLinear(h, config.ffn_hidden_size, group, sequence_parallel=sp)
+        block.mlp.dense_4h_to_h = RowParallelLinear(config.ffn_hidden_size, h, group, sequence_parallel=sp)
+    if isinstance(model, BloomForCausalLM):
+        embedding = trunk.word_embeddings
+        real_columns = max(0, min(config.vocab_size - embedding.vocab_start, embedding.vocab_end - embedding.vocab_start))
+        model.lm_head = VocabParallelLMHead(group, sequence_parallel=sp)
+        model.loss_fn = VocabParallelCausalLMLoss(group, embedding.vocab_start, real_columns)
+    elif sp:
+        for name in _TASK_HEADS:  # a replicated head reads the whole sequence
+            if hasattr(model, name):
+                head: nn.Linear = getattr(model, name)
+                setattr(model, name, SequenceGatheredLinear(head.in_features, head.out_features, group,
+                                                            bias=head.bias is not None))
+    return model
+
+
+def sequence_parallel_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters applied to sequence-sharded activations: each rank's gradient covers its part of the
+    sequence only, so the gradients are summed over the tp group (LayerNorms and row-parallel biases)."""
+    for name, param in model.named_parameters():
+        if "layernorm" in name or "ln_f" in name or name.endswith(("self_attention.dense.bias",
+                                                                   "mlp.dense_4h_to_h.bias")):
+            yield param
+
+
+def is_sequence_parallel(model: nn.Module) -> bool:
+    return getattr(model.transformer.word_embeddings, "sequence_parallel", False)
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> None:
+    """Sum the gradients of sequence-parallel parameters over the tp group (call after backward)."""
+    if state.tp == 1 or not is_sequence_parallel(model):
+        return
+    grads = [p.grad for p in sequence_parallel_parameters(model) if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=state.tp_group)
+        for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(reduced.view_as(grad))
+
+
+def build_parallel_model(config: ModelConfig, state: ParallelState, task: Optional[TaskConfig] = None,
+                         seed: int = 1234, full_state_dict: Optional[StateDict] = None,
+                         sequence_parallel: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """This rank's part of the model: from `full_state_dict` (single-process weights) when given, else
+    initialized from `seed` with exactly the values the single-process model would have."""
+    task = task or TaskConfig()
+    with torch.device("meta"):
+        model = parallelize_bloom(create_task_model(config, task), state, sequence_parallel)
+    model.to_empty(device=state.device)
+    shapes = full_shapes(config, task)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if full_state_dict is not None:
+                if name not in full_state_dict:
+                    raise KeyError(f"the state dict has no {name}")
+                full = full_state_dict[name]
+            else:
+                full = initial_value(name, shapes[name], config, seed)
+            param.copy_(shard_tensor(name, full, config, state.tp, state.tp_rank))
+    return model.to(dtype)

@@ -1,0 +1,43 @@
+"""Run a test function on several real processes over gloo (CPU), as torchrun would, and collect results."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, results: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # the machine has few cores; oversubscribing threads only slows every rank
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(results) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:
+    """`fn(rank, world_size, *args)` on `world_size` spawned processes; returns each rank's result.
+
+    `fn` must be a module-level function (it is pickled). A failure on any rank raises here with its
+    traceback.
+    """
+    with tempfile.TemporaryDirectory() as results:
+        mp.spawn(_worker, args=(world_size, free_port(), results, fn, args), nprocs=world_size, join=True)
+        return [torch.load(Path(results) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
