@@ -1,0 +1,163 @@
+"""`mbloom-preprocess`: corpora -> token shards in Megatron's MMIDIDX format (`PREFIX.bin` + `PREFIX.idx`).
+
+    mbloom-preprocess --input PATH [PATH ...] --tokenizer TOK --output-prefix PREFIX [--workers N]
+        [--text-key text] [--lang-key lang] [--split-by-lang] [--append-eod] [--strict]
+
+The main process reads the inputs in order and writes the shards; `--workers` processes parse and
+tokenize chunks of records with the Rust batch encoder. Results are written in input order whatever the
+number of workers. Bad records are skipped and counted by reason (`--strict`: the first one is an error).
+Shards are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk, split_by_language
+from data_prep.progress import Progress
+from data_prep.sources import check_inputs, iter_chunks
+from megatron_bloom.data.documents import SkipReport
+from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+from megatron_bloom.data.tokenizer import load_tokenizer, tokenizer_file
+from megatron_bloom.errors import UserError, exit_on_user_error
+
+EOD_TOKEN = "</s>"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbloom-preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, type=Path,
+                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="a tokenizer.json or a directory holding one")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--lang-key", default="lang")
+    parser.add_argument("--split-by-lang", action="store_true", help="one PREFIX_<lang> shard per language")
+    parser.add_argument("--append-eod", action="store_true", help=f"end every document with {EOD_TOKEN}")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    return parser
+
+
+class ShardSet:
+    """The writers of one run: a single shard, or one per language (created as languages appear)."""
+
+    def __init__(self, prefix: str, dtype, split_by_lang: bool) -> None:
+        self.prefix, self.dtype, self.split_by_lang = prefix, dtype, split_by_lang
+        self.writers: Dict[Optional[str], IndexedDatasetWriter] = {}
+
+    def add(self, chunk: EncodedChunk) -> None:
+        groups = split_by_language(chunk) if self.split_by_lang else {None: (chunk.tokens, chunk.lengths)}
+        for language, (tokens, lengths) in groups.items():
+            self._writer(language).add_documents(tokens, lengths)
+
+    def _writer(self, language: Optional[str]) -> IndexedDatasetWriter:
+        if language not in self.writers:
+            prefix = self.prefix if language is None else f"{self.prefix}_{safe_name(language)}"
+            self.writers[language] = IndexedDatasetWriter(prefix, self.dtype)
+        return self.writers[language]
+
+    def finalize(self) -> None:
+        for writer in self.writers.values():
+            writer.finalize()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def safe_name(language: str) -> str:
+    """A language code usable in a file name (other characters become '_')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", language)
+
+
+def preprocess(args: argparse.Namespace) -> dict:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}.")
+    check_inputs(args.input)
+    tokenizer = load_tokenizer(args.tokenizer)
+    eod_id = tokenizer.token_to_id(EOD_TOKEN) if args.append_eod else None
+    if args.append_eod and eod_id is None:
+        raise UserError(f"--append-eod: the tokenizer {args.tokenizer} has no {EOD_TOKEN} token.")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    settings = EncoderSettings(tokenizer=str(tokenizer_file(args.tokenizer)), text_key=args.text_key,
+                               lang_key=args.lang_key if args.split_by_lang else None, eod_id=eod_id,
+                               dtype=dtype.__name__)
+    shards = ShardSet(args.output_prefix, dtype, args.split_by_lang)
+    report = SkipReport()
+    start = time.perf_counter()
+    documents = tokens = 0
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    try:
+        with context.Pool(args.workers) as pool, Progress() as progress:
+            in_flight: deque = deque()
+            chunks = iter_chunks(args.input, args.text_key, settings.lang_key)
+            while True:
+                # Keep a few chunks per worker queued: enough to stay busy, bounded for inputs larger than memory.
+                while len(in_flight) < 3 * args.workers:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    in_flight.append(pool.apply_async(encode_chunk, (chunk, settings)))
+                if not in_flight:
+                    break
+                result: EncodedChunk = in_flight.popleft().get()
+                for reason, where in result.skipped:
+                    if args.strict:
+                        raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
+                    report.skip(reason, where)
+                shards.add(result)
+                documents += int(result.lengths.size)
+                tokens += int(result.lengths.sum())
+                progress.update(documents, tokens)
+        if documents == 0:
+            raise UserError("no usable documents in the input" + (f"; skipped {report.summary()}" if report.total
+                                                                   else "") + ".")
+        shards.finalize()
+    except BaseException:
+        shards.abort()
+        raise
+    seconds = time.perf_counter() - start
+    stats = {
+        "documents": documents, "tokens": tokens, "skipped_total": report.total, "skipped": report.as_dict(),
+        "seconds": round(seconds, 3), "documents_per_s": round(documents / seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1), "dtype": dtype.__name__, "workers": args.workers,
+        "append_eod": bool(args.append_eod), "inputs": [str(p) for p in args.input],
+        "tokenizer": settings.tokenizer,
+        "outputs": {(language or "all"): {"prefix": writer.prefix, "documents": writer.documents,
+                                          "tokens": writer.tokens}
+                    for language, writer in shards.writers.items()},
+    }
+    stats_path = Path(args.output_prefix + ".stats.json")
+    temporary = stats_path.with_name(stats_path.name + ".tmp")
+    temporary.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temporary, stats_path)
+    return stats
+
+
+def print_summary(stats: dict) -> None:
+    print(f"documents: {stats['documents']:,}  tokens: {stats['tokens']:,}  seconds: {stats['seconds']:.2f}  "
+          f"tokens/s: {stats['tokens_per_s']:,.0f}  documents/s: {stats['documents_per_s']:,.0f}")
+    for reason, entry in stats["skipped"].items():
+        print(f"skipped {entry['count']:,} ({reason}), first at {', '.join(entry['first_lines'])}")
+    for name, output in stats["outputs"].items():
+        print(f"wrote {output['prefix']}.bin/.idx: {output['documents']:,} documents, {output['tokens']:,} tokens")
+
+
+@exit_on_user_error("mbloom-preprocess")
+def main(argv: Optional[List[str]] = None) -> None:
+    print_summary(preprocess(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
