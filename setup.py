@@ -27,6 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
+    package_data={"data_prep": ["sample_corpus.jsonl"]},
     data_files=config_files(),
     install_requires=[
         "torch>=2.1",
@@ -41,12 +42,15 @@ setup(
     ],
     extras_require={
         # transformers is only the reference that parity tests compare against; training never needs it.
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "transformers>=4.44"],
+        # megatron-core reads our token shards back in the tests, to prove the format is Megatron's own.
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "transformers>=4.44", "megatron-core>=0.12"],
     },
     entry_points={
         "console_scripts": [
             "mbloom-convert=megatron_bloom.convert:main",
             "mbloom-eval=megatron_bloom.eval:main",
+            "mbloom-preprocess=data_prep.preprocess:main",
+            "mbloom-train-tokenizer=data_prep.train_tokenizer:main",
         ],
     },
 )

@@ -9,8 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data_prep.sources import Chunk
-from megatron_bloom.data.documents import check_record, parse_jsonl_line
+from data_prep.sources import Chunk, checked_records
 from megatron_bloom.data.tokenizer import load_tokenizer
 
 
@@ -40,17 +39,9 @@ def _tokenizer(path: str):
 
 def encode_chunk(chunk: Chunk, settings: EncoderSettings) -> EncodedChunk:
     texts, languages, skipped = [], [], []
-    if chunk.lines is not None:
-        checked = [parse_jsonl_line(raw, settings.text_key, settings.lang_key) if raw.strip() else None
-                   for raw in chunk.lines]
-    else:
-        checked = [check_record(record, settings.text_key, settings.lang_key) for record in chunk.records]
-    for offset, result in enumerate(checked):
-        if result is None:  # a blank jsonl line: not a record
-            continue
-        text, language, reason = result
+    for where, text, language, reason in checked_records(chunk, settings.text_key, settings.lang_key):
         if reason:
-            skipped.append((reason, f"{chunk.source}:{chunk.first_row + offset}"))
+            skipped.append((reason, where))
         else:
             texts.append(text)
             languages.append(language)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
-from megatron_bloom.data.documents import open_jsonl
+from megatron_bloom.data.documents import check_record, open_jsonl, parse_jsonl_line
 from megatron_bloom.errors import UserError
 
 CHUNK_RECORDS = 1024
@@ -24,6 +24,19 @@ class Chunk:
     first_row: int  # 1-based line (jsonl) or row (parquet, datasets) number of the first record
     lines: Optional[List[bytes]] = None  # raw jsonl lines, blank ones included (they keep the numbering)
     records: Optional[List[dict]] = None  # decoded rows
+
+
+def checked_records(chunk: Chunk, text_key: str, lang_key: Optional[str]
+                    ) -> Iterator[Tuple[str, Optional[str], Optional[str], Optional[str]]]:
+    """(where, text, language, skip reason) for each record of a chunk, in order; blank lines are no records."""
+    if chunk.lines is not None:
+        for offset, raw in enumerate(chunk.lines):
+            if raw.strip():
+                yield (f"{chunk.source}:{chunk.first_row + offset}",
+                       *parse_jsonl_line(raw, text_key, lang_key))
+    else:
+        for offset, record in enumerate(chunk.records):
+            yield f"{chunk.source}:{chunk.first_row + offset}", *check_record(record, text_key, lang_key)
 
 
 def input_kind(path: Path) -> str:

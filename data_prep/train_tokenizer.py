@@ -1,0 +1,101 @@
+"""`mbloom-train-tokenizer`: a byte-level BPE tokenizer with BLOOM's special tokens, trained from corpora.
+
+    mbloom-train-tokenizer --input PATH [PATH ...] --vocab-size N --output DIR [--text-key text]
+
+Texts are streamed to the `tokenizers` trainer, so inputs larger than memory work (the trainer keeps only
+its word counts). Writes DIR/tokenizer.json plus the files `transformers.AutoTokenizer` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_prep.sources import checked_records, iter_chunks
+from megatron_bloom.data.documents import SkipReport
+from megatron_bloom.errors import UserError, exit_on_user_error
+
+# BLOOM's special tokens, at these ids.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+BYTE_ALPHABET = 256
+
+
+def iter_texts(paths: Sequence[Path], text_key: str, report: SkipReport) -> Iterator[str]:
+    """The usable texts of the inputs, in order; bad records are counted in `report`."""
+    for chunk in iter_chunks(paths, text_key, None):
+        for where, text, _, reason in checked_records(chunk, text_key, None):
+            if reason:
+                report.skip(reason, where)
+            else:
+                yield text
+
+
+def new_tokenizer() -> Tokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization): every byte is in the alphabet, so nothing is unknown."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(paths: Sequence[Path], vocab_size: int, output: Path, text_key: str = "text") -> dict:
+    if vocab_size < len(SPECIAL_TOKENS) + BYTE_ALPHABET:
+        raise UserError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + BYTE_ALPHABET} (the {BYTE_ALPHABET} "
+                        f"byte symbols and {len(SPECIAL_TOKENS)} special tokens); got {vocab_size}.")
+    report = SkipReport()
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())
+    start = time.perf_counter()
+    counted = {"documents": 0}
+
+    def texts() -> Iterator[str]:
+        for text in iter_texts(paths, text_key, report):
+            counted["documents"] += 1
+            yield text
+
+    tokenizer.train_from_iterator(texts(), trainer)
+    if counted["documents"] == 0:
+        raise UserError("no usable documents in the input" + (f"; skipped {report.summary()}" if report.total
+                                                               else "") + ".")
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(output / "tokenizer.json"))
+    special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (output / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+         "clean_up_tokenization_spaces": False, **special}, indent=2) + "\n")
+    return {"documents": counted["documents"], "vocab_size": tokenizer.get_vocab_size(), "skipped": report,
+            "seconds": time.perf_counter() - start}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbloom-train-tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, type=Path,
+                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories")
+    parser.add_argument("--vocab-size", required=True, type=int)
+    parser.add_argument("--output", required=True, type=Path, help="directory for tokenizer.json and its config")
+    parser.add_argument("--text-key", default="text")
+    return parser
+
+
+@exit_on_user_error("mbloom-train-tokenizer")
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    result = train_tokenizer(args.input, args.vocab_size, args.output, args.text_key)
+    print(f"trained a {result['vocab_size']}-token byte-level BPE on {result['documents']:,} documents in "
+          f"{result['seconds']:.1f} s: {args.output / 'tokenizer.json'}")
+    if result["skipped"].total:
+        print(f"skipped {result['skipped'].total} records: {result['skipped'].summary()}")
+
+
+if __name__ == "__main__":
+    main()
