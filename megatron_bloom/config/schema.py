@@ -120,8 +120,12 @@ class DataConfig:
     split: str = "969,30,1"
     cache_dir: Optional[str] = None
     num_workers: int = 2
+    # BLOOM-style language sampling: weights proportional to size^(1/temperature); data.paths holds prefixes only.
+    temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"data.temperature must be positive, got {self.temperature}.")
         parts = [p.strip() for p in str(self.split).split(",")]
         if not 1 <= len(parts) <= 3 or not all(p.replace(".", "", 1).isdigit() for p in parts) or \
                 sum(float(p) for p in parts) <= 0:
