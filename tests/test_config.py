@@ -96,7 +96,8 @@ def test_resolved_yaml_round_trips():
     (["checkpoint.load=auto"], ["checkpoint.dir"]),
     (["launcher=pbs"], ["launcher/pbs"]),
     (["parallel.sequence_parallel=true"], ["parallel.tp > 1"]),
-    (["data.split=a,b"], ["data.split"]),
+    (["data.split='a,b'"], ["data.split must be up to three non-negative weights"]),
+    (["data.temperature=0"], ["data.temperature must be positive"]),
     (["logging.wandb.mode=cloud"], ["logging.wandb.mode"]),
 ])
 def test_bad_config_is_one_clear_message(overrides, fragments):
