@@ -1,4 +1,6 @@
-"""Quickstart: build bloom-tiny, import a Hugging Face checkpoint, check parity, export it back.
+"""Quickstart: build bloom-tiny, import a Hugging Face checkpoint, check parity, export it back; then
+train a tokenizer on the shipped multilingual sample corpus, turn the corpus into Megatron token shards,
+build the blended training dataset, and evaluate the imported model on the corpus.
 
     python examples/quickstart.py [--workdir DIR] [--model bloom-tiny]
 
@@ -9,6 +11,7 @@ preset's shape, saved with `save_pretrained` exactly as a hub checkpoint is. Exi
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -23,11 +26,24 @@ from megatron_bloom.config import load_config
 from megatron_bloom.model import build_model
 
 
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
+MODULES = {"mbloom-convert": "megatron_bloom.convert", "mbloom-eval": "megatron_bloom.eval",
+           "mbloom-train-tokenizer": "data_prep.train_tokenizer", "mbloom-preprocess": "data_prep.preprocess"}
+
+
+def run(command: str, *args: str) -> str:
+    """Run one of the project's commands as a user would (its console script, or python -m)."""
+    found = shutil.which(command)
+    argv = [found] if found else [sys.executable, "-m", MODULES[command]]
+    print(f"$ {command} " + " ".join(args))
+    result = subprocess.run(argv + list(args), check=True, capture_output=True, text=True)
+    print("  " + result.stdout.strip().replace("\n", "\n  "))
+    return result.stdout
+
+
 def convert(*args: str) -> None:
-    command = shutil.which("mbloom-convert")
-    argv = [command] if command else [sys.executable, "-m", "megatron_bloom.convert"]
-    print("$ mbloom-convert " + " ".join(args))
-    subprocess.run(argv + list(args), check=True)
+    run("mbloom-convert", *args)
 
 
 def main() -> int:
@@ -72,9 +88,28 @@ def main() -> int:
     exported = load_file(str(workdir / "hf-export" / "model.safetensors"))
     round_trip_exact = source.keys() == exported.keys() and all(torch.equal(source[k], exported[k]) for k in source)
     print(f"round trip HF -> megatron_bloom -> HF bit-exact: {round_trip_exact}")
+
+    # Data: tokenizer -> per-language token shards -> a temperature-blended training dataset.
+    run("mbloom-train-tokenizer", "--input", str(CORPUS), "--vocab-size", str(min(config.vocab_size, 1024)),
+        "--output", str(workdir / "tokenizer"))
+    run("mbloom-preprocess", "--input", str(CORPUS), "--tokenizer", str(workdir / "tokenizer"), "--output-prefix",
+        str(workdir / "shards" / "corpus"), "--split-by-lang", "--append-eod", "--workers", "2")
+    prefixes = sorted(str(p.with_suffix("")) for p in (workdir / "shards").glob("corpus_*.idx"))
+    from megatron_bloom.data.builder import build_datasets
+
+    data = load_config([f"data.paths=[{','.join(prefixes)}]", "data.temperature=2.0"]).data
+    train, valid, _ = build_datasets(data, config.seq_length, seed=1234, num_samples=(1000, 100, 0))
+    languages = [Path(p).name.removeprefix("corpus_") for p in prefixes]
+    print(f"blended training set: {len(train)} samples of {config.seq_length + 1} tokens from {len(prefixes)} "
+          f"languages; temperature-2 weights: "
+          + ", ".join(f"{lang} {w:.3f}" for lang, w in zip(languages, train.weights)))
+    summary = run("mbloom-eval", f"checkpoint.load={workdir / 'checkpoint'}", f"eval.input={CORPUS}",
+                  f"eval.tokenizer={workdir / 'tokenizer'}", "precision=fp32", "eval.micro_batch_size=8")
+    perplexity = json.loads(summary.strip().splitlines()[-1])["perplexity"]
     print(f"files in {workdir}")
 
-    ok = logits_error <= 1e-5 and loss_error <= 1e-5 and round_trip_exact and built == config.num_parameters()
+    ok = (logits_error <= 1e-5 and loss_error <= 1e-5 and round_trip_exact and built == config.num_parameters()
+          and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0)
     print("quickstart: OK" if ok else "quickstart: FAILED")
     return 0 if ok else 1
 

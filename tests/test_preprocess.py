@@ -210,3 +210,28 @@ def test_killed_run_leaves_no_complete_looking_pair(tokenizer_dir, tmp_path):
     process.wait()
     assert not (tmp_path / "k.bin").exists() and not (tmp_path / "k.idx").exists()
     assert list(tmp_path.glob("k.bin.tmp-*"))  # the partial data sits under a temporary name only
+
+
+def test_large_vocabularies_use_int32_tokens(tmp_path):
+    """Above 65499 ids tokens are int32 (megatron-core's rule); megatron-core reads both widths."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+
+    for vocab_size in (1000, 65499, 65500, 250880):
+        assert token_dtype(vocab_size) == DType.optimal_dtype(vocab_size)
+    documents = [np.array([250879, 5, 65535, 65536]), np.array([7]), np.array([], dtype=np.int64), np.array([1, 2])]
+    writer = IndexedDatasetWriter(tmp_path / "wide", token_dtype(250880))
+    writer.add_documents(np.concatenate(documents), np.array([len(d) for d in documents]))
+    writer.finalize()
+    assert megatron_documents(tmp_path / "wide") == [d.tolist() for d in documents]
+    assert IndexedDataset(tmp_path / "wide").dtype == np.int32
+
+
+def test_progress_lines_when_not_a_terminal(capsys):
+    from data_prep.progress import Progress
+
+    with Progress(interval=0.0) as progress:  # pytest's stderr is not a terminal
+        progress.update(1500, 90_000)
+    line = capsys.readouterr().err.strip()
+    assert "1,500 documents (" in line and "90,000 tokens (" in line and "/s)" in line
