@@ -17,6 +17,14 @@ from megatron_bloom.model.block import BloomBlock
 from megatron_bloom.model.config import ModelConfig
 
 
+def attention_inputs(batch_size: int, seq_length: int, attention_mask: Optional[torch.Tensor], dtype: torch.dtype,
+                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ALiBi key positions [batch, seq] and the additive causal/padding mask [batch, 1, seq, seq]."""
+    positions = alibi_positions(attention_mask, batch_size, seq_length, device)
+    mask = causal_additive_mask(attention_mask, batch_size, seq_length, seq_length, dtype, device)
+    return positions, mask
+
+
 class BloomModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -35,10 +43,7 @@ class BloomModel(nn.Module):
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """ALiBi key positions and the additive causal/padding mask shared by all blocks."""
         batch_size, seq_length = input_ids.shape
-        device = input_ids.device
-        positions = alibi_positions(attention_mask, batch_size, seq_length, device)
-        mask = causal_additive_mask(attention_mask, batch_size, seq_length, seq_length, dtype, device)
-        return positions, mask
+        return attention_inputs(batch_size, seq_length, attention_mask, dtype, input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token ids [batch, seq] (and a 0/1 padding mask) -> final hidden states [batch, seq, hidden]."""

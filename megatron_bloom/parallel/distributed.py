@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from datetime import timedelta
 from typing import Optional
@@ -46,16 +47,21 @@ def first_slurm_host(nodelist: str) -> str:
     return (match.group(1) + (match.group(2) or "")) if match else nodelist
 
 
-def init_distributed(timeout_minutes: int = 30) -> int:
+def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
     """Initialize the default process group when launched as several ranks; returns the world size.
 
-    NCCL on CUDA, gloo on CPU. Each rank takes the CUDA device of its LOCAL_RANK.
+    NCCL on CUDA, gloo on CPU. Each rank takes the CUDA device of its LOCAL_RANK. `always`: a process
+    started alone gets a group of one too (DeepSpeed needs one), on a free local port.
     """
     if dist.is_initialized():
         return dist.get_world_size()
     env = launcher_env()
     if env is None or env["world_size"] == 1 and "MASTER_ADDR" not in os.environ:
-        return 1
+        if not always:
+            return 1
+        env = {"rank": 0, "world_size": 1, "local_rank": 0}
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise UserError(f"{key} is not set: start several ranks with torchrun, the deepspeed launcher or "
@@ -69,8 +75,17 @@ def init_distributed(timeout_minutes: int = 30) -> int:
     return env["world_size"]
 
 
-def state_for_run(parallel: ParallelConfig, world_size: int) -> ParallelState:
-    """The ParallelState of this process for the configured layout (checked against the world size)."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def state_for_run(parallel: ParallelConfig, world_size: int, require_groups: bool = False) -> ParallelState:
+    """The ParallelState of this process for the configured layout (checked against the world size).
+
+    A single process gets no groups unless `require_groups` (then groups of one, from the default group).
+    """
     dp = parallel.dp if parallel.dp is not None else max(1, world_size // (parallel.tp * parallel.pp))
     if parallel.tp * parallel.pp * dp != world_size:
         launch = "" if world_size > 1 else (
@@ -80,6 +95,6 @@ def state_for_run(parallel: ParallelConfig, world_size: int) -> ParallelState:
             f"parallel.tp ({parallel.tp}) x parallel.pp ({parallel.pp}) x parallel.dp ({dp}) must equal the number "
             f"of processes ({world_size}).{launch}"
         )
-    if world_size == 1:
+    if world_size == 1 and not require_groups:
         return ParallelState.single(default_device())
     return ParallelState.create(tp=parallel.tp, pp=parallel.pp, dp=dp)

@@ -7,7 +7,7 @@ heads (and their ALiBi slopes: each rank must use the slopes of its own heads, n
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from megatron_bloom.parallel.layers import (
     SequenceGatheredLinear,
     VocabParallelEmbedding,
 )
-from megatron_bloom.parallel.sharding import StateDict, full_shapes, shard_tensor
+from megatron_bloom.parallel.sharding import StateDict, full_shapes, partition_dim, shard_tensor
 from megatron_bloom.parallel.state import ParallelState
 
 _TASK_HEADS = ("score", "classifier", "qa_outputs")
@@ -42,38 +42,58 @@ def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool 
 def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel: bool = False) -> nn.Module:
     """Replace the layers of a plain BLOOM task model by tensor-parallel ones, in place.
 
-    Build the model on the meta device: the new layers are created empty, and `materialize` fills them.
+    Build the model on the meta device: the new layers are created empty, and `materialize` fills them
+    (as `build_parallel_model` does).
     """
     config: ModelConfig = model.config
     tp, group = state.tp, state.tp_group
     check_tensor_parallel(config, tp, sequence_parallel)
     if tp == 1:
         return model
-    h, sp = config.hidden_size, sequence_parallel
     trunk = model.transformer
-    trunk.word_embeddings = VocabParallelEmbedding(config.padded_vocab_size(tp), h, group, sequence_parallel=sp)
-    local_heads = config.num_heads // tp
-    first_head = state.tp_rank * local_heads
+    trunk.word_embeddings = parallel_embedding(config, state, sequence_parallel)
     for block in trunk.h:
-        attention = block.self_attention
-        attention.query_key_value = ColumnParallelLinear(h, 3 * h, group, sequence_parallel=sp)
-        attention.dense = RowParallelLinear(h, h, group, sequence_parallel=sp)
-        attention.num_heads = local_heads
-        attention.alibi_slopes = alibi_slopes(config.num_heads)[first_head: first_head + local_heads]
-        block.mlp.dense_h_to_4h = ColumnParallelLinear(h, config.ffn_hidden_size, group, sequence_parallel=sp)
-        block.mlp.dense_4h_to_h = RowParallelLinear(config.ffn_hidden_size, h, group, sequence_parallel=sp)
+        parallelize_block(block, config, state, sequence_parallel)
     if isinstance(model, BloomForCausalLM):
-        embedding = trunk.word_embeddings
-        real_columns = max(0, min(config.vocab_size - embedding.vocab_start, embedding.vocab_end - embedding.vocab_start))
-        model.lm_head = VocabParallelLMHead(group, sequence_parallel=sp)
-        model.loss_fn = VocabParallelCausalLMLoss(group, embedding.vocab_start, real_columns)
-    elif sp:
+        model.lm_head = VocabParallelLMHead(group, sequence_parallel=sequence_parallel)
+        model.loss_fn = VocabParallelCausalLMLoss(group, *vocab_slice(config, state))
+    elif sequence_parallel:
         for name in _TASK_HEADS:  # a replicated head reads the whole sequence
             if hasattr(model, name):
                 head: nn.Linear = getattr(model, name)
                 setattr(model, name, SequenceGatheredLinear(head.in_features, head.out_features, group,
                                                             bias=head.bias is not None))
     return model
+
+
+def parallel_embedding(config: ModelConfig, state: ParallelState, sequence_parallel: bool = False
+                       ) -> VocabParallelEmbedding:
+    """The vocab-parallel embedding that replaces `word_embeddings` (vocabulary padded for this tp)."""
+    return VocabParallelEmbedding(config.padded_vocab_size(state.tp), config.hidden_size, state.tp_group,
+                                  sequence_parallel=sequence_parallel)
+
+
+def vocab_slice(config: ModelConfig, state: ParallelState) -> tuple:
+    """(first vocabulary id, number of real, non-padding ids) of this rank's embedding rows."""
+    rows = config.padded_vocab_size(state.tp) // state.tp
+    start = state.tp_rank * rows
+    return start, max(0, min(config.vocab_size - start, rows))
+
+
+def parallelize_block(block: nn.Module, config: ModelConfig, state: ParallelState,
+                      sequence_parallel: bool = False) -> nn.Module:
+    """Swap one transformer block's linears for column/row-parallel ones and narrow it to its heads."""
+    h, group, sp = config.hidden_size, state.tp_group, sequence_parallel
+    attention = block.self_attention
+    attention.query_key_value = ColumnParallelLinear(h, 3 * h, group, sequence_parallel=sp)
+    attention.dense = RowParallelLinear(h, h, group, sequence_parallel=sp)
+    local_heads = config.num_heads // state.tp
+    first_head = state.tp_rank * local_heads
+    attention.num_heads = local_heads
+    attention.alibi_slopes = alibi_slopes(config.num_heads)[first_head: first_head + local_heads]
+    block.mlp.dense_h_to_4h = ColumnParallelLinear(h, config.ffn_hidden_size, group, sequence_parallel=sp)
+    block.mlp.dense_4h_to_h = RowParallelLinear(config.ffn_hidden_size, h, group, sequence_parallel=sp)
+    return block
 
 
 def sequence_parallel_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -101,6 +121,30 @@ def allreduce_sequence_parallel_grads(model: nn.Module, state: ParallelState) ->
             grad.copy_(reduced.view_as(grad))
 
 
+def materialize(module: nn.Module, config: ModelConfig, state: ParallelState, shapes: Dict[str, torch.Size],
+                seed: int, prefix: str = "", full_state_dict: Optional[StateDict] = None) -> nn.Module:
+    """Allocate a (meta) module on this rank's device and give each parameter its slice of the full value.
+
+    `prefix` + a parameter's name is its canonical name (in the single-process model); the full value
+    comes from `full_state_dict` when given, else from the layout-independent initialization.
+    """
+    module.to_empty(device=state.device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            canonical = prefix + name
+            if full_state_dict is not None:
+                if canonical not in full_state_dict:
+                    raise KeyError(f"the state dict has no {canonical}")
+                full = full_state_dict[canonical]
+            else:
+                full = initial_value(canonical, shapes[canonical], config, seed)
+            param.copy_(shard_tensor(canonical, full, config, state.tp, state.tp_rank))
+            # Sharded parameters count on every tp rank in a gradient norm; replicated ones only once
+            # (the attribute Megatron-LM and DeepSpeed read).
+            param.tensor_model_parallel = state.tp > 1 and partition_dim(canonical) is not None
+    return module
+
+
 def build_parallel_model(config: ModelConfig, state: ParallelState, task: Optional[TaskConfig] = None,
                          seed: int = 1234, full_state_dict: Optional[StateDict] = None,
                          sequence_parallel: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -109,15 +153,5 @@ def build_parallel_model(config: ModelConfig, state: ParallelState, task: Option
     task = task or TaskConfig()
     with torch.device("meta"):
         model = parallelize_bloom(create_task_model(config, task), state, sequence_parallel)
-    model.to_empty(device=state.device)
-    shapes = full_shapes(config, task)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if full_state_dict is not None:
-                if name not in full_state_dict:
-                    raise KeyError(f"the state dict has no {name}")
-                full = full_state_dict[name]
-            else:
-                full = initial_value(name, shapes[name], config, seed)
-            param.copy_(shard_tensor(name, full, config, state.tp, state.tp_rank))
+    materialize(model, config, state, full_shapes(config, task), seed, full_state_dict=full_state_dict)
     return model.to(dtype)

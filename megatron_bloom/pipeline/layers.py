@@ -1,0 +1,95 @@
+"""The BLOOM model as a sequence of pipeline layers, each a view of the plain model's modules.
+
+    EmbeddingPipe (tied)  ->  EmbeddingNormPipe  ->  BlockPipe x L  ->  FinalNormPipe  ->  lm_head (tied)
+
+Every layer holds the same modules (and parameter names) as the single-process model, split across
+tensor-parallel ranks by the same `parallelize_*` functions, and initializes itself from its canonical
+parameter names, so any layout starts from the same full weights. Between layers flows one tensor, the
+hidden states (pretraining batches have no padding, so each block derives ALiBi positions and the causal
+mask from the shape).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from megatron_bloom.model import ModelConfig
+from megatron_bloom.model.block import BloomBlock
+from megatron_bloom.model.transformer import attention_inputs
+from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel.cross_entropy import VocabParallelLMHead, vocab_parallel_cross_entropy
+from megatron_bloom.parallel.parallelize import materialize, parallel_embedding, parallelize_block, vocab_slice
+
+
+class EmbeddingPipe(nn.Module):
+    """The (vocab-parallel) word embedding; the first and the last stage each hold a tied copy."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
+        super().__init__()
+        with torch.device("meta"):
+            self.word_embeddings = parallel_embedding(config, state)
+        materialize(self, config, state, shapes, seed, prefix="transformer.")
+        self.lm_head = VocabParallelLMHead(state.tp_group)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+def lm_head_forward(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The tied LM head: this rank's vocabulary slice of the logits."""
+    return embedding.lm_head(hidden_states, embedding.word_embeddings.weight)
+
+
+class EmbeddingNormPipe(nn.Module):
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
+        super().__init__()
+        with torch.device("meta"):
+            self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        materialize(self, config, state, shapes, seed, prefix="transformer.")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings_layernorm(hidden_states)
+
+
+class BlockPipe(BloomBlock):
+    """Transformer block `layer_number`, taking and returning only the hidden states."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, layer_number: int) -> None:
+        with torch.device("meta"):
+            super().__init__(config)
+            if state.tp > 1:
+                parallelize_block(self, config, state)
+        materialize(self, config, state, shapes, seed, prefix=f"transformer.h.{layer_number}.")
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_length, _ = hidden_states.shape
+        positions, mask = attention_inputs(batch_size, seq_length, None, hidden_states.dtype, hidden_states.device)
+        return super().forward(hidden_states, positions, mask)
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
+        super().__init__()
+        with torch.device("meta"):
+            self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        materialize(self, config, state, shapes, seed, prefix="transformer.")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(hidden_states)
+
+
+class LanguageModelLoss(nn.Module):
+    """Mean cross-entropy of vocab-parallel logits against labels already shifted by one token."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState) -> None:
+        super().__init__()
+        self.group = state.tp_group
+        self.vocab_start, self.real_columns = vocab_slice(config, state)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.real_columns, self.group)
+        return per_token.mean()

@@ -1,0 +1,39 @@
+"""`mbloom-train`: one rank of training (under torchrun / deepspeed / srun), or a single process alone.
+
+    [torchrun --nproc-per-node N -m] mbloom-train model=bloom-tiny data.paths=[PREFIX] parallel.tp=2 ...
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config import load_config
+from megatron_bloom.config.cli import parse_overrides
+from megatron_bloom.errors import exit_on_user_error
+from megatron_bloom.parallel import init_distributed
+from megatron_bloom.parallel.distributed import state_for_run
+
+USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [train.iters=N] ..."
+
+
+@exit_on_user_error("mbloom-train")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    config = load_config(parse_overrides(argv, "mbloom-train", USAGE))
+    world_size = init_distributed(always=True)  # DeepSpeed needs a process group, even for one process
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    state = state_for_run(config.parallel, world_size, require_groups=True)
+    from megatron_bloom.training.loop import train  # DeepSpeed is imported only when training
+
+    try:
+        train(config, state)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine from the config, the optimizer and schedule, the loop and its metrics."""

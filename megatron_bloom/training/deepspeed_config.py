@@ -1,0 +1,27 @@
+"""The DeepSpeed JSON config, derived from the one `TrainConfig` (batch sizes are defined once, there)."""
+
+from __future__ import annotations
+
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.parallel import ParallelState
+
+
+def gradient_accumulation_steps(config: TrainConfig, dp: int) -> int:
+    return config.train.global_batch_size // (config.train.micro_batch_size * dp)
+
+
+def deepspeed_config(config: TrainConfig, state: ParallelState) -> dict:
+    return {
+        "train_batch_size": config.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(config, state.dp),
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": {"stage": config.zero.stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        # Dynamic loss scaling for fp16 (Micikevicius et al. 2018): overflowing steps are skipped.
+        "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }

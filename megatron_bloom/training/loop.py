@@ -1,0 +1,102 @@
+"""The training loop: from a validated `TrainConfig` to optimizer steps on every rank."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config import TrainConfig, to_yaml
+from megatron_bloom.data.builder import build_datasets
+from megatron_bloom.data.sampler import build_data_loader
+from megatron_bloom.errors import ConfigError
+from megatron_bloom.parallel import ParallelState
+from megatron_bloom.pipeline.model import StackedModel, build_pipeline
+from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
+from megatron_bloom.training.flops import iteration_flops
+from megatron_bloom.training.metrics import MetricsLog
+from megatron_bloom.training.mpu import DeepSpeedMPU
+from megatron_bloom.training.optimizer import build_optimizer, build_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one."""
+    for tokens in loader:
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def build_engine(config: TrainConfig, state: ParallelState):
+    if config.parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true is available for evaluation; training with it is not "
+                          "available yet in this version.")
+    seed, checkpointing = config.train.seed, config.train.activation_checkpointing
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
+    if state.pp > 1:
+        model = build_pipeline(config.model, state, seed, checkpointing)
+    else:
+        model = StackedModel(config.model, state, seed, checkpointing).to(state.device)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, state),
+                                           mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    return engine, scheduler
+
+
+def train_step(engine, batches: Iterator, state: ParallelState, accumulation: int) -> float:
+    """One optimizer step over the global batch; returns the global-batch mean loss (the same on all ranks)."""
+    if state.pp > 1:
+        return float(engine.train_batch(data_iter=batches))
+    total = torch.zeros((), dtype=torch.float64, device=state.device)
+    for _ in range(accumulation):
+        input_ids, labels = next(batches)
+        loss = engine(input_ids.to(state.device), labels.to(state.device))
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().double()
+    total /= accumulation
+    if state.dp > 1:
+        dist.all_reduce(total, group=state.dp_group)
+        total /= state.dp
+    return float(total)
+
+
+def train(config: TrainConfig, state: ParallelState) -> None:
+    run_dir = Path(config.run.dir)
+    is_logger = dist.get_rank() == 0
+    if is_logger:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    torch.manual_seed(config.train.seed)
+    global_batch, seq_length = config.train.global_batch_size, config.model.seq_length
+    train_set, _, _ = build_datasets(config.data, seq_length, config.train.seed,
+                                     (config.train.iters * global_batch, 0, 0))
+    engine, scheduler = build_engine(config, state)
+    accumulation = gradient_accumulation_steps(config, state.dp)
+    consumed = 0
+    loader = build_data_loader(train_set, consumed, config.train.micro_batch_size, state.dp_rank, state.dp,
+                               num_workers=config.data.num_workers)
+    batches = micro_batches(loader)
+    flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
+    metrics = MetricsLog(run_dir, config.logging.interval, is_logger)
+    try:
+        for iteration in range(1, config.train.iters + 1):
+            lr = scheduler.get_last_lr()[0]
+            start = time.perf_counter()
+            loss = train_step(engine, batches, state, accumulation)
+            step_s = time.perf_counter() - start
+            consumed += global_batch
+            grad_norm = engine.get_global_grad_norm()
+            metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
+                        grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                        consumed_samples=consumed, step_s=step_s, tokens_per_s=global_batch * seq_length / step_s,
+                        tflops_per_rank=flops / step_s / state.world_size / 1e12, skipped=False)
+    finally:
+        metrics.close()

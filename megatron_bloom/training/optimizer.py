@@ -1,0 +1,40 @@
+"""AdamW with decoupled weight decay (biases and LayerNorm weights excluded) and Megatron's LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_bloom.config.schema import OptimConfig, SchedConfig
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019). One-dimensional parameters (biases, LayerNorm gains and biases)
+    are not decayed, as in Megatron-LM."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+def learning_rate(iteration: int, optim: OptimConfig, sched: SchedConfig, train_iters: int) -> float:
+    """Linear warmup to `optim.lr`, then cosine / linear decay to `optim.min_lr` over the decay iterations
+    (Megatron-LM's schedule), or constant."""
+    if sched.warmup_iters and iteration < sched.warmup_iters:
+        return optim.lr * (iteration + 1) / sched.warmup_iters
+    if sched.decay_style == "constant":
+        return optim.lr
+    decay_iters = sched.decay_iters or train_iters
+    span = max(1, decay_iters - sched.warmup_iters)
+    ratio = min(1.0, max(0.0, (iteration - sched.warmup_iters) / span))
+    if sched.decay_style == "linear":
+        return optim.lr - (optim.lr - optim.min_lr) * ratio
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, sched: SchedConfig,
+                    train_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda iteration: learning_rate(iteration, optim, sched, train_iters) / optim.lr)
