@@ -11,7 +11,7 @@ mask from the shape).
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Iterator, Tuple
 
 import torch
 from torch import nn
@@ -27,11 +27,13 @@ from megatron_bloom.parallel.parallelize import materialize, parallel_embedding,
 class EmbeddingPipe(nn.Module):
     """The (vocab-parallel) word embedding; the first and the last stage each hold a tied copy."""
 
+    canonical_prefix = "transformer."  # + a parameter's name here = its name in the single-process model
+
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
         super().__init__()
         with torch.device("meta"):
             self.word_embeddings = parallel_embedding(config, state)
-        materialize(self, config, state, shapes, seed, prefix="transformer.")
+        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
         self.lm_head = VocabParallelLMHead(state.tp_group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -44,11 +46,13 @@ def lm_head_forward(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> to
 
 
 class EmbeddingNormPipe(nn.Module):
+    canonical_prefix = "transformer."
+
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
         super().__init__()
         with torch.device("meta"):
             self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        materialize(self, config, state, shapes, seed, prefix="transformer.")
+        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings_layernorm(hidden_states)
@@ -62,8 +66,8 @@ class BlockPipe(BloomBlock):
             super().__init__(config)
             if state.tp > 1:
                 parallelize_block(self, config, state)
-        materialize(self, config, state, shapes, seed, prefix=f"transformer.h.{layer_number}.")
-        self.layer_number = layer_number
+        self.canonical_prefix = f"transformer.h.{layer_number}."
+        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_length, _ = hidden_states.shape
@@ -72,11 +76,13 @@ class BlockPipe(BloomBlock):
 
 
 class FinalNormPipe(nn.Module):
+    canonical_prefix = "transformer."
+
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
         super().__init__()
         with torch.device("meta"):
             self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        materialize(self, config, state, shapes, seed, prefix="transformer.")
+        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.ln_f(hidden_states)
@@ -93,3 +99,16 @@ class LanguageModelLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         per_token = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.real_columns, self.group)
         return per_token.mean()
+
+
+def canonical_parameters(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """This rank's parameters under their single-process names, once each (a stage may hold the tied
+    embedding twice over: as the input embedding and as the LM head of the last stage)."""
+    seen = set()
+    for module in model.modules():
+        prefix = getattr(module, "canonical_prefix", None)
+        if prefix is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, param in module.named_parameters():
+            yield prefix + name, param

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 import deepspeed
 import torch
@@ -68,7 +69,13 @@ def train_step(engine, batches: Iterator, state: ParallelState, accumulation: in
     return float(total)
 
 
-def train(config: TrainConfig, state: ParallelState) -> None:
+@dataclass
+class TrainResult:
+    losses: List[float]  # the global-batch mean loss of every iteration
+    engine: object  # the DeepSpeed engine (its `module` holds this rank's layers)
+
+
+def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     run_dir = Path(config.run.dir)
     is_logger = dist.get_rank() == 0
     if is_logger:
@@ -86,12 +93,14 @@ def train(config: TrainConfig, state: ParallelState) -> None:
     batches = micro_batches(loader)
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger)
+    losses: List[float] = []
     try:
         for iteration in range(1, config.train.iters + 1):
             lr = scheduler.get_last_lr()[0]
             start = time.perf_counter()
             loss = train_step(engine, batches, state, accumulation)
             step_s = time.perf_counter() - start
+            losses.append(loss)
             consumed += global_batch
             grad_norm = engine.get_global_grad_norm()
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
@@ -100,3 +109,4 @@ def train(config: TrainConfig, state: ParallelState) -> None:
                         tflops_per_rank=flops / step_s / state.world_size / 1e12, skipped=False)
     finally:
         metrics.close()
+    return TrainResult(losses=losses, engine=engine)
