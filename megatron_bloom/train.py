@@ -16,6 +16,7 @@ from megatron_bloom.config.cli import parse_overrides
 from megatron_bloom.errors import exit_on_user_error
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.training.validation import validate_training_inputs
 
 USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [train.iters=N] ..."
 
@@ -23,6 +24,7 @@ USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [t
 @exit_on_user_error("mbloom-train")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     config = load_config(parse_overrides(argv, "mbloom-train", USAGE))
+    validate_training_inputs(config)  # before any process group or DeepSpeed start-up
     world_size = init_distributed(always=True)  # DeepSpeed needs a process group, even for one process
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     state = state_for_run(config.parallel, world_size, require_groups=True)

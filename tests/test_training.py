@@ -114,3 +114,24 @@ def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     assert last < first - 0.5, (first, last)
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert "iter     50/50" in result.stdout
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["data.paths=[/nonexistent/corpus]"], ["data.paths names files that do not exist", "/nonexistent/corpus.bin"]),
+    (["data.paths=[]"], ["data.paths is empty"]),
+    (["parallel.tp=3"], ["model.num_heads (4)", "parallel.tp (3)"]),
+    (["parallel.pp=5"], ["model.num_layers (4)", "parallel.pp (5)"]),
+    (["parallel.pp=2", "zero.stage=3"], ["zero.stage=3", "parallel.pp=2"]),
+    (["parallel.dp=3"], ["train.global_batch_size (8)", "parallel.dp (3)"]),
+    (["parallel.tp=2"], ["must equal the number of processes (1)"]),
+    (["model.vocab_size=512"], ["has 1024 tokens, more than model.vocab_size (512)"]),
+    (["model.seq_length=0"], ["model.seq_length"]),
+])
+def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, extra, fragments):
+    from tests.conftest import assert_user_error
+
+    args = overrides(shard, tmp_path / "run", 1, 1, 1) + [f"data.tokenizer={shard / 'tok'}"]
+    args = [a for a in args if not a.startswith(("parallel.dp=", "parallel.tp=", "parallel.pp="))] + extra
+    result = run_cli(["megatron_bloom.train", *args], check=False, timeout=120)
+    assert_user_error(result, *fragments)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,20 @@
+"""Checks a training config needs beyond its own fields: files on disk (INTERFACE.md, "Validation")."""
+
+from __future__ import annotations
+
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.data.builder import check_prefixes, parse_blend
+from megatron_bloom.data.tokenizer import load_tokenizer
+from megatron_bloom.errors import ConfigError
+
+
+def validate_training_inputs(config: TrainConfig) -> None:
+    """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's."""
+    prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
+    check_prefixes(prefixes)
+    if config.data.tokenizer:
+        vocab = load_tokenizer(config.data.tokenizer).get_vocab_size()
+        if vocab > config.model.vocab_size:
+            raise ConfigError(f"data.tokenizer {config.data.tokenizer} has {vocab} tokens, more than "
+                              f"model.vocab_size ({config.model.vocab_size}): raise model.vocab_size or use a "
+                              "smaller tokenizer.")
