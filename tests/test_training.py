@@ -135,3 +135,63 @@ def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, e
     result = run_cli(["megatron_bloom.train", *args], check=False, timeout=120)
     assert_user_error(result, *fragments)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def poisoned_worker(rank, world_size, args, poisoned_iterations):
+    """Train with the first block's output made NaN (on rank 0 only) during some iterations."""
+    import math
+
+    from megatron_bloom.pipeline.layers import BlockPipe, canonical_parameters
+    from megatron_bloom.training.loop import TrainingDiverged, train
+
+    config = load_config(args)
+    state = ParallelState.create(tp=1, pp=1, dp=world_size)
+    calls = {"n": 0}
+    micro_per_iteration = config.train.global_batch_size // (config.train.micro_batch_size * world_size)
+    snapshots = []
+
+    def inject(engine):
+        block = next(m for m in engine.module.modules() if isinstance(m, BlockPipe))
+
+        weight = dict(canonical_parameters(engine.module))["transformer.h.0.mlp.dense_4h_to_h.weight"]
+
+        def hook(module, inputs, output):
+            iteration = calls["n"] // micro_per_iteration + 1
+            if calls["n"] % micro_per_iteration == 0:  # the weights as the previous iteration left them
+                snapshots.append(weight.detach().clone())
+            calls["n"] += 1
+            if rank == 0 and iteration in poisoned_iterations:
+                return output * math.nan
+
+        block.register_forward_hook(hook)
+
+    try:
+        result = train(config, state, on_engine=inject)
+        return {"losses": result.losses, "snapshots": snapshots, "error": None}
+    except TrainingDiverged as error:
+        return {"losses": None, "snapshots": snapshots, "error": str(error)}
+
+
+@pytest.mark.parametrize("zero", [0, 1])  # ZeRO-1: DeepSpeed skips the step; ZeRO-0: our optimizer does
+def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero):
+    import json
+
+    args = overrides(shard, tmp_path / "run", 1, 1, 2, zero=zero, iters=6)
+    results = run_distributed(poisoned_worker, 2, args, {3})
+    for result in results:
+        losses = result["losses"]
+        assert np.isnan(losses[2]) and all(np.isfinite(losses[i]) for i in (0, 1, 3, 4, 5))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["skipped"] for line in lines] == [False, False, True, False, False, False]
+    for result in results:  # iteration 3 changed no weight; every other iteration did
+        before = result["snapshots"]  # weights at the start of iterations 1..6
+        assert torch.equal(before[3], before[2])
+        assert all(not torch.equal(before[i + 1], before[i]) for i in (0, 1, 3, 4))
+
+
+def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(shard, tmp_path):
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=10) + ["train.max_consecutive_skips=3"]
+    results = run_distributed(poisoned_worker, 1, args, set(range(2, 11)))
+    message = results[0]["error"]
+    assert message.startswith("stopped at iteration 4: the last 3 iterations had a non-finite loss or gradient")
+    assert "train.max_consecutive_skips" in message

@@ -62,10 +62,12 @@ class TrainingConfig:
     activation_checkpointing: bool = False
     eval_interval: Optional[int] = None  # iterations between validation passes; None: no validation
     eval_iters: int = 10
+    # A NaN/inf loss or gradient skips the step; this many in a row stop the run (the model has diverged).
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "micro_batch_size", "global_batch_size", "iters", "eval_interval",
-                        "eval_iters")
+                        "eval_iters", "max_consecutive_skips")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "

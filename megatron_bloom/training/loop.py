@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import deepspeed
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_bloom.config import TrainConfig, to_yaml
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
-from megatron_bloom.errors import ConfigError
+from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
@@ -48,7 +48,7 @@ def build_engine(config: TrainConfig, state: ParallelState):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, state),
                                            mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
-    return engine, scheduler
+    return engine, optimizer, scheduler
 
 
 def train_step(engine, batches: Iterator, state: ParallelState, accumulation: int) -> float:
@@ -75,7 +75,14 @@ class TrainResult:
     engine: object  # the DeepSpeed engine (its `module` holds this rank's layers)
 
 
-def train(config: TrainConfig, state: ParallelState) -> TrainResult:
+class TrainingDiverged(UserError):
+    """Too many consecutive iterations had a non-finite loss or gradient."""
+
+
+def train(config: TrainConfig, state: ParallelState,
+          on_engine: Optional[Callable[[object], None]] = None) -> TrainResult:
+    """Train from `config` on this rank. `on_engine(engine)` runs once before the first step (profilers,
+    fault injection in tests)."""
     run_dir = Path(config.run.dir)
     is_logger = dist.get_rank() == 0
     if is_logger:
@@ -85,7 +92,9 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     global_batch, seq_length = config.train.global_batch_size, config.model.seq_length
     train_set, _, _ = build_datasets(config.data, seq_length, config.train.seed,
                                      (config.train.iters * global_batch, 0, 0))
-    engine, scheduler = build_engine(config, state)
+    engine, optimizer, scheduler = build_engine(config, state)
+    if on_engine is not None:
+        on_engine(engine)
     accumulation = gradient_accumulation_steps(config, state.dp)
     consumed = 0
     loader = build_data_loader(train_set, consumed, config.train.micro_batch_size, state.dp_rank, state.dp,
@@ -94,19 +103,31 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger)
     losses: List[float] = []
+    skipped_total = consecutive_skips = 0
     try:
         for iteration in range(1, config.train.iters + 1):
             lr = scheduler.get_last_lr()[0]
+            optimizer.skipped = False
             start = time.perf_counter()
             loss = train_step(engine, batches, state, accumulation)
             step_s = time.perf_counter() - start
             losses.append(loss)
             consumed += global_batch
             grad_norm = engine.get_global_grad_norm()
+            # DeepSpeed's ZeRO and fp16 optimizers skip an invalid step themselves; ours covers the rest.
+            skipped = optimizer.skipped or not engine.was_step_applied()
+            skipped_total += skipped
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                         consumed_samples=consumed, step_s=step_s, tokens_per_s=global_batch * seq_length / step_s,
-                        tflops_per_rank=flops / step_s / state.world_size / 1e12, skipped=False)
+                        tflops_per_rank=flops / step_s / state.world_size / 1e12, skipped=skipped)
+            if consecutive_skips >= config.train.max_consecutive_skips:
+                raise TrainingDiverged(
+                    f"stopped at iteration {iteration}: the last {consecutive_skips} iterations had a non-finite "
+                    f"loss or gradient ({skipped_total} skipped in all), so the model has diverged. Resume from an "
+                    "earlier checkpoint with a lower optim.lr, more sched.warmup_iters or a smaller optim.clip_grad; "
+                    "train.max_consecutive_skips sets this limit.")
     finally:
         metrics.close()
     return TrainResult(losses=losses, engine=engine)

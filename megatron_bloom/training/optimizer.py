@@ -5,18 +5,43 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_bloom.config.schema import OptimConfig, SchedConfig
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips the whole update when a gradient is not finite on any rank.
+
+    DeepSpeed (every engine, every ZeRO stage) ends an iteration in this `step`, after clipping: a NaN or
+    inf loss or gradient anywhere makes the clipped gradients non-finite, every rank sees the same
+    all-reduced flag, and every rank skips together, so the weights stay consistent. `skipped` tells the
+    trainer what happened.
+    """
+
+    skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.tensor(float(all(bool(torch.isfinite(g).all()) for g in grads)),
+                              device=grads[0].device if grads else "cpu")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self.skipped = not bool(finite.item())
+        if self.skipped:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> SkippingAdamW:
     """AdamW (Loshchilov & Hutter 2019). One-dimensional parameters (biases, LayerNorm gains and biases)
     are not decayed, as in Megatron-LM."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return SkippingAdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
 
 
 def learning_rate(iteration: int, optim: OptimConfig, sched: SchedConfig, train_iters: int) -> float:
