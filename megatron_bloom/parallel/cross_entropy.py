@@ -26,13 +26,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, real_columns, group):
         ctx.input_dtype = logits.dtype
-        logits = logits.float()
-        if real_columns < logits.shape[-1]:
-            logits = logits.clone() if logits.dtype == ctx.input_dtype else logits
-            logits[..., real_columns:] = float("-inf")
-        row_max = logits.max(dim=-1).values
+        # One float32 copy, shifted in place: at [batch, seq, vocab / tp] this tensor dominates the cost.
+        shifted = logits.to(torch.float32, copy=True)
+        if real_columns < shifted.shape[-1]:
+            shifted[..., real_columns:] = float("-inf")
+        row_max = shifted.max(dim=-1).values
         _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        shifted = logits - row_max.unsqueeze(-1)
+        shifted.sub_(row_max.unsqueeze(-1))
         local_target = target - vocab_start
         on_this_rank = (local_target >= 0) & (local_target < real_columns)
         local_target = local_target.masked_fill(~on_this_rank, 0)
@@ -68,6 +68,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     real tokens, the rest padding. Targets outside every slice (e.g. -100) give an arbitrary value that
     the caller masks out.
     """
+    if group_size(group) == 1:  # nothing is split: torch's fused kernel, as transformers computes it
+        real = logits[..., :real_columns] if real_columns < logits.shape[-1] else logits
+        return F.cross_entropy(real.float().reshape(-1, real_columns), target.reshape(-1), reduction="none",
+                               ignore_index=IGNORE_INDEX).view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, real_columns, group)
 
 

@@ -25,8 +25,9 @@ class SkippingAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.tensor(float(all(bool(torch.isfinite(g).all()) for g in grads)),
-                              device=grads[0].device if grads else "cpu")
+        # A NaN or inf anywhere makes a norm non-finite: one fused pass, no per-element boolean tensors.
+        norms = torch._foreach_norm(grads) if grads else [torch.zeros(())]
+        finite = torch.isfinite(torch.stack(norms).float()).all().float()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.skipped = not bool(finite.item())

@@ -1,0 +1,101 @@
+"""Training tokens/s of `mbloom-train` against `transformers.BloomForCausalLM`, in one invocation.
+
+    python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4]
+
+Both train the same shape (default bloom-small: hidden 512, 8 layers, seq 512) on batches of
+`--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed, bf16
+weights with fp32 master weights in the optimizer) on token shards made from the sample corpus,
+transformers' in bf16 autocast. The median step time after two warm-up steps is compared; the ratio is
+what to read (absolute numbers drift with the machine's load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WARMUP = 2
+
+
+def run(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stdout[-2000:] + result.stderr[-4000:])
+    return result.stdout
+
+
+def ours(model: str, iters: int, micro: int, work: Path) -> tuple:
+    corpus = REPO / "data_prep" / "sample_corpus.jsonl"
+    run("data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output", str(work / "tok"))
+    run("data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
+        str(work / "corpus"), "--append-eod")
+    run("megatron_bloom.train", f"model={model}", f"data.paths=[{work / 'corpus'}]", "precision=bf16",
+        f"train.iters={iters}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+        "logging.interval=1", f"run.dir={work / 'run'}", "data.num_workers=1")
+    lines = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_s = statistics.median(line["step_s"] for line in lines[WARMUP:])
+    return step_s, statistics.median(line["tflops_per_rank"] for line in lines[WARMUP:])
+
+
+def theirs(model: str, iters: int, micro: int) -> float:
+    import torch
+    import transformers
+
+    from megatron_bloom.config import load_config
+
+    config = load_config([f"model={model}"]).model
+    reference = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, n_layer=config.num_layers,
+        n_head=config.num_heads))
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.randint(0, config.vocab_size, (micro, config.seq_length + 1))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = reference(tokens[:, :-1], labels=tokens[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[WARMUP:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bloom-small")
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    args = parser.parse_args()
+    from megatron_bloom.config import load_config
+
+    seq_length = load_config([f"model={args.model}"]).model.seq_length
+    tokens = args.micro_batch * seq_length
+    work = Path(tempfile.mkdtemp(prefix="mbloom-bench-train-"))
+    ours_s, tflops = ours(args.model, args.iters, args.micro_batch, work)
+    theirs_s = theirs(args.model, args.iters, args.micro_batch)
+    print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, bf16, AdamW, one process, "
+          f"{os.cpu_count()} cores")
+    print(f"  mbloom-train:                 {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
+          f"{tflops * 1000:.0f} GFLOP/s (model FLOPs)")
+    print(f"  transformers (bf16 autocast): {theirs_s:.3f} s/step, {tokens / theirs_s:,.0f} tokens/s")
+    print(f"  ratio (mbloom-train / transformers tokens/s): {theirs_s / ours_s:.2f}")
+    print(json.dumps({"ours_tokens_per_s": round(tokens / ours_s, 1), "transformers_tokens_per_s":
+                      round(tokens / theirs_s, 1), "ratio": round(theirs_s / ours_s, 3),
+                      "ours_gflops": round(tflops * 1000, 1)}))
+
+
+if __name__ == "__main__":
+    main()
