@@ -37,6 +37,7 @@ setup(
         "datasets>=2.19",
         "tokenizers>=0.19",
         "wandb>=0.17",
+        "tensorboard>=2.14",
         "safetensors>=0.4",
         "numpy>=1.24",
     ],

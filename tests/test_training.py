@@ -1,5 +1,7 @@
 """3D training on real gloo processes: the same losses and weights at every (tp, pp, dp) layout."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,40 @@ def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(shard, tmp_path
     message = results[0]["error"]
     assert message.startswith("stopped at iteration 4: the last 3 iterations had a non-finite loss or gradient")
     assert "train.max_consecutive_skips" in message
+
+
+def test_wandb_offline_and_tensorboard_need_no_network(shard, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=4) + ["logging.wandb.mode=offline",
+                                                                     "logging.tensorboard=true"]
+    run_cli(["megatron_bloom.train", *args], timeout=300)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")]
+    metrics = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses, metrics, rtol=1e-6)
+
+
+def test_sigterm_stops_cleanly_after_the_current_iteration(shard, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=10_000)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-m", "megatron_bloom.train", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert 3 <= last["iter"] < 10_000
+    assert f"received SIGTERM: stopped cleanly after iteration {last['iter']}" in stdout

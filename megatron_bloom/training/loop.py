@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import deepspeed
+from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 
@@ -75,6 +77,28 @@ class TrainResult:
     engine: object  # the DeepSpeed engine (its `module` holds this rank's layers)
 
 
+class StopSignal:
+    """SIGTERM (SLURM preemption, `scancel`, torchrun shutting down) asks the run to stop after the current
+    iteration. Ranks may receive it at different moments, so the decision is all-reduced every iteration:
+    all ranks stop after the same one."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def should_stop(self, state: ParallelState) -> bool:
+        flag = torch.tensor(float(self.received))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 class TrainingDiverged(UserError):
     """Too many consecutive iterations had a non-finite loss or gradient."""
 
@@ -101,9 +125,11 @@ def train(config: TrainConfig, state: ParallelState,
                                num_workers=config.data.num_workers)
     batches = micro_batches(loader)
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
-    metrics = MetricsLog(run_dir, config.logging.interval, is_logger)
+    metrics = MetricsLog(run_dir, config.logging.interval, is_logger, config.logging,
+                         OmegaConf.to_container(OmegaConf.structured(config)))
     losses: List[float] = []
     skipped_total = consecutive_skips = 0
+    stop = StopSignal()
     try:
         for iteration in range(1, config.train.iters + 1):
             lr = scheduler.get_last_lr()[0]
@@ -128,6 +154,12 @@ def train(config: TrainConfig, state: ParallelState,
                     f"loss or gradient ({skipped_total} skipped in all), so the model has diverged. Resume from an "
                     "earlier checkpoint with a lower optim.lr, more sched.warmup_iters or a smaller optim.clip_grad; "
                     "train.max_consecutive_skips sets this limit.")
+            if stop.should_stop(state):
+                if is_logger:
+                    print(f"received SIGTERM: stopped cleanly after iteration {iteration} ({consumed} samples "
+                          "consumed)", flush=True)
+                break
     finally:
+        stop.restore()
         metrics.close()
     return TrainResult(losses=losses, engine=engine)

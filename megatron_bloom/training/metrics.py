@@ -1,5 +1,7 @@
-"""What a run reports: `run.dir/metrics.jsonl` (one JSON object per logged iteration, flushed at once)
-and a console line per log interval, both from global rank 0 only."""
+"""What a run reports, from global rank 0 only: `run.dir/metrics.jsonl` (one JSON object per logged
+iteration, flushed at once), a console line per log interval, and optionally wandb
+(`logging.wandb.mode`: disabled | offline | online; offline needs no network and writes under
+`run.dir/wandb`) and TensorBoard event files (`logging.tensorboard=true`, under `run.dir/tensorboard`)."""
 
 from __future__ import annotations
 
@@ -8,17 +10,30 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_bloom.config.schema import LoggingConfig
+
 
 class MetricsLog:
     FIELDS = ("iter", "loss", "lr", "grad_norm", "consumed_samples", "step_s", "tokens_per_s", "tflops_per_rank",
               "skipped")
 
-    def __init__(self, run_dir: Path, interval: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, interval: int, enabled: bool, logging: Optional[LoggingConfig] = None,
+                 run_config: Optional[dict] = None) -> None:
         self.interval, self.enabled = interval, enabled
-        self.handle = None
-        if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.handle = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # a resumed run appends
+        self.handle = self.wandb_run = self.tensorboard = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.handle = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # a resumed run appends
+        if logging is not None and logging.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(project=logging.wandb.project, name=logging.wandb.name,
+                                        mode=logging.wandb.mode, dir=str(run_dir), config=run_config)
+        if logging is not None and logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, iteration: int, total_iters: int, **values) -> None:
         """Record iteration `iteration` (1-based) if it falls on the log interval (or is the last one)."""
@@ -27,6 +42,12 @@ class MetricsLog:
         record = {"iter": iteration, **{key: values[key] for key in self.FIELDS[1:]}}
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
+        scalars = {key: float(value) for key, value in record.items() if key != "iter"}
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{key}": value for key, value in scalars.items()}, step=iteration)
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, iteration)
         print(f"iter {iteration:>6}/{total_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
               f"grad norm {record['grad_norm']:.3f} | {record['step_s'] * 1000:.0f} ms | "
               f"{record['tokens_per_s']:,.0f} tokens/s | {record['tflops_per_rank']:.3f} TFLOP/s per rank"
@@ -35,4 +56,10 @@ class MetricsLog:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
-            self.handle: Optional[object] = None
+            self.handle = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
