@@ -234,3 +234,27 @@ def test_sigterm_stops_cleanly_after_the_current_iteration(shard, tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert 3 <= last["iter"] < 10_000
     assert f"received SIGTERM: stopped cleanly after iteration {last['iter']}" in stdout
+
+
+def test_periodic_validation_loss(shard, tmp_path):
+    """Validation every 3 iterations on the held-out documents: the same through the pipeline engine with two
+    data-parallel replicas as in one process."""
+    tp, pp, dp = 1, 2, 2
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for name, (t, p, d) in (("reference", (1, 1, 1)), ("layout", (tp, pp, dp))):
+        args = overrides(shard, tmp_path / name, t, p, d, iters=6) + ["train.eval_interval=3", "train.eval_iters=2",
+                                                                       "data.split='8,2,0'"]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc-per-node={t * p * d}", "-m", "megatron_bloom.train", *args],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[name] = [json.loads(l) for l in (tmp_path / name / "validation.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in results["layout"]] == [3, 6]
+    assert results["layout"][1]["valid_loss"] < results["layout"][0]["valid_loss"]
+    np.testing.assert_allclose([r["valid_loss"] for r in results["layout"]],
+                               [r["valid_loss"] for r in results["reference"]], rtol=1e-4)

@@ -53,6 +53,28 @@ def build_engine(config: TrainConfig, state: ParallelState):
     return engine, optimizer, scheduler
 
 
+def validation_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, eval_iters: int) -> float:
+    """Mean loss over `eval_iters` global batches of the validation split, without updating anything."""
+    total = 0.0
+    engine.eval()
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            if state.pp > 1:
+                total += float(engine.eval_batch(data_iter=batches))
+                continue
+            batch_loss = torch.zeros((), dtype=torch.float64, device=state.device)
+            for _ in range(accumulation):
+                input_ids, labels = next(batches)
+                batch_loss += engine(input_ids.to(state.device), labels.to(state.device)).double()
+            batch_loss /= accumulation
+            if state.dp > 1:
+                dist.all_reduce(batch_loss, group=state.dp_group)
+                batch_loss /= state.dp
+            total += float(batch_loss)
+    engine.train()
+    return total / eval_iters
+
+
 def train_step(engine, batches: Iterator, state: ParallelState, accumulation: int) -> float:
     """One optimizer step over the global batch; returns the global-batch mean loss (the same on all ranks)."""
     if state.pp > 1:
@@ -114,8 +136,10 @@ def train(config: TrainConfig, state: ParallelState,
         (run_dir / "config.yaml").write_text(to_yaml(config))
     torch.manual_seed(config.train.seed)
     global_batch, seq_length = config.train.global_batch_size, config.model.seq_length
-    train_set, _, _ = build_datasets(config.data, seq_length, config.train.seed,
-                                     (config.train.iters * global_batch, 0, 0))
+    evaluations = config.train.iters // config.train.eval_interval if config.train.eval_interval else 0
+    valid_samples = evaluations * config.train.eval_iters * global_batch
+    train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed,
+                                             (config.train.iters * global_batch, valid_samples, 0))
     engine, optimizer, scheduler = build_engine(config, state)
     if on_engine is not None:
         on_engine(engine)
@@ -124,6 +148,8 @@ def train(config: TrainConfig, state: ParallelState,
     loader = build_data_loader(train_set, consumed, config.train.micro_batch_size, state.dp_rank, state.dp,
                                num_workers=config.data.num_workers)
     batches = micro_batches(loader)
+    valid_batches = micro_batches(build_data_loader(valid_set, 0, config.train.micro_batch_size, state.dp_rank,
+                                                    state.dp, num_workers=0)) if valid_set is not None else None
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger, config.logging,
                          OmegaConf.to_container(OmegaConf.structured(config)))
@@ -154,6 +180,9 @@ def train(config: TrainConfig, state: ParallelState,
                     f"loss or gradient ({skipped_total} skipped in all), so the model has diverged. Resume from an "
                     "earlier checkpoint with a lower optim.lr, more sched.warmup_iters or a smaller optim.clip_grad; "
                     "train.max_consecutive_skips sets this limit.")
+            if valid_batches is not None and iteration % config.train.eval_interval == 0:
+                metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
+                                                                  config.train.eval_iters))
             if stop.should_stop(state):
                 if is_logger:
                     print(f"received SIGTERM: stopped cleanly after iteration {iteration} ({consumed} samples "

@@ -6,6 +6,7 @@ iteration, flushed at once), a console line per log interval, and optionally wan
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, interval: int, enabled: bool, logging: Optional[LoggingConfig] = None,
                  run_config: Optional[dict] = None) -> None:
-        self.interval, self.enabled = interval, enabled
+        self.interval, self.enabled, self.run_dir = interval, enabled, run_dir
         self.handle = self.wandb_run = self.tensorboard = None
         if not enabled:
             return
@@ -52,6 +53,20 @@ class MetricsLog:
               f"grad norm {record['grad_norm']:.3f} | {record['step_s'] * 1000:.0f} ms | "
               f"{record['tokens_per_s']:,.0f} tokens/s | {record['tflops_per_rank']:.3f} TFLOP/s per rank"
               + (" | skipped" if record["skipped"] else ""), file=sys.stdout, flush=True)
+
+    def log_validation(self, iteration: int, loss: float) -> None:
+        """The validation loss, to `run.dir/validation.jsonl` (metrics.jsonl holds training iterations only)."""
+        if not self.enabled:
+            return
+        record = {"iter": iteration, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700.0))}
+        with open(self.run_dir / "validation.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"validation at iter {iteration}: loss {loss:.4f} | perplexity {record['valid_perplexity']:.2f}",
+              flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log({"valid/loss": loss, "valid/perplexity": record["valid_perplexity"]}, step=iteration)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("valid/loss", loss, iteration)
 
     def close(self) -> None:
         if self.handle is not None:
