@@ -1,6 +1,7 @@
 """Quickstart: build bloom-tiny, import a Hugging Face checkpoint, check parity, export it back; then
 train a tokenizer on the shipped multilingual sample corpus, turn the corpus into Megatron token shards,
-build the blended training dataset, and evaluate the imported model on the corpus.
+build the blended training dataset, evaluate the imported model on the corpus, and train bloom-tiny
+from scratch on those shards with tensor parallelism 2 x pipeline parallelism 2 (4 processes).
 
     python examples/quickstart.py [--workdir DIR] [--model bloom-tiny]
 
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 MODULES = {"mbloom-convert": "megatron_bloom.convert", "mbloom-eval": "megatron_bloom.eval",
            "mbloom-train-tokenizer": "data_prep.train_tokenizer", "mbloom-preprocess": "data_prep.preprocess"}
+TRAIN_ITERS = 200
 
 
 def run(command: str, *args: str) -> str:
@@ -106,10 +108,27 @@ def main() -> int:
     summary = run("mbloom-eval", f"checkpoint.load={workdir / 'checkpoint'}", f"eval.input={CORPUS}",
                   f"eval.tokenizer={workdir / 'tokenizer'}", "precision=fp32", "eval.micro_batch_size=8")
     perplexity = json.loads(summary.strip().splitlines()[-1])["perplexity"]
+
+    # Training: tp 2 x pp 2 on 4 processes (DeepSpeed pipeline with tied embeddings, ZeRO-1, bf16).
+    overrides = [f"model={args.model}", f"data.paths=[{','.join(prefixes)}]", "data.temperature=2.0",
+                 f"data.tokenizer={workdir / 'tokenizer'}", "parallel.tp=2", "parallel.pp=2", "precision=bf16",
+                 f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
+                 "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
+                 f"run.dir={workdir / 'run'}"]
+    print("$ torchrun --nproc-per-node 4 -m megatron_bloom.train " + " ".join(overrides))
+    trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                              "-m", "megatron_bloom.train", *overrides], capture_output=True, text=True)
+    if trained.returncode != 0:
+        print(trained.stdout[-2000:] + trained.stderr[-4000:])
+        return 1
+    shown = [line for line in trained.stdout.splitlines() if line.startswith("iter ")]
+    print("  " + "\n  ".join(line for i, line in enumerate(shown, start=1) if i == 1 or i % 50 == 0))
+    losses = [json.loads(line)["loss"] for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    print(f"training loss fell from {losses[0]:.3f} to {losses[-1]:.3f} in {TRAIN_ITERS} iterations")
     print(f"files in {workdir}")
 
     ok = (logits_error <= 1e-5 and loss_error <= 1e-5 and round_trip_exact and built == config.num_parameters()
-          and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0)
+          and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0 and losses[-1] < losses[0] - 1.0)
     print("quickstart: OK" if ok else "quickstart: FAILED")
     return 0 if ok else 1
 
