@@ -258,3 +258,10 @@ def test_periodic_validation_loss(shard, tmp_path):
     assert results["layout"][1]["valid_loss"] < results["layout"][0]["valid_loss"]
     np.testing.assert_allclose([r["valid_loss"] for r in results["layout"]],
                                [r["valid_loss"] for r in results["reference"]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1)], ids=["stacked", "pipeline"])
+def test_activation_checkpointing_changes_nothing_but_memory(shard, reference, tmp_path, tp, pp, dp):
+    args = overrides(shard, tmp_path / "run", tp, pp, dp) + ["train.activation_checkpointing=true"]
+    results = run_distributed(train_worker, tp * pp * dp, args)
+    np.testing.assert_allclose(results[0]["losses"], reference[0], rtol=1e-4)

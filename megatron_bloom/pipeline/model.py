@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List
 
 import torch
@@ -38,13 +39,21 @@ def layer_specs(config: ModelConfig, state: ParallelState, seed: int) -> List[La
     ]
 
 
+class BloomPipeline(PipelineModule):
+    """DeepSpeed's pipeline module, recomputing transformer blocks only (not the embedding or the norms)."""
+
+    def _is_checkpointable(self, funcs) -> bool:
+        return all(isinstance(f, BlockPipe) for f in funcs)
+
+
 def build_pipeline(config: ModelConfig, state: ParallelState, seed: int,
                    activation_checkpointing: bool = False) -> PipelineModule:
     """This rank's pipeline stage; stages are balanced by transformer blocks (DeepSpeed's `type:` method)."""
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    return PipelineModule(layers=layer_specs(config, state, seed), loss_fn=LanguageModelLoss(config, state),
-                          topology=topology, partition_method="type:BlockPipe",
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0)
+    return BloomPipeline(layers=layer_specs(config, state, seed), loss_fn=LanguageModelLoss(config, state),
+                         topology=topology, partition_method="type:BlockPipe",
+                         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                         activation_checkpoint_func=partial(checkpoint, use_reentrant=False))
 
 
 class StackedModel(nn.Module):
