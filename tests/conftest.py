@@ -122,3 +122,17 @@ def train_test_tokenizer(directory: Path, texts: Sequence[str], vocab_size: int 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
+
+
+CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
+
+
+def corpus_shards(root: Path, vocab_size: int, *preprocess_args: str) -> Path:
+    """A tokenizer (`root/tok`) and token shards (`root/<prefix>`) of the shipped sample corpus, made with
+    the real commands; `preprocess_args` adds flags such as --split-by-lang."""
+    run_cli(["data_prep.train_tokenizer", "--input", str(CORPUS), "--vocab-size", str(vocab_size), "--output",
+             str(root / "tok")])
+    prefix = "ml" if "--split-by-lang" in preprocess_args else "corpus"
+    run_cli(["data_prep.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
+             str(root / prefix), *preprocess_args])
+    return root

@@ -1,33 +1,26 @@
 """Training datasets over real shards: GPT samples, splits, blending, temperatures, the cache, the sampler."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from megatron_bloom.config import load_config
-from megatron_bloom.data.blending import build_blend, normalize, temperature_weights
+from megatron_bloom.data.blending import temperature_weights
 from megatron_bloom.data.builder import build_datasets, parse_blend, split_ranges
 from megatron_bloom.data.gpt_dataset import GPTDataset
 from megatron_bloom.data.indexed_dataset import IndexedDataset
 from megatron_bloom.data.sampler import PretrainingSampler, build_data_loader
 from megatron_bloom.errors import ConfigError
-from tests.conftest import REPO, run_cli
+from tests.conftest import corpus_shards
 from tests.distributed import run_distributed
 
-CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 LANGUAGES = ("en", "fr", "zh")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    run_cli(["data_prep.train_tokenizer", "--input", str(CORPUS), "--vocab-size", "800", "--output",
-             str(root / "tok")])
-    run_cli(["data_prep.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
-             str(root / "ml"), "--split-by-lang", "--append-eod"])
-    return root
+    return corpus_shards(tmp_path_factory.mktemp("shards"), 800, "--split-by-lang", "--append-eod")
 
 
 def config(shards, *overrides):

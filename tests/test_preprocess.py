@@ -13,10 +13,7 @@ from tokenizers import Tokenizer
 
 from data_prep.sample_corpus import generate_documents, write_jsonl
 from megatron_bloom.data.indexed_dataset import IndexedDataset
-from tests.conftest import REPO, assert_user_error, run_cli
-
-CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
-
+from tests.conftest import CORPUS, REPO, assert_user_error, run_cli
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
@@ -26,7 +23,6 @@ def tokenizer_dir(tmp_path_factory):
     assert "1000-token byte-level BPE on 1,200 documents" in result.stdout
     return directory
 
-
 def megatron_documents(prefix):
     from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 
@@ -34,14 +30,11 @@ def megatron_documents(prefix):
     assert list(dataset.document_indices) == list(range(len(dataset) + 1))
     return [dataset[i].tolist() for i in range(len(dataset))]
 
-
 def corpus_records(path=CORPUS):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
-
 def preprocess(*args, check=True):
     return run_cli(["data_prep.preprocess", *map(str, args)], check=check)
-
 
 def test_tokenizer_loads_in_transformers_with_bloom_special_tokens(tokenizer_dir):
     from transformers import AutoTokenizer
@@ -54,7 +47,6 @@ def test_tokenizer_loads_in_transformers_with_bloom_special_tokens(tokenizer_dir
         ids = ours.encode(record["text"], add_special_tokens=False).ids
         assert hf(record["text"])["input_ids"] == ids
         assert ours.decode(ids) == record["text"]  # byte-level: nothing is unknown
-
 
 @pytest.mark.parametrize("append_eod", [False, True])
 def test_megatron_core_reads_every_document(tokenizer_dir, tmp_path, append_eod):
@@ -71,7 +63,6 @@ def test_megatron_core_reads_every_document(tokenizer_dir, tmp_path, append_eod)
     assert stats["skipped_total"] == 0
     assert f"documents: 1,200  tokens: {stats['tokens']:,}" in result.stdout
 
-
 def test_split_by_lang_writes_one_shard_per_language(tokenizer_dir, tmp_path):
     preprocess("--input", CORPUS, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "ml",
                "--split-by-lang", "--workers", 2)
@@ -86,14 +77,12 @@ def test_split_by_lang_writes_one_shard_per_language(tokenizer_dir, tmp_path):
         assert megatron_documents(tmp_path / f"ml_{language}") == expected
     assert not (tmp_path / "ml.bin").exists()
 
-
 def test_output_does_not_depend_on_worker_count(tokenizer_dir, tmp_path):
     for workers in (1, 3):
         preprocess("--input", CORPUS, CORPUS, "--tokenizer", tokenizer_dir, "--output-prefix",
                    tmp_path / f"w{workers}", "--workers", workers)
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w3{suffix}").read_bytes()
-
 
 def test_gzip_parquet_and_datasets_inputs_give_the_same_shard(tokenizer_dir, tmp_path):
     import datasets
@@ -112,7 +101,6 @@ def test_gzip_parquet_and_datasets_inputs_give_the_same_shard(tokenizer_dir, tmp
     preprocess("--input", CORPUS, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "o-jsonl")
     reference = (tmp_path / "o-jsonl.bin").read_bytes()
     assert all(data == reference for data in outputs.values())
-
 
 def test_bad_records_are_skipped_and_counted_exactly(tokenizer_dir, tmp_path):
     good = json.dumps({"text": "Bread tastes better when it is shared with friends."}).encode()
@@ -151,7 +139,6 @@ def test_bad_records_are_skipped_and_counted_exactly(tokenizer_dir, tmp_path):
     assert_user_error(strict, f"{where}:2: not JSON")
     assert not list(tmp_path.glob("strict*"))  # nothing left behind, not even temporary files
 
-
 @pytest.mark.parametrize("problem, fragment", [
     ("missing-input", "does not exist"),
     ("missing-tokenizer", "not found"),
@@ -181,7 +168,6 @@ def test_setup_errors_are_one_line(tokenizer_dir, tmp_path, problem, fragment):
     assert_user_error(result, fragment)
     assert result.stderr.count("error:") == 1 and "\n\n" not in result.stderr.strip()  # one paragraph
 
-
 def test_a_huge_document(tokenizer_dir, tmp_path):
     """One document of about 20 MB (a whole book, a code dump) goes through like any other."""
     sentence = "The lighthouse keeper wrote letters that nobody ever answered. "
@@ -194,7 +180,6 @@ def test_a_huge_document(tokenizer_dir, tmp_path):
     assert len(dataset) == 2
     assert dataset[0].tolist() == tokenizer.encode(text, add_special_tokens=False).ids
     assert dataset[1].tolist() == tokenizer.encode(sentence, add_special_tokens=False).ids
-
 
 def test_killed_run_leaves_no_complete_looking_pair(tokenizer_dir, tmp_path):
     write_jsonl(generate_documents(300_000, seed=1), tmp_path / "big.jsonl")
@@ -211,7 +196,6 @@ def test_killed_run_leaves_no_complete_looking_pair(tokenizer_dir, tmp_path):
     assert not (tmp_path / "k.bin").exists() and not (tmp_path / "k.idx").exists()
     assert list(tmp_path.glob("k.bin.tmp-*"))  # the partial data sits under a temporary name only
 
-
 def test_large_vocabularies_use_int32_tokens(tmp_path):
     """Above 65499 ids tokens are int32 (megatron-core's rule); megatron-core reads both widths."""
     from megatron.core.datasets.indexed_dataset import DType
@@ -226,7 +210,6 @@ def test_large_vocabularies_use_int32_tokens(tmp_path):
     writer.finalize()
     assert megatron_documents(tmp_path / "wide") == [d.tolist() for d in documents]
     assert IndexedDataset(tmp_path / "wide").dtype == np.int32
-
 
 def test_progress_lines_when_not_a_terminal(capsys):
     from data_prep.progress import Progress

@@ -8,20 +8,14 @@ import torch
 
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import ParallelState, merge_state_dicts
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, corpus_shards, run_cli
 from tests.distributed import run_distributed
 
-CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    run_cli(["data_prep.train_tokenizer", "--input", str(CORPUS), "--vocab-size", "1024", "--output",
-             str(root / "tok")])
-    run_cli(["data_prep.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
-             str(root / "corpus"), "--append-eod", "--workers", "1"])
-    return root
+    return corpus_shards(tmp_path_factory.mktemp("train-data"), 1024, "--append-eod", "--workers", "1")
 
 
 def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):

@@ -1,6 +1,6 @@
 """The BLOOM model as a sequence of pipeline layers, each a view of the plain model's modules.
 
-    EmbeddingPipe (tied)  ->  EmbeddingNormPipe  ->  BlockPipe x L  ->  FinalNormPipe  ->  lm_head (tied)
+    EmbeddingPipe (tied)  ->  LayerNormPipe  ->  BlockPipe x L  ->  LayerNormPipe  ->  lm_head (tied)
 
 Every layer holds the same modules (and parameter names) as the single-process model, split across
 tensor-parallel ranks by the same `parallelize_*` functions, and initializes itself from its canonical
@@ -45,17 +45,21 @@ def lm_head_forward(embedding: EmbeddingPipe, hidden_states: torch.Tensor) -> to
     return embedding.lm_head(hidden_states, embedding.word_embeddings.weight)
 
 
-class EmbeddingNormPipe(nn.Module):
+class LayerNormPipe(nn.Module):
+    """One of the trunk's LayerNorms, under its own name: `word_embeddings_layernorm` (after the embedding)
+    or `ln_f` (the final one)."""
+
     canonical_prefix = "transformer."
 
-    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, name: str) -> None:
         super().__init__()
+        self.name = name
         with torch.device("meta"):
-            self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+            self.add_module(name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
         materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings_layernorm(hidden_states)
+        return getattr(self, self.name)(hidden_states)
 
 
 class BlockPipe(BloomBlock):
@@ -73,19 +77,6 @@ class BlockPipe(BloomBlock):
         batch_size, seq_length, _ = hidden_states.shape
         positions, mask = attention_inputs(batch_size, seq_length, None, hidden_states.dtype, hidden_states.device)
         return super().forward(hidden_states, positions, mask)
-
-
-class FinalNormPipe(nn.Module):
-    canonical_prefix = "transformer."
-
-    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
-        super().__init__()
-        with torch.device("meta"):
-            self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.ln_f(hidden_states)
 
 
 class LanguageModelLoss(nn.Module):

@@ -14,14 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import full_shapes
-from megatron_bloom.pipeline.layers import (
-    BlockPipe,
-    EmbeddingNormPipe,
-    EmbeddingPipe,
-    FinalNormPipe,
-    LanguageModelLoss,
-    lm_head_forward,
-)
+from megatron_bloom.pipeline.layers import BlockPipe, EmbeddingPipe, LanguageModelLoss, LayerNormPipe, lm_head_forward
 
 TIED_EMBEDDING = "embed"
 
@@ -31,9 +24,9 @@ def layer_specs(config: ModelConfig, state: ParallelState, seed: int) -> List[La
     common = (config, state, shapes, seed)
     return [
         TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, tied_weight_attr="word_embeddings.weight"),
-        LayerSpec(EmbeddingNormPipe, *common),
+        LayerSpec(LayerNormPipe, *common, "word_embeddings_layernorm"),
         *[LayerSpec(BlockPipe, *common, layer) for layer in range(config.num_layers)],
-        LayerSpec(FinalNormPipe, *common),
+        LayerSpec(LayerNormPipe, *common, "ln_f"),
         TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, forward_fn=lm_head_forward,
                       tied_weight_attr="word_embeddings.weight"),
     ]
@@ -64,9 +57,9 @@ class StackedModel(nn.Module):
         super().__init__()
         shapes = full_shapes(config, TaskConfig())
         self.embedding = EmbeddingPipe(config, state, shapes, seed)
-        self.embedding_norm = EmbeddingNormPipe(config, state, shapes, seed)
+        self.embedding_norm = LayerNormPipe(config, state, shapes, seed, "word_embeddings_layernorm")
         self.blocks = nn.ModuleList(BlockPipe(config, state, shapes, seed, i) for i in range(config.num_layers))
-        self.final_norm = FinalNormPipe(config, state, shapes, seed)
+        self.final_norm = LayerNormPipe(config, state, shapes, seed, "ln_f")
         self.loss_fn = LanguageModelLoss(config, state)
         self.activation_checkpointing = activation_checkpointing
 
