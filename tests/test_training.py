@@ -122,6 +122,7 @@ def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     (["parallel.tp=2"], ["must equal the number of processes (1)"]),
     (["model.vocab_size=512"], ["has 1024 tokens, more than model.vocab_size (512)"]),
     (["model.seq_length=0"], ["model.seq_length"]),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], ["sequence_parallel=true works for evaluation"]),
 ])
 def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, extra, fragments):
     from tests.conftest import assert_user_error

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron_bloom.config import TrainConfig, to_yaml
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
-from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
@@ -26,9 +26,6 @@ from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one."""
     for tokens in loader:
@@ -36,9 +33,6 @@ def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 def build_engine(config: TrainConfig, state: ParallelState):
-    if config.parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true is available for evaluation; training with it is not "
-                          "available yet in this version.")
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
@@ -53,44 +47,40 @@ def build_engine(config: TrainConfig, state: ParallelState):
     return engine, optimizer, scheduler
 
 
-def validation_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, eval_iters: int) -> float:
-    """Mean loss over `eval_iters` global batches of the validation split, without updating anything."""
-    total = 0.0
-    engine.eval()
-    with torch.no_grad():
-        for _ in range(eval_iters):
-            if state.pp > 1:
-                total += float(engine.eval_batch(data_iter=batches))
-                continue
-            batch_loss = torch.zeros((), dtype=torch.float64, device=state.device)
-            for _ in range(accumulation):
-                input_ids, labels = next(batches)
-                batch_loss += engine(input_ids.to(state.device), labels.to(state.device)).double()
-            batch_loss /= accumulation
-            if state.dp > 1:
-                dist.all_reduce(batch_loss, group=state.dp_group)
-                batch_loss /= state.dp
-            total += float(batch_loss)
-    engine.train()
-    return total / eval_iters
-
-
-def train_step(engine, batches: Iterator, state: ParallelState, accumulation: int) -> float:
-    """One optimizer step over the global batch; returns the global-batch mean loss (the same on all ranks)."""
-    if state.pp > 1:
-        return float(engine.train_batch(data_iter=batches))
+def stacked_batch_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, train: bool) -> float:
+    """pp = 1: the global-batch mean loss over this rank's micro-batches and the data-parallel replicas,
+    stepping the optimizer (at the accumulation boundary, as DeepSpeed counts) when `train`."""
     total = torch.zeros((), dtype=torch.float64, device=state.device)
     for _ in range(accumulation):
         input_ids, labels = next(batches)
         loss = engine(input_ids.to(state.device), labels.to(state.device))
-        engine.backward(loss)
-        engine.step()
+        if train:
+            engine.backward(loss)
+            engine.step()
         total += loss.detach().double()
     total /= accumulation
     if state.dp > 1:
         dist.all_reduce(total, group=state.dp_group)
         total /= state.dp
     return float(total)
+
+
+def train_step(engine, batches: Iterator, state: ParallelState, accumulation: int) -> float:
+    """One optimizer step over the global batch; returns the global-batch mean loss (the same on all ranks)."""
+    if state.pp > 1:
+        return float(engine.train_batch(data_iter=batches))
+    return stacked_batch_loss(engine, batches, state, accumulation, train=True)
+
+
+def validation_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, eval_iters: int) -> float:
+    """Mean loss over `eval_iters` global batches of the validation split, without updating anything."""
+    engine.eval()
+    with torch.no_grad():
+        losses = [float(engine.eval_batch(data_iter=batches)) if state.pp > 1
+                  else stacked_batch_loss(engine, batches, state, accumulation, train=False)
+                  for _ in range(eval_iters)]
+    engine.train()
+    return sum(losses) / eval_iters
 
 
 @dataclass

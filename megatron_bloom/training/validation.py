@@ -10,6 +10,9 @@ from megatron_bloom.errors import ConfigError
 
 def validate_training_inputs(config: TrainConfig) -> None:
     """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's."""
+    if config.parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
+                          "is not available yet in this version.")
     prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
     check_prefixes(prefixes)
     if config.data.tokenizer:
