@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_bloom.errors import UserError
-from megatron_bloom.model import ModelConfig, TaskConfig, create_task_model
+from megatron_bloom.model import ModelConfig, TaskConfig
+from megatron_bloom.parallel.sharding import full_shapes
 
 ARCHITECTURES = {
     "causal_lm": "BloomForCausalLM",
@@ -162,13 +163,6 @@ def _load_torch(path: Path) -> StateDict:
         raise UserError(f"cannot read {path}: {error}. Is the file complete?") from None
 
 
-def expected_shapes(model: ModelConfig, task: TaskConfig) -> Dict[str, torch.Size]:
-    """Names and shapes of our single-process state dict, without allocating anything."""
-    with torch.device("meta"):
-        module = create_task_model(model, task)
-    return {name: tensor.shape for name, tensor in module.state_dict().items()}
-
-
 def hf_to_state_dict(hf_weights: StateDict, model: ModelConfig, task: TaskConfig) -> StateDict:
     """Check a Hugging Face state dict against the config and return ours (vocabulary padded with zeros).
 
@@ -179,7 +173,7 @@ def hf_to_state_dict(hf_weights: StateDict, model: ModelConfig, task: TaskConfig
     for name, tensor in hf_weights.items():
         weights["transformer." + name if name.startswith(_TRUNK_PREFIXES) else name] = tensor
     lm_head = weights.pop("lm_head.weight", None)
-    shapes = expected_shapes(model, task)
+    shapes = full_shapes(model, task)
     shapes[_EMBEDDING] = torch.Size([model.vocab_size, model.hidden_size])  # HF keeps no padding
     unknown = sorted(set(weights) - set(shapes))
     missing = sorted(set(shapes) - set(weights))
