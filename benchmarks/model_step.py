@@ -18,6 +18,7 @@ import torch
 from megatron_bloom.checkpoint.hf import hf_to_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.model import TaskConfig, build_model
+from megatron_bloom.training.flops import iteration_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -30,12 +31,6 @@ def step_times(model, input_ids, steps: int) -> list:
         model(input_ids, labels=input_ids).loss.backward()
         times.append(time.perf_counter() - start)
     return times[1:]
-
-
-def model_flops(config, tokens: int) -> float:
-    """Megatron-LM's count for one forward + backward (Narayanan et al. 2021, eq. 3, no recomputation)."""
-    h, layers, seq, vocab = config.hidden_size, config.num_layers, config.seq_length, config.vocab_size
-    return 72 * tokens * layers * h * h * (1 + seq / (6 * h) + vocab / (12 * h * layers))
 
 
 def main() -> None:
@@ -62,7 +57,7 @@ def main() -> None:
         ours.load_state_dict(hf_to_state_dict(reference.state_dict(), config, TaskConfig()))
         theirs_s = statistics.median(step_times(reference, input_ids, args.steps))
         ours_s = statistics.median(step_times(ours, input_ids, args.steps))
-        flops = model_flops(config, tokens)
+        flops = iteration_flops(config, args.batch, config.seq_length)
         row = {"dtype": name, "ours_s": round(ours_s, 4), "transformers_s": round(theirs_s, 4),
                "speedup": round(theirs_s / ours_s, 3), "ours_tokens_per_s": round(tokens / ours_s, 1),
                "ours_gflops": round(flops / ours_s / 1e9, 1)}
