@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -58,11 +59,12 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train",
     """Compose, resolve interpolations and validate: the `TrainConfig` a command runs with.
 
     `model`: the model of a checkpoint, which replaces the `model` section (evaluation and generation run
-    the checkpoint's model, so the layout is checked against it).
+    the checkpoint's model, so the layout is checked against it); how attention is computed stays the
+    run's choice.
     """
     cfg = compose_dictconfig(overrides, config_name)
     if model is not None:
-        cfg.model = OmegaConf.structured(model)
+        cfg.model = OmegaConf.structured(dataclasses.replace(model, attention_impl=cfg.model.attention_impl))
     try:
         return OmegaConf.to_object(cfg)  # builds the dataclasses, which runs their __post_init__ checks
     except OmegaConfBaseException as error:

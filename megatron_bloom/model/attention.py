@@ -45,6 +45,7 @@ class BloomAttention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
+        self.attention_impl = config.attention_impl
         self.hidden_dropout = config.hidden_dropout
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -60,14 +61,27 @@ class BloomAttention(nn.Module):
         # Shapes come from the QKV output: with sequence parallelism the input holds part of the sequence.
         batch_size, q_length, _ = fused_qkv.shape
         fused_qkv = fused_qkv.view(batch_size, q_length, self.num_heads, 3, self.head_dim)
+        if self.alibi_slopes.device != hidden_states.device:
+            self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
+        bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)  # [batch * heads, 1, kv]
+        if self.attention_impl == "sdpa":
+            context = self._fused_attention(fused_qkv, bias, additive_mask)
+        else:
+            context = self._eager_attention(fused_qkv, bias, additive_mask)
+        # [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
+        context = context.permute(0, 2, 1, 3).reshape(batch_size, q_length, self.num_heads * self.head_dim)
+        output = self.dense(context)
+        return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+
+    def _eager_attention(self, fused_qkv: torch.Tensor, bias: torch.Tensor,
+                         additive_mask: torch.Tensor) -> torch.Tensor:
+        """Transformers' computation, step by step: `[batch, heads, seq, head_dim]`."""
+        batch_size, q_length = fused_qkv.shape[:2]
         # [batch * heads, seq, head_dim]
         query, key, value = (
             fused_qkv[..., i, :].transpose(1, 2).reshape(batch_size * self.num_heads, q_length, self.head_dim)
             for i in range(3)
         )
-        if self.alibi_slopes.device != hidden_states.device:
-            self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
-        bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)
         # scores = bias + (q @ k^T) / sqrt(head_dim), one fused call
         scores = bias.baddbmm(query, key.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
         scores = scores.view(batch_size, self.num_heads, q_length, -1) + additive_mask
@@ -75,8 +89,15 @@ class BloomAttention(nn.Module):
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         probs = self.attention_dropout(probs)
         context = torch.bmm(probs.view(batch_size * self.num_heads, q_length, -1), value)
-        # [batch * heads, seq, head_dim] -> [batch, seq, heads * head_dim]
-        context = context.view(batch_size, self.num_heads, q_length, self.head_dim).permute(0, 2, 1, 3)
-        context = context.reshape(batch_size, q_length, self.num_heads * self.head_dim)
-        output = self.dense(context)
-        return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+        return context.view(batch_size, self.num_heads, q_length, self.head_dim)
+
+    def _fused_attention(self, fused_qkv: torch.Tensor, bias: torch.Tensor,
+                         additive_mask: torch.Tensor) -> torch.Tensor:
+        """The same attention through `scaled_dot_product_attention`: ALiBi and the causal/padding mask form
+        its additive `attn_mask`; the kernel keeps the softmax in float32 internally."""
+        batch_size = fused_qkv.shape[0]
+        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))  # [batch, heads, seq, hd]
+        attn_mask = bias.view(batch_size, self.num_heads, 1, -1) + additive_mask
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
+                                              scale=self.inv_norm_factor)

@@ -7,6 +7,8 @@ from typing import Optional
 
 from megatron_bloom.errors import ConfigError
 
+ATTENTION_IMPLS = ("eager", "sdpa")
+
 
 @dataclass
 class ModelConfig:
@@ -30,6 +32,11 @@ class ModelConfig:
     pad_token_id: Optional[int] = 3
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    # How attention is computed, not what: "eager" is the reference (fp32 softmax over materialized scores,
+    # bit-identical to transformers); "sdpa" is torch's fused scaled_dot_product_attention with the ALiBi
+    # bias as its additive mask (no fp32 score copies; equal within rounding). Runs default to "sdpa"
+    # (configs/train.yaml); checkpoints do not record it.
+    attention_impl: str = "eager"
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length",
@@ -45,6 +52,9 @@ class ModelConfig:
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(self, key)!r}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                              f"{self.attention_impl!r}.")
         if self.init_std <= 0 or self.layer_norm_epsilon <= 0:
             raise ConfigError(
                 f"model.init_std ({self.init_std}) and model.layer_norm_epsilon "

@@ -68,10 +68,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     real tokens, the rest padding. Targets outside every slice (e.g. -100) give an arbitrary value that
     the caller masks out.
     """
-    if group_size(group) == 1:  # nothing is split: torch's fused kernel, as transformers computes it
-        real = logits[..., :real_columns] if real_columns < logits.shape[-1] else logits
-        return F.cross_entropy(real.float().reshape(-1, real_columns), target.reshape(-1), reduction="none",
-                               ignore_index=IGNORE_INDEX).view(target.shape)
+    # Also at tp = 1: one float32 copy updated in place, and a backward that reuses it, is about twice as
+    # fast as `F.cross_entropy(logits.float())` (which keeps the copy and the log-softmax both).
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, real_columns, group)
 
 

@@ -42,7 +42,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> SkippingAdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return SkippingAdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return SkippingAdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
 def learning_rate(iteration: int, optim: OptimConfig, sched: SchedConfig, train_iters: int) -> float:
