@@ -5,11 +5,13 @@
       global_step<N>/
         mp_rank_<tp>_model_states.pt  DeepSpeed's model file per tensor-parallel rank ({"module": ...})
         ...                           DeepSpeed's optimizer / pipeline-layer files, when training wrote them
+        rng_state_<rank>.pt           every rank's random-number generators (training checkpoints)
         mbloom.json                   model config, layout, progress, and the size of every file above
 
-A checkpoint is written under a hidden temporary name, `mbloom.json` last, then renamed into place; only
-then is `latest` replaced (write + rename). Loading checks every file that `mbloom.json` lists, so a
-checkpoint missing a file or holding a truncated one is refused.
+A checkpoint is written under a hidden temporary name (`.global_step<N>.incomplete`), `mbloom.json` last,
+then renamed into place; only then is `latest` replaced (write + rename). Loading checks every file that
+`mbloom.json` lists, so a checkpoint missing a file or holding a truncated one is never loaded: a root's
+newest complete checkpoint is used instead, with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,8 +37,19 @@ LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 
 
+TAG_PATTERN = re.compile(r"global_step(\d+)")
+# What a checkpoint holds: `weights` (from-hf, reshape: model weights only, under their canonical names) or
+# `training` (DeepSpeed's own files: weights, optimizer and LR-schedule state, plus every rank's RNG state).
+WEIGHTS, TRAINING = "weights", "training"
+
+
 def tag_for(iteration: int) -> str:
     return f"global_step{iteration}"
+
+
+def staging_dir(root: Path, tag: str) -> Path:
+    """Where a checkpoint is written before it is published (hidden, never named by `latest`)."""
+    return Path(root) / f".{tag}.incomplete"
 
 
 def model_states_file(tp_rank: int) -> str:
@@ -49,15 +64,22 @@ class CheckpointMetadata:
     task: TaskConfig = field(default_factory=TaskConfig)
     tp: int = 1
     pp: int = 1
+    dp: int = 1
+    contents: str = WEIGHTS
+    zero_stage: int = 0
+    precision: str = "fp32"
     iteration: int = 0
     consumed_samples: int = 0
+    skipped_iterations: int = 0
     data_loader: Optional[dict] = None
     tokenizer: Optional[str] = None
     files: Dict[str, int] = field(default_factory=dict)  # path inside the tag dir -> size in bytes
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        raw = dataclasses.asdict(self)
+        del raw["model"]["attention_impl"]  # how a run computes attention is not part of the model
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: Path) -> "CheckpointMetadata":
@@ -66,7 +88,7 @@ class CheckpointMetadata:
             if raw.get("format_version") != FORMAT_VERSION:
                 raise UserError(f"{source} has format_version {raw.get('format_version')!r}; this version of "
                                 f"megatron_bloom reads format {FORMAT_VERSION}.")
-            raw["model"] = ModelConfig(**raw["model"])
+            raw["model"] = ModelConfig(**{k: v for k, v in raw["model"].items() if k != "attention_impl"})
             raw["task"] = TaskConfig(**raw["task"])
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -76,24 +98,71 @@ class CheckpointMetadata:
 def publish_checkpoint(root: Path, tag: str, write_files: Callable[[Path], None],
                        metadata: CheckpointMetadata) -> Path:
     """Write a checkpoint via `write_files(directory)`, then make it visible atomically; returns its dir."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{tag}.incomplete"
+    staging = staging_dir(root, tag)
     if staging.exists():
         shutil.rmtree(staging)  # left by an earlier, interrupted save of the same tag
-    staging.mkdir()
+    staging.mkdir(parents=True)
     write_files(staging)
-    metadata.files = {str(p.relative_to(staging)): p.stat().st_size
-                      for p in sorted(staging.rglob("*")) if p.is_file()}
+    return publish_staged(root, tag, metadata)
+
+
+def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata) -> Path:
+    """Publish the files written into `staging_dir(root, tag)` (by every rank, all finished) as `tag`.
+
+    Order matters for crash safety: the files are flushed to disk, `mbloom.json` (listing them and their
+    sizes) is written last inside the hidden directory, the directory is renamed into place, and only
+    then does `latest` name it. A kill at any point leaves either the previous checkpoint as `latest` or
+    the new one complete.
+    """
+    root, staging = Path(root), staging_dir(root, tag)
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != METADATA_FILE)
+    for path in files:
+        _fsync_file(path)
+    metadata.files = {str(p.relative_to(staging)): p.stat().st_size for p in files}
     _write_atomically(staging / METADATA_FILE, metadata.to_json())
     _fsync_dir(staging)
     final = root / tag
-    if final.exists():  # re-saving a tag (e.g. after a resume): replace the old one only now
-        shutil.rmtree(final)
+    if final.exists():  # re-saving a tag (e.g. after a resume): the old one goes only now
+        _remove_tree(final)
     os.replace(staging, final)
     _write_atomically(root / LATEST_FILE, tag + "\n")
     _fsync_dir(root)
     return final
+
+
+def checkpoint_tags(root: Path) -> List[Tuple[int, Path]]:
+    """The published `global_step<N>` dirs of a checkpoint root, newest first (complete or not)."""
+    found = []
+    for path in Path(root).iterdir() if Path(root).is_dir() else []:
+        match = TAG_PATTERN.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def prune_checkpoints(root: Path, keep_last: Optional[int]) -> List[Path]:
+    """Delete all but the newest `keep_last` checkpoints (None keeps all) and leftovers of interrupted
+    saves; returns what was removed. `latest` is never removed."""
+    root = Path(root)
+    latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
+    tags = checkpoint_tags(root)
+    doomed = [path for _, path in tags[keep_last:]] if keep_last else []
+    doomed = [path for path in doomed if path.name != latest]
+    doomed += [p for p in root.glob(".*.incomplete") if p.is_dir()] + [p for p in root.glob(".*.removing")]
+    for path in doomed:
+        _remove_tree(path)
+    return doomed
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename first, then delete: a kill half-way leaves a hidden leftover, never a half checkpoint under
+    a real tag."""
+    doomed = path.with_name(f".{path.name.lstrip('.')}.removing")
+    if path != doomed:
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
@@ -116,20 +185,49 @@ def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A `checkpoint.dir` root (its `latest` checkpoint) or one tag dir -> the tag dir to load."""
+    """A `checkpoint.dir` root or one tag dir -> the tag dir to load.
+
+    For a root: the checkpoint `latest` names if it is complete, otherwise the newest complete one (with a
+    warning on stderr for each incomplete one passed over).
+    """
     path = Path(path)
     if (path / METADATA_FILE).is_file():
         return path
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (path / tag / METADATA_FILE).is_file():
-            return path / tag
-        raise UserError(f"{latest} names checkpoint {tag!r}, but {path / tag} is missing or incomplete.")
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist.")
+    found = newest_complete_checkpoint(path)
+    if found is not None:
+        return found
+    if (path / LATEST_FILE).is_file() or checkpoint_tags(path):
+        raise UserError(f"{path} holds no complete checkpoint: every one was cut off while being written "
+                        "(see the warnings above).")
     raise UserError(f"{path} is not a megatron_bloom checkpoint: it holds neither {METADATA_FILE} (one "
                     f"checkpoint) nor a {LATEST_FILE} file (a checkpoint.dir).")
+
+
+def newest_complete_checkpoint(root: Path) -> Optional[Path]:
+    """`latest` if complete, else the newest complete `global_step<N>` in `root`; None if there is none."""
+    root = Path(root)
+    latest_file = root / LATEST_FILE
+    latest = root / latest_file.read_text().strip() if latest_file.is_file() else None
+    candidates = ([latest] if latest is not None else []) + [p for _, p in checkpoint_tags(root) if p != latest]
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        print(f"warning: skipping checkpoint {candidate}: {problem}", file=sys.stderr, flush=True)
+    return None
+
+
+def checkpoint_problem(directory: Path) -> Optional[str]:
+    """Why `directory` is not a complete checkpoint, or None if it is."""
+    if not (directory / METADATA_FILE).is_file():
+        return "it is missing or was never finished (no mbloom.json)"
+    try:
+        read_metadata(directory)
+    except UserError as error:
+        return str(error)
+    return None
 
 
 def read_metadata(checkpoint: Path) -> CheckpointMetadata:
@@ -144,22 +242,43 @@ def read_metadata(checkpoint: Path) -> CheckpointMetadata:
     return metadata
 
 
+def pipeline_layer_file(layer: int, tp_rank: int) -> str:
+    """DeepSpeed's file for one pipeline layer of one tensor-parallel rank (`PipelineModule.ckpt_layer_path`)."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
 def load_model_shard(checkpoint: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
-    """The weights of one tensor-parallel rank, as stored (a tp=1 checkpoint has only rank 0)."""
+    """The weights of one tensor-parallel rank under their single-process names, from any checkpoint:
+    weights-only (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked
+    layers) or a pipeline run (DeepSpeed's per-layer files, the LM head's tied copy skipped)."""
+    from megatron_bloom.pipeline.layers import layer_canonical_prefixes, stacked_canonical_name
+
     directory = resolve_checkpoint(checkpoint)
-    states = torch.load(directory / model_states_file(tp_rank), map_location="cpu", weights_only=True)
-    return states["module"]
+    metadata = CheckpointMetadata.from_json((directory / METADATA_FILE).read_text(), directory / METADATA_FILE)
+    if metadata.contents == WEIGHTS:
+        return _torch_load(directory / model_states_file(tp_rank))["module"]
+    if metadata.pp == 1:
+        module = _torch_load(directory / model_states_file(tp_rank))["module"]
+        return {stacked_canonical_name(name): tensor for name, tensor in module.items()}
+    shard = {}
+    for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model)):
+        if prefix is not None:
+            layer_state = _torch_load(directory / pipeline_layer_file(layer, tp_rank))
+            shard.update((prefix + name, tensor) for name, tensor in layer_state.items())
+    return shard
 
 
 def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[str, torch.Tensor]]:
-    """The full single-process model weights of a checkpoint of any tp layout, with its metadata."""
+    """The full single-process model weights of a checkpoint of any tp/pp layout, with its metadata."""
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
-    if metadata.pp != 1:
-        raise UserError(f"checkpoint {directory} is split over pp={metadata.pp} pipeline stages; reading "
-                        "pipeline layouts is not available yet in this version.")
     shards = [load_model_shard(directory, rank) for rank in range(metadata.tp)]
     return metadata, merge_state_dicts(shards, metadata.model)
+
+
+def _torch_load(path: Path):
+    # DeepSpeed's files hold plain Python values and tensors only (weights_only refuses anything else).
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -169,6 +288,11 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

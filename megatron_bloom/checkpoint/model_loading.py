@@ -29,9 +29,9 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
     """
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
-    if state.pp != 1 or metadata.pp != 1:
-        raise UserError("pipeline-parallel layouts (pp > 1) cannot be loaded for evaluation in this version; "
-                        "use parallel.pp=1.")
+    if state.pp != 1:
+        raise UserError("evaluation runs the whole model on each tensor-parallel group: use parallel.pp=1 "
+                        "(a checkpoint of any pp layout loads).")
     check_tensor_parallel(metadata.model, state.tp, sequence_parallel)
     if metadata.tp == state.tp:
         with torch.device("meta"):

@@ -24,6 +24,24 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}.")
 
 
+def check_rampup(rampup: Optional[List[int]], global_batch_size: int, micro_batch_size: int,
+                 dp: Optional[int]) -> Optional[str]:
+    """Why `train.rampup_batch_size` does not fit the batch sizes (None when it does)."""
+    if not rampup:
+        return None
+    if len(rampup) != 3 or any(not isinstance(v, int) or v <= 0 for v in rampup):
+        return f"train.rampup_batch_size must be three positive integers [start, increment, samples], got {rampup}"
+    start, increment, _ = rampup
+    if start >= global_batch_size or (global_batch_size - start) % increment:
+        return (f"train.rampup_batch_size {list(rampup)}: the start ({start}) must be below "
+                f"train.global_batch_size ({global_batch_size}) and reach it in whole increments of {increment}")
+    unit = micro_batch_size * (dp or 1)
+    if start % unit or increment % unit:
+        return (f"train.rampup_batch_size {list(rampup)}: start and increment must be multiples of "
+                f"train.micro_batch_size x parallel.dp ({unit}), so every step has whole micro-batches")
+    return None
+
+
 def _check_positive(section: str, obj: Any, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
@@ -64,6 +82,8 @@ class TrainingConfig:
     eval_iters: int = 10
     # A NaN/inf loss or gradient skips the step; this many in a row stop the run (the model has diverged).
     max_consecutive_skips: int = 10
+    # [start, increment, samples]: batch-size ramp-up (Megatron-LM's --rampup-batch-size); None: constant.
+    rampup_batch_size: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "micro_batch_size", "global_batch_size", "iters", "eval_interval",
@@ -73,6 +93,9 @@ class TrainingConfig:
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})."
             )
+        problem = check_rampup(self.rampup_batch_size, self.global_batch_size, self.micro_batch_size, None)
+        if problem:
+            raise ConfigError(problem + ".")
 
 
 @dataclass
@@ -148,6 +171,9 @@ class CheckpointConfig:
         _check_positive("checkpoint", self, "save_interval", "keep_last")
         if self.load == "auto" and not self.dir:
             raise ConfigError("checkpoint.load=auto needs checkpoint.dir, the directory to resume from.")
+        if (self.save_interval or self.keep_last) and not self.dir:
+            raise ConfigError("checkpoint.save_interval and checkpoint.keep_last need checkpoint.dir, where "
+                              "checkpoints are written.")
 
 
 @dataclass
@@ -274,6 +300,10 @@ class TrainConfig:
             )
         if parallel.sequence_parallel and parallel.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1: it shards along tp ranks.")
+        problem = check_rampup(self.train.rampup_batch_size, self.train.global_batch_size,
+                               self.train.micro_batch_size, parallel.dp)
+        if problem:
+            raise ConfigError(problem + ".")
         if parallel.dp is not None and self.train.global_batch_size % (self.train.micro_batch_size * parallel.dp):
             raise ConfigError(
                 f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "

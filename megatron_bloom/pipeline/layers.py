@@ -11,7 +11,7 @@ mask from the shape).
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -103,3 +103,21 @@ def canonical_parameters(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]
         seen.add(id(module))
         for name, param in module.named_parameters():
             yield prefix + name, param
+
+
+# How DeepSpeed's checkpoint files name this model's weights, mapped back to single-process names (the
+# layer order is that of `megatron_bloom.pipeline.model.layer_specs`, the attributes those of `StackedModel`).
+
+def layer_canonical_prefixes(config: ModelConfig) -> List[Optional[str]]:
+    """For each pipeline layer (DeepSpeed's `layer_<idx>-...` files), the prefix that turns its parameter
+    names into single-process names; None for the LM head, a tied copy of the embedding."""
+    blocks = [f"transformer.h.{i}." for i in range(config.num_layers)]
+    return ["transformer.", "transformer.", *blocks, "transformer.", None]
+
+
+def stacked_canonical_name(name: str) -> str:
+    """A `StackedModel` parameter name -> its single-process name (`blocks.3.x` -> `transformer.h.3.x`)."""
+    module, _, rest = name.partition(".")
+    if module == "blocks":
+        return "transformer.h." + rest
+    return "transformer." + rest  # embedding., embedding_norm., final_norm.

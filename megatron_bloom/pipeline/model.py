@@ -50,7 +50,8 @@ def build_pipeline(config: ModelConfig, state: ParallelState, seed: int,
 
 
 class StackedModel(nn.Module):
-    """The pipeline layers run one after the other in one process: what pp = 1 trains, with no schedule."""
+    """The pipeline layers run one after the other in one process: what pp = 1 trains, with no schedule.
+    (Its attribute names are what `stacked_canonical_name` maps back to single-process names.)"""
 
     def __init__(self, config: ModelConfig, state: ParallelState, seed: int,
                  activation_checkpointing: bool = False) -> None:

@@ -14,12 +14,20 @@ from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.checkpoint.training_state import (
+    load_weights_only,
+    resume,
+    save_training_checkpoint,
+    start_point,
+)
 from megatron_bloom.config import TrainConfig, to_yaml
+from megatron_bloom.config.schema import check_rampup
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
-from megatron_bloom.errors import UserError
+from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
+from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
 from megatron_bloom.training.flops import iteration_flops
 from megatron_bloom.training.metrics import MetricsLog
@@ -32,13 +40,17 @@ def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def build_engine(config: TrainConfig, state: ParallelState):
+def build_engine(config: TrainConfig, state: ParallelState, initial_weights: Optional[Path] = None):
+    """The DeepSpeed engine over this rank's layers; `initial_weights`: a checkpoint (any layout) whose
+    weights replace the initialization before DeepSpeed makes its master copies."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
         model = build_pipeline(config.model, state, seed, checkpointing)
     else:
         model = StackedModel(config.model, state, seed, checkpointing).to(state.device)
+    if initial_weights is not None:
+        load_weights_only(model, initial_weights, state)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -76,7 +88,7 @@ def validation_loss(engine, batches: Iterator, state: ParallelState, accumulatio
     """Mean loss over `eval_iters` global batches of the validation split, without updating anything."""
     engine.eval()
     with torch.no_grad():
-        losses = [float(engine.eval_batch(data_iter=batches)) if state.pp > 1
+        losses = [float(engine.eval_batch(data_iter=batches, num_micro_batches=accumulation)) if state.pp > 1
                   else stacked_batch_loss(engine, batches, state, accumulation, train=False)
                   for _ in range(eval_iters)]
     engine.train()
@@ -130,54 +142,79 @@ def train(config: TrainConfig, state: ParallelState,
     valid_samples = evaluations * config.train.eval_iters * global_batch
     train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed,
                                              (config.train.iters * global_batch, valid_samples, 0))
-    engine, optimizer, scheduler = build_engine(config, state)
+    problem = check_rampup(config.train.rampup_batch_size, global_batch, config.train.micro_batch_size, state.dp)
+    if problem:  # parallel.dp may only be known now, from the world size
+        raise ConfigError(problem + ".")
+    start = start_point(config, state)
+    engine, optimizer, scheduler = build_engine(config, state, initial_weights=start.weights_only)
+    progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
+    if not start.exact:
+        for _ in range(progress.iteration):  # a weights-only continuation keeps the LR schedule's place
+            scheduler.step()
     if on_engine is not None:
         on_engine(engine)
     accumulation = gradient_accumulation_steps(config, state.dp)
-    consumed = 0
-    loader = build_data_loader(train_set, consumed, config.train.micro_batch_size, state.dp_rank, state.dp,
-                               num_workers=config.data.num_workers)
+    loader = build_data_loader(train_set, progress.consumed_samples, config.train.micro_batch_size, state.dp_rank,
+                               state.dp, num_workers=config.data.num_workers)
     batches = micro_batches(loader)
-    valid_batches = micro_batches(build_data_loader(valid_set, 0, config.train.micro_batch_size, state.dp_rank,
-                                                    state.dp, num_workers=0)) if valid_set is not None else None
+    valid_batches = None
+    if valid_set is not None:  # validation resumes where it was too: each evaluation reads the next batches
+        valid_consumed = progress.iteration // config.train.eval_interval * config.train.eval_iters * global_batch
+        valid_batches = micro_batches(build_data_loader(valid_set, valid_consumed, config.train.micro_batch_size,
+                                                        state.dp_rank, state.dp, num_workers=0))
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger, config.logging,
                          OmegaConf.to_container(OmegaConf.structured(config)))
     losses: List[float] = []
-    skipped_total = consecutive_skips = 0
+    consecutive_skips = 0
+    saving = config.checkpoint.dir is not None
+    saved_iteration = progress.iteration if start.exact else None
     stop = StopSignal()
     try:
-        for iteration in range(1, config.train.iters + 1):
+        for iteration in range(progress.iteration + 1, config.train.iters + 1):
             lr = scheduler.get_last_lr()[0]
             optimizer.skipped = False
-            start = time.perf_counter()
-            loss = train_step(engine, batches, state, accumulation)
-            step_s = time.perf_counter() - start
+            batch = global_batch_size_at(progress.consumed_samples, global_batch, config.train.rampup_batch_size)
+            if batch != engine.train_batch_size():
+                engine.set_train_batch_size(batch)  # more micro-batches per step, same micro-batch size
+            started = time.perf_counter()
+            loss = train_step(engine, batches, state, batch // (config.train.micro_batch_size * state.dp))
+            step_s = time.perf_counter() - started
             losses.append(loss)
-            consumed += global_batch
+            progress.iteration, progress.consumed_samples = iteration, progress.consumed_samples + batch
             grad_norm = engine.get_global_grad_norm()
             # DeepSpeed's ZeRO and fp16 optimizers skip an invalid step themselves; ours covers the rest.
             skipped = optimizer.skipped or not engine.was_step_applied()
-            skipped_total += skipped
+            progress.skipped_iterations += skipped
             consecutive_skips = consecutive_skips + 1 if skipped else 0
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                        consumed_samples=consumed, step_s=step_s, tokens_per_s=global_batch * seq_length / step_s,
-                        tflops_per_rank=flops / step_s / state.world_size / 1e12, skipped=skipped)
+                        consumed_samples=progress.consumed_samples, step_s=step_s,
+                        tokens_per_s=batch * seq_length / step_s,
+                        tflops_per_rank=flops * batch / global_batch / step_s / state.world_size / 1e12,
+                        skipped=skipped)
             if consecutive_skips >= config.train.max_consecutive_skips:
                 raise TrainingDiverged(
                     f"stopped at iteration {iteration}: the last {consecutive_skips} iterations had a non-finite "
-                    f"loss or gradient ({skipped_total} skipped in all), so the model has diverged. Resume from an "
-                    "earlier checkpoint with a lower optim.lr, more sched.warmup_iters or a smaller optim.clip_grad; "
-                    "train.max_consecutive_skips sets this limit.")
+                    f"loss or gradient ({progress.skipped_iterations} skipped in all), so the model has diverged. "
+                    "Resume from an earlier checkpoint with a lower optim.lr, more sched.warmup_iters or a smaller "
+                    "optim.clip_grad; train.max_consecutive_skips sets this limit.")
             if valid_batches is not None and iteration % config.train.eval_interval == 0:
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
                                                                   config.train.eval_iters))
-            if stop.should_stop(state):
+            stopping = stop.should_stop(state)
+            if saving and (stopping or iteration % (config.checkpoint.save_interval or math.inf) == 0):
+                save_training_checkpoint(engine, config, state, progress)
+                saved_iteration = iteration
+            if stopping:
                 if is_logger:
-                    print(f"received SIGTERM: stopped cleanly after iteration {iteration} ({consumed} samples "
-                          "consumed)", flush=True)
+                    saved = f", checkpoint saved in {config.checkpoint.dir}" if saving else ""
+                    print(f"received SIGTERM: stopped cleanly after iteration {iteration} "
+                          f"({progress.consumed_samples} samples consumed{saved})", flush=True)
                 break
+        else:
+            if saving and saved_iteration != progress.iteration:  # the end of training is always kept
+                save_training_checkpoint(engine, config, state, progress)
     finally:
         stop.restore()
         metrics.close()

@@ -1,0 +1,194 @@
+"""Saving and resuming a training run: DeepSpeed's own files, every rank's RNG state, and `mbloom.json`.
+
+A save is collective. Every rank writes into the hidden staging directory of the tag (DeepSpeed: model,
+optimizer / ZeRO partitions, LR schedule; we: this rank's RNG state); after a barrier rank 0 publishes it
+(`layout.publish_staged`: fsync, `mbloom.json` with every file's size, rename, then `latest`) and prunes
+old ones. A resume at the same tp/pp loads all of it, so the run continues bit for bit; a checkpoint of
+another layout, or a weights-only one (from-hf), starts from its weights only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_bloom.checkpoint.layout import (
+    TRAINING,
+    CheckpointMetadata,
+    load_model_state_dict,
+    newest_complete_checkpoint,
+    prune_checkpoints,
+    publish_staged,
+    read_metadata,
+    resolve_checkpoint,
+    staging_dir,
+    tag_for,
+)
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.errors import UserError
+from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel.sharding import shard_tensor
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in `mbloom.json` and restored on resume."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank:05d}.pt"
+
+
+def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress) -> Path:
+    """Collective: every rank calls it after the same iteration. Returns the published checkpoint dir."""
+    root, tag = Path(config.checkpoint.dir), tag_for(progress.iteration)
+    staging = staging_dir(root, tag)
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # an earlier save of this tag was cut off
+            prune_checkpoints(root, keep_last=None)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+    torch.save(_rng_states(), staging / rng_file(rank))
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        metadata = CheckpointMetadata(
+            model=config.model, tp=state.tp, pp=state.pp, dp=state.dp, contents=TRAINING,
+            zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
+            consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
+            data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
+                         "global_batch_size": config.train.global_batch_size},
+            tokenizer=config.data.tokenizer)
+        publish_staged(root, tag, metadata)
+        prune_checkpoints(root, config.checkpoint.keep_last)
+    dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
+    return root / tag
+
+
+def checkpoint_to_load(config: TrainConfig) -> Optional[Path]:
+    """The checkpoint dir `checkpoint.load` names: None (fresh start), `auto` (the newest complete one in
+    `checkpoint.dir`, or a fresh start when there is none yet), or a root / tag dir."""
+    load = config.checkpoint.load
+    if load is None:
+        return None
+    if load == "auto":
+        root = Path(config.checkpoint.dir)
+        found = newest_complete_checkpoint(root) if root.is_dir() else None
+        if found is None and dist.get_rank() == 0:
+            print(f"checkpoint.load=auto: no complete checkpoint in {root} yet, starting from scratch", flush=True)
+        return found
+    return resolve_checkpoint(Path(load))
+
+
+@dataclass
+class StartPoint:
+    """What a run starts from: nothing, a checkpoint's weights only, or a whole training checkpoint."""
+
+    directory: Optional[Path] = None
+    metadata: Optional[CheckpointMetadata] = None
+    exact: bool = False  # DeepSpeed loads everything (same layout): the run continues bit for bit
+
+    @property
+    def weights_only(self) -> Optional[Path]:
+        return self.directory if self.directory is not None and not self.exact else None
+
+    def progress(self) -> Progress:
+        """A weights-only start from a training checkpoint continues its iteration count and data
+        position (its LR schedule too); from converted weights a run starts at iteration 0."""
+        if self.metadata is None or self.metadata.contents != TRAINING:
+            return Progress()
+        return Progress(self.metadata.iteration, self.metadata.consumed_samples, self.metadata.skipped_iterations)
+
+
+def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
+    directory = checkpoint_to_load(config)
+    if directory is None:
+        return StartPoint()
+    metadata = read_metadata(directory)
+    check_compatible(metadata, config, directory)
+    exact = resumes_exactly(metadata, config, state)
+    if metadata.contents == TRAINING and not exact and dist.get_rank() == 0:
+        print(f"warning: {directory} was trained at tp={metadata.tp} pp={metadata.pp} dp={metadata.dp} "
+              f"zero.stage={metadata.zero_stage} precision={metadata.precision}; this run differs, so it starts "
+              "from the weights only (fresh optimizer state). `mbloom-convert reshape` keeps the optimizer "
+              "state when the layout changes.", file=sys.stderr, flush=True)
+    return StartPoint(directory, metadata, exact)
+
+
+def resumes_exactly(metadata: CheckpointMetadata, config: TrainConfig, state: ParallelState) -> bool:
+    """Whether DeepSpeed can load everything: a training checkpoint of this tp/pp, ZeRO stage and precision
+    (and dp when ZeRO partitions the optimizer state)."""
+    same_dp = metadata.dp == state.dp or config.zero.stage == 0
+    return (metadata.contents == TRAINING and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
+            and metadata.zero_stage == config.zero.stage and metadata.precision == config.precision)
+
+
+def check_compatible(metadata: CheckpointMetadata, config: TrainConfig, directory: Path) -> None:
+    """The run must train the checkpoint's model (attention_impl aside: it is not part of the model)."""
+    ours = dataclasses.replace(config.model, attention_impl=metadata.model.attention_impl)
+    if metadata.model != ours:
+        differing = [f"model.{key}: checkpoint {getattr(metadata.model, key)!r}, this run {getattr(ours, key)!r}"
+                     for key in metadata.model.__dataclass_fields__
+                     if getattr(metadata.model, key) != getattr(ours, key)]
+        raise UserError(f"checkpoint {directory} holds a different model than this run ({'; '.join(differing)}). "
+                        "Train it with the same model= preset and overrides.")
+
+
+def load_weights_only(model: nn.Module, directory: Path, state: ParallelState) -> None:
+    """Copy a checkpoint's weights (any layout) into this rank's layers, before DeepSpeed takes the model:
+    its fp32 master copies are made from them."""
+    from megatron_bloom.pipeline.layers import canonical_parameters
+
+    metadata, full = load_model_state_dict(directory)
+    with torch.no_grad():
+        for name, param in canonical_parameters(model):
+            if name not in full:
+                raise UserError(f"checkpoint {directory} has no weight {name}.")
+            local = shard_tensor(name, full[name], metadata.model, state.tp, state.tp_rank)
+            param.copy_(local.to(param.dtype))
+
+
+def resume(engine, directory: Path, metadata: CheckpointMetadata, state: ParallelState) -> Progress:
+    """Load everything DeepSpeed saved (weights, optimizer, ZeRO partitions, LR schedule) and this rank's
+    RNG state; returns the saved progress."""
+    load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load checkpoint {directory}.")
+    rng = directory / rng_file(dist.get_rank())
+    if rng.is_file():
+        _set_rng_states(torch.load(rng, map_location="cpu", weights_only=False))
+    elif dist.get_rank() == 0:
+        print(f"warning: {directory} has no RNG state for rank {dist.get_rank()}; dropout masks will differ "
+              "from the original run", file=sys.stderr, flush=True)
+    return Progress(metadata.iteration, metadata.consumed_samples, metadata.skipped_iterations)
+
+
+def _rng_states() -> Dict[str, object]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: Dict[str, object]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
