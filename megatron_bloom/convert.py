@@ -25,16 +25,19 @@ from megatron_bloom.parallel.sharding import split_for_ranks
 
 
 def from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Path:
-    """Convert a Hugging Face BLOOM directory into a training checkpoint; returns the checkpoint's dir."""
+    """Convert a Hugging Face BLOOM directory into a training checkpoint; returns the checkpoint's dir.
+
+    The weights are stored per tensor-parallel rank under their single-process names; a training run of
+    any pp (and dp) takes its stages' layers from them, so `pp` is recorded, not split into files.
+    """
     if not Path(hf_dir).is_dir():
         raise UserError(f"--hf {hf_dir}: no such directory.")
     if tp < 1 or pp < 1:
         raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
-    if pp != 1:
-        raise UserError(f"--pp {pp}: this version writes checkpoints without pipeline stages (--pp 1) only; "
-                        "pipeline layouts arrive with 3D training.")
     model, task = read_hf_config(hf_dir)
     check_tensor_parallel(model, tp)
+    if model.num_layers < pp:
+        raise UserError(f"--pp {pp}: the model has {model.num_layers} layers, fewer than pipeline stages.")
     state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
     has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
     metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,

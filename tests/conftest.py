@@ -80,6 +80,21 @@ def run_cli(args: Sequence[str], cwd: Path | None = None, check: bool = True,
     return result
 
 
+def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+            module, *args]
+
+
+def run_torchrun(nproc: int, module: str, args: Sequence[str], cwd: Path | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc -m module args...` to the end; fails the test if it fails."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(torchrun_command(nproc, module, args), cwd=cwd or REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user mistake: exit status 2, one `program: error:` paragraph naming the fragments, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

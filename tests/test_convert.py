@@ -165,7 +165,8 @@ def test_bad_input_is_one_clear_error(tmp_path, problem):
     extra = []
     expected = {
         "no-dir": "no such directory", "no-config": "has no config.json", "not-bloom": "'gpt2' model",
-        "no-weights": "holds no weights", "truncated": "Is the file complete?", "pp": "--pp 2",
+        "no-weights": "holds no weights", "truncated": "Is the file complete?",
+        "pp": "--pp 3: the model has 2 layers, fewer than pipeline stages",
     }[problem]
     if problem == "no-dir":
         source = tmp_path / "missing"
@@ -179,7 +180,7 @@ def test_bad_input_is_one_clear_error(tmp_path, problem):
         data = (source / "model.safetensors").read_bytes()
         (source / "model.safetensors").write_bytes(data[: len(data) // 2])
     else:
-        extra = ["--pp", "2"]
+        extra = ["--pp", "3"]
     result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
                       *extra], check=False)
     assert_user_error(result, expected)

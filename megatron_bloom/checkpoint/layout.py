@@ -168,11 +168,11 @@ def _remove_tree(path: Path) -> None:
 def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
                           metadata: CheckpointMetadata) -> Path:
     """A model-only checkpoint, one DeepSpeed model file per tensor-parallel rank (`shards` in tp-rank
-    order). The keys besides `module` are those DeepSpeed's `load_checkpoint(load_module_only=True)` reads.
+    order, single-process names), whatever `metadata.pp`: each pipeline stage takes its layers by name.
+    The keys besides `module` are those DeepSpeed's `load_checkpoint(load_module_only=True)` reads.
     """
-    if len(shards) != metadata.tp or metadata.pp != 1:
-        raise ValueError(f"expected {metadata.tp} tensor-parallel shards and pp=1, got {len(shards)} and "
-                         f"pp={metadata.pp}")
+    if len(shards) != metadata.tp:
+        raise ValueError(f"expected {metadata.tp} tensor-parallel shards, got {len(shards)}")
 
     def write(directory: Path) -> None:
         for tp_rank, state_dict in enumerate(shards):

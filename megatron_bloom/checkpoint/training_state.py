@@ -9,7 +9,6 @@ another layout, or a weights-only one (from-hf), starts from its weights only.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 from dataclasses import dataclass
@@ -137,15 +136,17 @@ def resumes_exactly(metadata: CheckpointMetadata, config: TrainConfig, state: Pa
             and metadata.zero_stage == config.zero.stage and metadata.precision == config.precision)
 
 
+# The fields that decide the weights' shapes; the rest (sequence length, dropout, ...) are the run's choice.
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_heads", "vocab_size")
+
+
 def check_compatible(metadata: CheckpointMetadata, config: TrainConfig, directory: Path) -> None:
-    """The run must train the checkpoint's model (attention_impl aside: it is not part of the model)."""
-    ours = dataclasses.replace(config.model, attention_impl=metadata.model.attention_impl)
-    if metadata.model != ours:
-        differing = [f"model.{key}: checkpoint {getattr(metadata.model, key)!r}, this run {getattr(ours, key)!r}"
-                     for key in metadata.model.__dataclass_fields__
-                     if getattr(metadata.model, key) != getattr(ours, key)]
-        raise UserError(f"checkpoint {directory} holds a different model than this run ({'; '.join(differing)}). "
-                        "Train it with the same model= preset and overrides.")
+    """The run must train a model of the checkpoint's shape."""
+    differing = [f"model.{key}: checkpoint {getattr(metadata.model, key)!r}, this run {getattr(config.model, key)!r}"
+                 for key in ARCHITECTURE_FIELDS if getattr(metadata.model, key) != getattr(config.model, key)]
+    if differing:
+        raise UserError(f"checkpoint {directory} holds a model of another shape than this run's "
+                        f"({'; '.join(differing)}). Train it with the matching model= preset or overrides.")
 
 
 def load_weights_only(model: nn.Module, directory: Path, state: ParallelState) -> None:

@@ -1,0 +1,34 @@
+"""`python -m tests.crash_during_save N [mbloom-train overrides]`: mbloom-train in this process, killed with
+SIGKILL just before its N-th file-system step of checkpointing (a `torch.save`, `os.fsync`, `os.replace` or
+tree removal). The steps run for real; only their count decides the moment of the crash."""
+
+import os
+import shutil
+import signal
+import sys
+
+import torch
+
+
+def main() -> None:
+    kill_at, argv = int(sys.argv[1]), sys.argv[2:]
+    count = 0
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            nonlocal count
+            count += 1
+            if count == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+        return wrapper
+
+    torch.save, os.fsync, os.replace, shutil.rmtree = (counted(torch.save), counted(os.fsync),
+                                                        counted(os.replace), counted(shutil.rmtree))
+    from megatron_bloom.train import main as train
+
+    train(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Training checkpoints on real processes: exact resume after SIGKILL, crashes at every moment of a save,
+fallback past a damaged checkpoint, pruning, and the weights of any layout read back (to-hf, eval)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from megatron_bloom.checkpoint.layout import (
+    LATEST_FILE,
+    checkpoint_tags,
+    newest_complete_checkpoint,
+    read_metadata,
+    resolve_checkpoint,
+)
+from megatron_bloom.data.tokenizer import load_tokenizer
+from tests.conftest import CORPUS, REPO, corpus_shards, run_cli, run_torchrun, torchrun_command
+from tests.test_training import overrides
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return corpus_shards(tmp_path_factory.mktemp("ckpt-data"), 1024, "--append-eod", "--workers", "1")
+
+
+def losses_by_iteration(run_dir):
+    """The loss of every iteration; a resumed run appends, and the last line for an iteration counts."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["iter"]] = record["loss"]
+    return losses
+
+
+def kill_everything(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (each worker runs in a session of its own, see NOTES)."""
+    parent = psutil.Process(process.pid)
+    for proc in parent.children(recursive=True) + [parent]:
+        proc.kill()
+    process.wait(timeout=60)
+
+
+def wait_for_iterations(run_dir, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {count} iterations in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(shard, tmp_path_factory):
+    """A (tp 2, pp 2) run killed with SIGKILL at iteration 6 (checkpoints every 4) and resumed with
+    checkpoint.load=auto, next to the same run never interrupted."""
+    root = tmp_path_factory.mktemp("killed")
+    whole = root / "whole"
+    run_torchrun(4, "megatron_bloom.train", overrides(shard, whole, 2, 2, 1, iters=10))
+    args = overrides(shard, root / "run", 2, 2, 1, iters=10) + [
+        f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4", "checkpoint.load=auto"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(torchrun_command(4, "megatron_bloom.train", args), cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_iterations(root / "run", 6, process)
+    kill_everything(process)
+    latest_after_kill = (root / "ckpt" / LATEST_FILE).read_text().strip()
+    resumed = run_torchrun(4, "megatron_bloom.train", args)
+    return root, whole, latest_after_kill, resumed
+
+
+def test_a_run_killed_with_sigkill_resumes_bit_for_bit(killed_and_resumed):
+    root, whole, latest_after_kill, resumed = killed_and_resumed
+    assert latest_after_kill == "global_step4"
+    expected, actual = losses_by_iteration(whole), losses_by_iteration(root / "run")
+    assert list(actual) == list(range(1, 11))
+    for iteration in range(1, 11):
+        assert actual[iteration] == expected[iteration], iteration  # bit for bit, not approximately
+    iterations = [json.loads(line)["iter"] for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert iterations[:6] == [1, 2, 3, 4, 5, 6] and iterations[6:] == list(range(5, 11))  # 5, 6 run again
+    assert "iter     10/10" in resumed.stdout and "iter      4/10" not in resumed.stdout
+    metadata = read_metadata(root / "ckpt")
+    assert (metadata.iteration, metadata.consumed_samples, metadata.tp, metadata.pp) == (10, 80, 2, 2)
+    assert [tag.name for _, tag in checkpoint_tags(root / "ckpt")] == ["global_step10", "global_step8",
+                                                                      "global_step4"]
+
+
+def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(killed_and_resumed, shard, tmp_path):
+    import transformers
+
+    root = killed_and_resumed[0]
+    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")])
+    texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:40]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result = run_torchrun(2, "megatron_bloom.eval", [
+        f"checkpoint.load={root / 'ckpt'}", f"eval.input={tmp_path / 'docs.jsonl'}", f"eval.tokenizer={shard / 'tok'}",
+        "precision=fp32", "parallel.tp=2", "eval.seq_length=64"])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+
+    model = transformers.BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = load_tokenizer(shard / "tok")
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids[:64]
+            if len(ids) >= 2:
+                input_ids = torch.tensor([ids])
+                nll += model(input_ids, labels=input_ids).loss.double().item() * (len(ids) - 1)
+                tokens += len(ids) - 1
+    assert summary["tokens"] == tokens
+    assert abs(summary["loss"] - nll / tokens) <= 1e-4, (summary["loss"], nll / tokens)
+
+
+def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, monkeypatch):
+    """12 processes in a row, each killed just before a different step of its first or second save; each
+    next one resumes with `auto`. The newest complete checkpoint never goes backwards, and the finished
+    run's losses equal those of a run that never crashed."""
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=12) + [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every run alike: thread counts change float sums
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    newest = 0
+    for kill_at in range(2, 26, 2):
+        crashed = subprocess.run([sys.executable, "-m", "tests.crash_during_save", str(kill_at), *args],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert crashed.returncode == -9, crashed.stderr[-3000:]  # it really died mid-save
+        found = newest_complete_checkpoint(tmp_path / "ckpt")
+        if found is not None:
+            iteration = read_metadata(found).iteration
+            assert iteration >= newest, (kill_at, iteration, newest)
+            newest = iteration
+    assert newest >= 2  # the crashes did not prevent progress
+    run_cli(["megatron_bloom.train", *args, "checkpoint.keep_last=2"])
+    run_cli(["megatron_bloom.train", *overrides(shard, tmp_path / "whole", 1, 1, 1, iters=12)])
+    assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(tmp_path / "whole")
+    # keep_last pruned old checkpoints and the leftovers of interrupted saves
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["global_step11", "global_step12"]
+
+
+def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, capsys):
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=3) + [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1"]
+    run_cli(["megatron_bloom.train", *args])
+    newest = tmp_path / "ckpt" / "global_step3"
+    assert resolve_checkpoint(tmp_path / "ckpt") == newest
+    victim = next(newest.glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])  # a disk that lost the end of a file
+    assert resolve_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "global_step2"
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().err
+    resumed = run_cli(["megatron_bloom.train", *args[:-1], "train.iters=4", "checkpoint.load=auto"])
+    assert "skipping checkpoint" in resumed.stderr and "iter      3/4" in resumed.stdout
+
+
+def test_a_hugging_face_import_for_a_3d_layout_trains(shard, tmp_path):
+    """from-hf for (tp 2, pp 2), then one training step there: it starts from the imported weights (its first
+    loss is what transformers computes on the same batch) and writes a checkpoint."""
+    import transformers
+
+    from megatron_bloom.config import load_config
+    from megatron_bloom.data.builder import build_datasets
+
+    reference = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=1024, hidden_size=64, n_layer=4, n_head=4)).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported"),
+             "--tp", "2", "--pp", "2"])
+    metadata = read_metadata(tmp_path / "imported")
+    assert (metadata.tp, metadata.pp, metadata.contents) == (2, 2, "weights")
+    args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=1) + [
+        f"checkpoint.load={tmp_path / 'imported'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    run_torchrun(4, "megatron_bloom.train", args)
+
+    config = load_config(args)
+    train_set, _, _ = build_datasets(config.data, config.model.seq_length, config.train.seed, (8, 0, 0))
+    tokens = torch.from_numpy(np.stack([train_set[i] for i in range(8)]).astype(np.int64))
+    with torch.no_grad():
+        logits = reference(tokens[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), tokens[:, 1:].reshape(-1)).item()
+    assert abs(losses_by_iteration(tmp_path / "run")[1] - expected) <= 1e-4
+    assert read_metadata(tmp_path / "ckpt").iteration == 1
