@@ -1,7 +1,8 @@
 """Quickstart: build bloom-tiny, import a Hugging Face checkpoint, check parity, export it back; then
 train a tokenizer on the shipped multilingual sample corpus, turn the corpus into Megatron token shards,
-build the blended training dataset, evaluate the imported model on the corpus, and train bloom-tiny
-from scratch on those shards with tensor parallelism 2 x pipeline parallelism 2 (4 processes).
+build the blended training dataset, evaluate the imported model on the corpus, train bloom-tiny from
+scratch on those shards with tensor parallelism 2 x pipeline parallelism 2 (4 processes), and evaluate
+the trained checkpoint.
 
     python examples/quickstart.py [--workdir DIR] [--model bloom-tiny]
 
@@ -115,7 +116,7 @@ def main() -> int:
                  f"data.tokenizer={workdir / 'tokenizer'}", "parallel.tp=2", "parallel.pp=2", "precision=bf16",
                  f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
-                 f"run.dir={workdir / 'run'}"]
+                 f"run.dir={workdir / 'run'}", f"checkpoint.dir={workdir / 'trained'}"]
     print("$ torchrun --nproc-per-node 4 -m megatron_bloom.train " + " ".join(overrides))
     trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                               "-m", "megatron_bloom.train", *overrides], capture_output=True, text=True)
@@ -126,10 +127,17 @@ def main() -> int:
     print("  " + "\n  ".join(line for i, line in enumerate(shown, start=1) if i == 1 or i % 50 == 0))
     losses = [json.loads(line)["loss"] for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     print(f"training loss fell from {losses[0]:.3f} to {losses[-1]:.3f} in {TRAIN_ITERS} iterations")
+
+    # Evaluation of the trained (tp 2 x pp 2) checkpoint, here in one process: any layout loads.
+    summary = run("mbloom-eval", f"checkpoint.load={workdir / 'trained'}", f"eval.input={CORPUS}",
+                  f"eval.tokenizer={workdir / 'tokenizer'}", "precision=fp32", "eval.micro_batch_size=8")
+    trained_perplexity = json.loads(summary.strip().splitlines()[-1])["perplexity"]
+    print(f"perplexity on the sample corpus: {perplexity:.1f} before training, {trained_perplexity:.1f} after")
     print(f"files in {workdir}")
 
     ok = (logits_error <= 1e-5 and loss_error <= 1e-5 and round_trip_exact and built == config.num_parameters()
-          and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0 and losses[-1] < losses[0] - 1.0)
+          and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0 and losses[-1] < losses[0] - 1.0
+          and trained_perplexity < perplexity / 2)
     print("quickstart: OK" if ok else "quickstart: FAILED")
     return 0 if ok else 1
 

@@ -123,6 +123,8 @@ def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     (["model.vocab_size=512"], ["has 1024 tokens, more than model.vocab_size (512)"]),
     (["model.seq_length=0"], ["model.seq_length"]),
     (["parallel.tp=2", "parallel.sequence_parallel=true"], ["sequence_parallel=true works for evaluation"]),
+    (["train.rampup_batch_size=[4,3,100]"], ["train.rampup_batch_size [4, 3, 100]", "whole increments of 3"]),
+    (["checkpoint.save_interval=5"], ["checkpoint.save_interval and checkpoint.keep_last need checkpoint.dir"]),
 ])
 def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, extra, fragments):
     from tests.conftest import assert_user_error
@@ -208,27 +210,55 @@ def test_wandb_offline_and_tensorboard_need_no_network(shard, tmp_path):
     np.testing.assert_allclose(losses, metrics, rtol=1e-6)
 
 
-def test_sigterm_stops_cleanly_after_the_current_iteration(shard, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteration(shard, tmp_path):
+    """SLURM preemption: SIGTERM to every rank of a (tp 2) run; all stop after the same iteration, save a
+    checkpoint there first, and a run with checkpoint.load=auto continues from it."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=10_000)
+    import psutil
+
+    from megatron_bloom.checkpoint.layout import read_metadata
+    from tests.conftest import torchrun_command
+
+    args = overrides(shard, tmp_path / "run", 2, 1, 1, iters=10_000) + [f"checkpoint.dir={tmp_path / 'ckpt'}"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, "-m", "megatron_bloom.train", *args], cwd=tmp_path, env=env,
+    process = subprocess.Popen(torchrun_command(2, "megatron_bloom.train", args), cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    for worker in psutil.Process(process.pid).children(recursive=True):  # what SLURM signals: every task
+        worker.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert 3 <= last["iter"] < 10_000
-    assert f"received SIGTERM: stopped cleanly after iteration {last['iter']}" in stdout
+    assert (f"received SIGTERM: stopped cleanly after iteration {last['iter']} ({last['consumed_samples']} "
+            f"samples consumed, checkpoint saved in {tmp_path / 'ckpt'})") in stdout
+    assert read_metadata(tmp_path / "ckpt").iteration == last["iter"]
+    resumed = run_cli(["megatron_bloom.train", *args[:-1], "parallel.tp=1", f"train.iters={last['iter'] + 1}",
+                       f"checkpoint.load={tmp_path / 'ckpt'}"], check=False)
+    # another layout (tp 1): a weights-only continuation, at the next iteration
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"iter {last['iter'] + 1:>6}/{last['iter'] + 1}" in resumed.stdout
+    assert "starts from the weights only" in resumed.stderr
+
+
+def test_batch_size_ramp_up(shard, tmp_path):
+    """Megatron's rampup_batch_size [4, 4, 24] to 16: +4 every 8 samples consumed, so batches of 4, 4, 8, 12,
+    then 16; the same losses through the pipeline engine (pp 2) as in one process."""
+    ramp = ["train.rampup_batch_size=[4,4,24]", "train.global_batch_size=16"]
+    single = run_distributed(train_worker, 1, overrides(shard, tmp_path / "one", 1, 1, 1, iters=8) + ramp)
+    piped = run_distributed(train_worker, 2, overrides(shard, tmp_path / "pp", 1, 2, 1, iters=8) + ramp)
+    consumed = [json.loads(line)["consumed_samples"]
+                for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert consumed == [4, 8, 16, 28, 44, 60, 76, 92]
+    np.testing.assert_allclose(piped[0]["losses"], single[0]["losses"], rtol=1e-4)
 
 
 def test_periodic_validation_loss(shard, tmp_path):

@@ -61,15 +61,18 @@ def build_engine(config: TrainConfig, state: ParallelState, initial_weights: Opt
 
 def stacked_batch_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, train: bool) -> float:
     """pp = 1: the global-batch mean loss over this rank's micro-batches and the data-parallel replicas,
-    stepping the optimizer (at the accumulation boundary, as DeepSpeed counts) when `train`."""
+    accumulating gradients over them and stepping the optimizer once when `train`."""
     total = torch.zeros((), dtype=torch.float64, device=state.device)
-    for _ in range(accumulation):
+    for micro_batch in range(accumulation):
         input_ids, labels = next(batches)
+        if train:  # said explicitly: DeepSpeed's own micro-step count breaks when the batch size ramps up
+            engine.set_gradient_accumulation_boundary(micro_batch == accumulation - 1)
         loss = engine(input_ids.to(state.device), labels.to(state.device))
         if train:
             engine.backward(loss)
-            engine.step()
         total += loss.detach().double()
+    if train:
+        engine.step()
     total /= accumulation
     if state.dp > 1:
         dist.all_reduce(total, group=state.dp_group)
