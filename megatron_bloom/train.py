@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +24,10 @@ USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [t
 
 @exit_on_user_error("mbloom-train")
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    # Emitted on every rank by DeepSpeed internals (its pipeline's tied-weight broadcast, a collective it
+    # still calls by an old name); nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated")
     config = load_config(parse_overrides(argv, "mbloom-train", USAGE))
     validate_training_inputs(config)  # before any process group or DeepSpeed start-up
     world_size = init_distributed(always=True)  # DeepSpeed needs a process group, even for one process
