@@ -62,6 +62,7 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
             prune_checkpoints(root, keep_last=None)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+    staging.mkdir(parents=True, exist_ok=True)  # DeepSpeed made it only on the ranks that wrote files
     torch.save(_rng_states(), staging / rng_file(rank))
     dist.barrier()  # every rank's files are written
     if rank == 0:
@@ -87,7 +88,7 @@ def checkpoint_to_load(config: TrainConfig) -> Optional[Path]:
     if load == "auto":
         root = Path(config.checkpoint.dir)
         found = newest_complete_checkpoint(root) if root.is_dir() else None
-        if found is None and dist.get_rank() == 0:
+        if found is None:
             print(f"checkpoint.load=auto: no complete checkpoint in {root} yet, starting from scratch", flush=True)
         return found
     return resolve_checkpoint(Path(load))
@@ -114,7 +115,10 @@ class StartPoint:
 
 
 def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
-    directory = checkpoint_to_load(config)
+    """Rank 0 chooses the checkpoint (and warns about any it passes over); every rank loads that one."""
+    chosen = [checkpoint_to_load(config) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    directory = chosen[0]
     if directory is None:
         return StartPoint()
     metadata = read_metadata(directory)
@@ -123,8 +127,8 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
     if metadata.contents == TRAINING and not exact and dist.get_rank() == 0:
         print(f"warning: {directory} was trained at tp={metadata.tp} pp={metadata.pp} dp={metadata.dp} "
               f"zero.stage={metadata.zero_stage} precision={metadata.precision}; this run differs, so it starts "
-              "from the weights only (fresh optimizer state). `mbloom-convert reshape` keeps the optimizer "
-              "state when the layout changes.", file=sys.stderr, flush=True)
+              "from the weights only: the iteration count, data position and LR schedule continue, the "
+              "optimizer state starts fresh.", file=sys.stderr, flush=True)
     return StartPoint(directory, metadata, exact)
 
 
