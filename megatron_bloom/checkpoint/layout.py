@@ -277,8 +277,8 @@ def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[st
 
 
 def _torch_load(path: Path):
-    # DeepSpeed's files hold plain Python values and tensors only (weights_only refuses anything else).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # DeepSpeed's model files hold tensors and plain Python values only: the safe loader reads them.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
