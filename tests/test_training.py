@@ -212,11 +212,10 @@ def test_wandb_offline_and_tensorboard_need_no_network(shard, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteration(shard, tmp_path):
     """SLURM preemption: SIGTERM to every rank of a (tp 2) run; all stop after the same iteration, save a
-    checkpoint there first, and a run with checkpoint.load=auto continues from it."""
+    checkpoint there first, and a run at another layout (tp 1) continues from it at the next iteration."""
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     import psutil

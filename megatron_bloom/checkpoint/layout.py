@@ -247,14 +247,13 @@ def pipeline_layer_file(layer: int, tp_rank: int) -> str:
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-def load_model_shard(checkpoint: Path, tp_rank: int) -> Dict[str, torch.Tensor]:
-    """The weights of one tensor-parallel rank under their single-process names, from any checkpoint:
-    weights-only (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked
-    layers) or a pipeline run (DeepSpeed's per-layer files, the LM head's tied copy skipped)."""
+def load_model_shard(directory: Path, metadata: CheckpointMetadata, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """The weights of one tensor-parallel rank under their single-process names, from the checkpoint in
+    `directory` (a tag dir whose `metadata` was read and verified by `read_metadata`): weights-only
+    (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked layers) or a
+    pipeline run (DeepSpeed's per-layer files, the LM head's tied copy skipped)."""
     from megatron_bloom.pipeline.layers import layer_canonical_prefixes, stacked_canonical_name
 
-    directory = resolve_checkpoint(checkpoint)
-    metadata = CheckpointMetadata.from_json((directory / METADATA_FILE).read_text(), directory / METADATA_FILE)
     if metadata.contents == WEIGHTS:
         return _torch_load(directory / model_states_file(tp_rank))["module"]
     if metadata.pp == 1:
@@ -272,7 +271,7 @@ def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[st
     """The full single-process model weights of a checkpoint of any tp/pp layout, with its metadata."""
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
-    shards = [load_model_shard(directory, rank) for rank in range(metadata.tp)]
+    shards = [load_model_shard(directory, metadata, rank) for rank in range(metadata.tp)]
     return metadata, merge_state_dicts(shards, metadata.model)
 
 

@@ -36,7 +36,7 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
     if metadata.tp == state.tp:
         with torch.device("meta"):
             model = parallelize_bloom(create_task_model(metadata.model, metadata.task), state, sequence_parallel)
-        model.load_state_dict(load_model_shard(directory, state.tp_rank), strict=True, assign=True)
+        model.load_state_dict(load_model_shard(directory, metadata, state.tp_rank), strict=True, assign=True)
         model.to(device=state.device, dtype=dtype)
     else:
         _, full = load_model_state_dict(directory)
