@@ -1,7 +1,8 @@
-"""`mbloom-convert`: Hugging Face checkpoints to training checkpoints and back.
+"""`mbloom-convert`: Hugging Face checkpoints to training checkpoints and back, and re-slicing a checkpoint.
 
     mbloom-convert from-hf --hf HF_DIR --output CKPT_DIR [--tp N] [--pp N]
     mbloom-convert to-hf --checkpoint CKPT_DIR --output HF_DIR
+    mbloom-convert reshape --checkpoint CKPT_DIR --output CKPT_DIR2 --tp N --pp N
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron_bloom.checkpoint.hf import (
     write_hf_checkpoint,
 )
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, load_model_state_dict, save_model_checkpoint
+from megatron_bloom.checkpoint.reshape import reshape_checkpoint
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.parallel.parallelize import check_tensor_parallel
 from megatron_bloom.parallel.sharding import split_for_ranks
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     hf_out.add_argument("--checkpoint", required=True, type=Path,
                         help="a checkpoint.dir (its latest checkpoint) or one checkpoint's directory")
     hf_out.add_argument("--output", required=True, type=Path, help="directory to write")
+    reshape = commands.add_parser("reshape", help="checkpoint -> the same checkpoint for another tp/pp layout, "
+                                  "optimizer state included (any dp, ZeRO stage and precision loads it)")
+    reshape.add_argument("--checkpoint", required=True, type=Path,
+                         help="a checkpoint.dir (its latest checkpoint) or one checkpoint's directory")
+    reshape.add_argument("--output", required=True, type=Path, help="checkpoint directory to write")
+    reshape.add_argument("--tp", required=True, type=int, help="tensor-parallel ranks of the new layout")
+    reshape.add_argument("--pp", required=True, type=int, help="pipeline stages of the new layout")
     return parser
 
 
@@ -72,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    if args.command == "from-hf":
-        directory = from_hf(args.hf, args.output, args.tp, args.pp)
+    if args.command in ("from-hf", "reshape"):
+        if args.command == "from-hf":
+            directory = from_hf(args.hf, args.output, args.tp, args.pp)
+        else:
+            directory = reshape_checkpoint(args.checkpoint, args.output, args.tp, args.pp)
         metadata = CheckpointMetadata.from_json((directory / "mbloom.json").read_text(), directory)
         print(f"wrote {directory} ({metadata.task.name}, {metadata.model.num_parameters():,} parameters, "
-              f"tp={metadata.tp} pp={metadata.pp}) in {time.perf_counter() - start:.1f} s")
+              f"tp={metadata.tp} pp={metadata.pp}, {metadata.contents}) in {time.perf_counter() - start:.1f} s")
     else:
         written = to_hf(args.checkpoint, args.output)
         print(f"wrote {args.output}: {', '.join(p.name for p in written)} in {time.perf_counter() - start:.1f} s")

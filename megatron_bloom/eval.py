@@ -21,7 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron_bloom.checkpoint.model_loading import load_model
-from megatron_bloom.checkpoint.layout import read_metadata
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata
 from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
 from megatron_bloom.config.cli import parse_overrides
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
@@ -32,7 +32,6 @@ from megatron_bloom.parallel import ParallelState, init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 
 USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl eval.tokenizer=TOK [parallel.tp=N] [precision=fp32] ..."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1):
@@ -49,7 +48,7 @@ def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1)
 
 def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     sequence_parallel = config.parallel.sequence_parallel
-    model, metadata = load_model(config.checkpoint.load, state, DTYPES[config.precision], sequence_parallel)
+    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision], sequence_parallel)
     model.eval()
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:

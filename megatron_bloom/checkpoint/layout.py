@@ -38,9 +38,12 @@ FORMAT_VERSION = 1
 
 
 TAG_PATTERN = re.compile(r"global_step(\d+)")
-# What a checkpoint holds: `weights` (from-hf, reshape: model weights only, under their canonical names) or
-# `training` (DeepSpeed's own files: weights, optimizer and LR-schedule state, plus every rank's RNG state).
-WEIGHTS, TRAINING = "weights", "training"
+# What a checkpoint holds: `weights` (from-hf: model weights only, under their canonical names), `training`
+# (DeepSpeed's own files: weights, optimizer and LR-schedule state, plus every rank's RNG state) or
+# `universal` (reshape: weights and per-parameter optimizer state per pipeline layer, see universal.py).
+WEIGHTS, TRAINING, UNIVERSAL = "weights", "training", "universal"
+# The dtype a run of each precision holds its weights in (its optimizer keeps fp32 masters).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def tag_for(iteration: int) -> str:
@@ -250,13 +253,18 @@ def pipeline_layer_file(layer: int, tp_rank: int) -> str:
 def load_model_shard(directory: Path, metadata: CheckpointMetadata, tp_rank: int) -> Dict[str, torch.Tensor]:
     """The weights of one tensor-parallel rank under their single-process names, from the checkpoint in
     `directory` (a tag dir whose `metadata` was read and verified by `read_metadata`): weights-only
-    (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked layers) or a
-    pipeline run (DeepSpeed's per-layer files, the LM head's tied copy skipped)."""
+    (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked layers), a
+    ZeRO-3 run (whose model files hold no weights: they are its fp32 masters), or a pipeline run or a
+    reshape (per-layer files, the LM head's tied copy skipped)."""
+    from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, read_optimizer_states
     from megatron_bloom.pipeline.layers import layer_canonical_prefixes, stacked_canonical_name
 
     if metadata.contents == WEIGHTS:
         return _torch_load(directory / model_states_file(tp_rank))["module"]
-    if metadata.pp == 1:
+    if metadata.contents == TRAINING and metadata.zero_stage == 3:
+        masters = read_optimizer_states(directory, metadata, 0, tp_rank).tensors[MASTER]
+        return {name: master.to(PRECISION_DTYPES[metadata.precision]) for name, master in masters.items()}
+    if metadata.contents == TRAINING and metadata.pp == 1:
         module = _torch_load(directory / model_states_file(tp_rank))["module"]
         return {stacked_canonical_name(name): tensor for name, tensor in module.items()}
     shard = {}

@@ -13,15 +13,19 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, MOMENTS, STATE_KEYS
 from megatron_bloom.checkpoint.layout import (
     TRAINING,
+    UNIVERSAL,
     CheckpointMetadata,
     load_model_state_dict,
     newest_complete_checkpoint,
@@ -35,7 +39,9 @@ from megatron_bloom.checkpoint.layout import (
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel import ParallelState
+from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.parallel.sharding import shard_tensor
+from megatron_bloom.pipeline.layers import canonical_parameters
 
 
 @dataclass
@@ -104,12 +110,18 @@ class StartPoint:
 
     @property
     def weights_only(self) -> Optional[Path]:
-        return self.directory if self.directory is not None and not self.exact else None
+        return self.directory if self.directory is not None and not self.exact and not self.universal else None
+
+    @property
+    def universal(self) -> bool:
+        """A reshaped checkpoint: weights and per-parameter optimizer state, loaded into any layout."""
+        return self.metadata is not None and self.metadata.contents == UNIVERSAL
 
     def progress(self) -> Progress:
-        """A weights-only start from a training checkpoint continues its iteration count and data
-        position (its LR schedule too); from converted weights a run starts at iteration 0."""
-        if self.metadata is None or self.metadata.contents != TRAINING:
+        """A start from a training checkpoint of another layout, or from a reshaped one, continues its
+        iteration count and data position (its LR schedule too); from converted weights a run starts at
+        iteration 0."""
+        if self.metadata is None or self.metadata.contents not in (TRAINING, UNIVERSAL):
             return Progress()
         return Progress(self.metadata.iteration, self.metadata.consumed_samples, self.metadata.skipped_iterations)
 
@@ -128,7 +140,8 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
         print(f"warning: {directory} was trained at tp={metadata.tp} pp={metadata.pp} dp={metadata.dp} "
               f"zero.stage={metadata.zero_stage} precision={metadata.precision}; this run differs, so it starts "
               "from the weights only: the iteration count, data position and LR schedule continue, the "
-              "optimizer state starts fresh.", file=sys.stderr, flush=True)
+              "optimizer state starts fresh. To keep the optimizer state, convert it first: mbloom-convert "
+              "reshape --checkpoint CKPT --output NEW --tp N --pp N, then load NEW.", file=sys.stderr, flush=True)
     return StartPoint(directory, metadata, exact)
 
 
@@ -156,8 +169,6 @@ def check_compatible(metadata: CheckpointMetadata, config: TrainConfig, director
 def load_weights_only(model: nn.Module, directory: Path, state: ParallelState) -> None:
     """Copy a checkpoint's weights (any layout) into this rank's layers, before DeepSpeed takes the model:
     its fp32 master copies are made from them."""
-    from megatron_bloom.pipeline.layers import canonical_parameters
-
     metadata, full = load_model_state_dict(directory)
     with torch.no_grad():
         for name, param in canonical_parameters(model):
@@ -165,6 +176,70 @@ def load_weights_only(model: nn.Module, directory: Path, state: ParallelState) -
                 raise UserError(f"checkpoint {directory} has no weight {name}.")
             local = shard_tensor(name, full[name], metadata.model, state.tp, state.tp_rank)
             param.copy_(local.to(param.dtype))
+
+
+def load_universal_weights(model: nn.Module, directory: Path, metadata: CheckpointMetadata,
+                           state: ParallelState) -> Tuple[StateTensors, int]:
+    """Before DeepSpeed takes the model: set this rank's weights from a reshaped checkpoint's fp32 masters
+    (so DeepSpeed's low-precision copies are what they were in the original run) and return this rank's
+    optimizer state for `restore_optimizer_state`, with Adam's step count."""
+    parameters = dict(canonical_parameters(model))
+    states, step = read_rank_states(directory, metadata, parameters, state.tp, state.tp_rank)
+    with torch.no_grad():
+        for name, param in parameters.items():
+            param.copy_(states[MASTER][name].to(param.dtype))
+    return states, step
+
+
+def restore_optimizer_state(engine, states: StateTensors, step: int) -> None:
+    """After `deepspeed.initialize`: put every parameter's fp32 master and Adam moments into the engine's
+    optimizer, whatever its kind: ZeRO 1-3 and DeepSpeed's BF16 optimizer through DeepSpeed's
+    `safe_set_full_*` API (each rank keeps its partition), the torch optimizer itself without ZeRO."""
+    wrapper = engine.optimizer
+    base = getattr(wrapper, "optimizer", wrapper)  # the torch optimizer inside DeepSpeed's wrappers
+    _link_flat_states(wrapper, base)
+    fp32_copies = {id(low): high for lows, highs in zip(getattr(wrapper, "fp16_groups", []),
+                                                        getattr(wrapper, "fp32_groups", []))
+                   for low, high in zip(lows, highs)}  # DeepSpeed's fp16/bf16 wrapper without ZeRO
+    for name, param in canonical_parameters(engine.module):
+        values = {key: states[key][name].to(device=param.device, dtype=torch.float32) for key in STATE_KEYS}
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, values[MASTER])
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, values[key], key)
+            continue
+        master = fp32_copies.get(id(param), param)
+        with torch.no_grad():
+            master.copy_(values[MASTER])
+        base.state[master].update({key: values[key].clone() for key in MOMENTS})
+        base.state[master].setdefault("step", torch.zeros((), dtype=torch.float32,
+                                                          device=_scalar_device(base, master)))
+    for adam in base.state.values():
+        if torch.is_tensor(adam.get("step")):
+            adam["step"].fill_(step)
+        elif "step" in adam:
+            adam["step"] = step
+
+
+def _link_flat_states(wrapper, base: torch.optim.Optimizer) -> None:
+    """Torch's Adam creates its state at the first step (under ZeRO 1-3 and the BF16 optimizer: one flat
+    tensor per partition of a group), and ZeRO 1/2 only then let parameters reach their fragments of it;
+    create it now, zeroed, so that it can be filled before any step."""
+    flats = [p for group in base.param_groups for p in group["params"]]
+    flats += getattr(wrapper, "fp32_partitioned_groups_flat", [])  # ZeRO 3 hands them to Adam one at a time
+    for flat in flats:
+        if not base.state[flat]:
+            base.state[flat].update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat),
+                                    step=torch.zeros((), dtype=torch.float32, device=_scalar_device(base, flat)))
+    low_precision_groups = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
+    for params, group in zip(low_precision_groups or [], base.param_groups):
+        lazy_init_hp_params_optimizer_state(params, group["params"][0], base.state)
+
+
+def _scalar_device(optimizer: torch.optim.Optimizer, param: torch.Tensor):
+    """Where torch's Adam keeps its step count: with the parameter when fused or capturable."""
+    fused = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return param.device if fused else torch.device("cpu")
 
 
 def resume(engine, directory: Path, metadata: CheckpointMetadata, state: ParallelState) -> Progress:

@@ -53,6 +53,17 @@ def shard_tensor(name: str, full: torch.Tensor, config: ModelConfig, tp: int, tp
     return full.chunk(tp, dim=dim)[tp_rank].clone()
 
 
+def shard_shape(name: str, full_shape: Sequence[int], config: ModelConfig, tp: int) -> torch.Size:
+    """The shape of one tp rank's part of a parameter whose single-process shape is `full_shape`."""
+    shape = list(full_shape)
+    if name.endswith("word_embeddings.weight"):
+        shape[0] = config.padded_vocab_size(tp)
+    dim = partition_dim(name)
+    if dim is not None:
+        shape[dim] //= tp
+    return torch.Size(shape)
+
+
 def shard_state_dict(full: StateDict, config: ModelConfig, tp: int, tp_rank: int) -> StateDict:
     return {name: shard_tensor(name, tensor, config, tp, tp_rank) for name, tensor in full.items()}
 

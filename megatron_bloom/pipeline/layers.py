@@ -115,6 +115,28 @@ def layer_canonical_prefixes(config: ModelConfig) -> List[Optional[str]]:
     return ["transformer.", "transformer.", *blocks, "transformer.", None]
 
 
+def canonical_layer(name: str, config: ModelConfig) -> Tuple[int, str]:
+    """The pipeline layer (`layer_specs` index) holding a single-process parameter, and its name there."""
+    rest = name.removeprefix("transformer.")
+    if rest.startswith("h."):
+        _, block, local = rest.split(".", 2)
+        return 2 + int(block), local
+    layers = {"word_embeddings": 0, "word_embeddings_layernorm": 1, "ln_f": config.num_layers + 2}
+    return layers[rest.split(".")[0]], rest
+
+
+def pipeline_canonical_name(name: str, config: ModelConfig) -> str:
+    """A DeepSpeed `PipelineModule` parameter name -> its single-process name: `<layer>.<name>` (layer
+    index in `layer_specs`) or `tied_modules.embed.<name>` (the embedding both end stages hold)."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        return EmbeddingPipe.canonical_prefix + rest.partition(".")[2]
+    prefix = layer_canonical_prefixes(config)[int(head)]
+    if prefix is None:
+        raise ValueError(f"{name}: the LM head holds no weights of its own (it is the tied embedding)")
+    return prefix + rest
+
+
 def stacked_canonical_name(name: str) -> str:
     """A `StackedModel` parameter name -> its single-process name (`blocks.3.x` -> `transformer.h.3.x`)."""
     module, _, rest = name.partition(".")

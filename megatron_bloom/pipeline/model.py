@@ -8,6 +8,7 @@ from typing import List
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -17,6 +18,7 @@ from megatron_bloom.parallel.sharding import full_shapes
 from megatron_bloom.pipeline.layers import BlockPipe, EmbeddingPipe, LanguageModelLoss, LayerNormPipe, lm_head_forward
 
 TIED_EMBEDDING = "embed"
+PARTITION_METHOD = "type:BlockPipe"  # `stage_layers` computes the same partition offline
 
 
 def layer_specs(config: ModelConfig, state: ParallelState, seed: int) -> List[LayerSpec]:
@@ -32,6 +34,14 @@ def layer_specs(config: ModelConfig, state: ParallelState, seed: int) -> List[La
     ]
 
 
+def stage_layers(config: ModelConfig, pp: int) -> List[range]:
+    """The `layer_specs` indices each pipeline stage holds: DeepSpeed's `type:BlockPipe` partition (blocks
+    balanced over the stages), computed without building the module."""
+    is_block = [0, 0] + [1] * config.num_layers + [0, 0]
+    bounds = [int(bound) for bound in partition_balanced(weights=is_block, num_parts=pp)]
+    return [range(bounds[stage], bounds[stage + 1]) for stage in range(pp)]
+
+
 class BloomPipeline(PipelineModule):
     """DeepSpeed's pipeline module, recomputing transformer blocks only (not the embedding or the norms)."""
 
@@ -44,7 +54,7 @@ def build_pipeline(config: ModelConfig, state: ParallelState, seed: int,
     """This rank's pipeline stage; stages are balanced by transformer blocks (DeepSpeed's `type:` method)."""
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     return BloomPipeline(layers=layer_specs(config, state, seed), loss_fn=LanguageModelLoss(config, state),
-                         topology=topology, partition_method="type:BlockPipe",
+                         topology=topology, partition_method=PARTITION_METHOD,
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=partial(checkpoint, use_reentrant=False))
 

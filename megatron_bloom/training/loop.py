@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.checkpoint.training_state import (
+    StartPoint,
+    load_universal_weights,
     load_weights_only,
+    restore_optimizer_state,
     resume,
     save_training_checkpoint,
     start_point,
@@ -40,22 +43,28 @@ def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def build_engine(config: TrainConfig, state: ParallelState, initial_weights: Optional[Path] = None):
-    """The DeepSpeed engine over this rank's layers; `initial_weights`: a checkpoint (any layout) whose
-    weights replace the initialization before DeepSpeed makes its master copies."""
+def build_engine(config: TrainConfig, state: ParallelState, start: Optional[StartPoint] = None):
+    """The DeepSpeed engine over this rank's layers. A `start` of another layout sets the weights before
+    DeepSpeed makes its master copies (and, from a reshaped checkpoint, the optimizer state after); a start
+    of this layout is left to `resume`."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
         model = build_pipeline(config.model, state, seed, checkpointing)
     else:
         model = StackedModel(config.model, state, seed, checkpointing).to(state.device)
-    if initial_weights is not None:
-        load_weights_only(model, initial_weights, state)
+    carried_state = None
+    if start is not None and start.universal:
+        carried_state = load_universal_weights(model, start.directory, start.metadata, state)
+    elif start is not None and start.weights_only is not None:
+        load_weights_only(model, start.weights_only, state)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, state),
                                            mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    if carried_state is not None:
+        restore_optimizer_state(engine, *carried_state)
     return engine, optimizer, scheduler
 
 
@@ -149,7 +158,7 @@ def train(config: TrainConfig, state: ParallelState,
     if problem:  # parallel.dp may only be known now, from the world size
         raise ConfigError(problem + ".")
     start = start_point(config, state)
-    engine, optimizer, scheduler = build_engine(config, state, initial_weights=start.weights_only)
+    engine, optimizer, scheduler = build_engine(config, state, start)
     progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
     if not start.exact:
         for _ in range(progress.iteration):  # a weights-only continuation keeps the LR schedule's place
