@@ -50,6 +50,7 @@ setup(
         "console_scripts": [
             "mbloom-convert=megatron_bloom.convert:main",
             "mbloom-eval=megatron_bloom.eval:main",
+            "mbloom-generate=megatron_bloom.generate:main",
             "mbloom-train=megatron_bloom.train:main",
             "mbloom-preprocess=data_prep.preprocess:main",
             "mbloom-train-tokenizer=data_prep.train_tokenizer:main",

@@ -11,6 +11,7 @@ from torch import nn
 
 from megatron_bloom.model.alibi import alibi_bias, alibi_slopes
 from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.kv_cache import LayerKVCache
 
 
 def causal_additive_mask(attention_mask: Optional[torch.Tensor], batch_size: int, q_length: int,
@@ -55,48 +56,52 @@ class BloomAttention(nn.Module):
         self.alibi_slopes = alibi_slopes(config.num_heads)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-                additive_mask: torch.Tensor) -> torch.Tensor:
-        """`hidden_states`, `residual`: [batch, seq, hidden]; `positions`: ALiBi key positions [batch, seq]."""
+                additive_mask: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        """`hidden_states`, `residual`: [batch, seq, hidden]; `positions`: ALiBi key positions [batch, kv];
+        `additive_mask`: [batch, 1, seq, kv]. With a `cache`, the keys are the cached ones and then these
+        (kv = cached + seq), and these are added to it."""
         fused_qkv = self.query_key_value(hidden_states)
         # Shapes come from the QKV output: with sequence parallelism the input holds part of the sequence.
         batch_size, q_length, _ = fused_qkv.shape
         fused_qkv = fused_qkv.view(batch_size, q_length, self.num_heads, 3, self.head_dim)
+        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))  # [batch, heads, seq, hd]
+        if cache is not None:
+            key, value = cache.append(key, value)
         if self.alibi_slopes.device != hidden_states.device:
             self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
         bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)  # [batch * heads, 1, kv]
         if self.attention_impl == "sdpa":
-            context = self._fused_attention(fused_qkv, bias, additive_mask)
+            context = self._fused_attention(query, key, value, bias, additive_mask)
         else:
-            context = self._eager_attention(fused_qkv, bias, additive_mask)
+            context = self._eager_attention(query, key, value, bias, additive_mask)
         # [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
         context = context.permute(0, 2, 1, 3).reshape(batch_size, q_length, self.num_heads * self.head_dim)
         output = self.dense(context)
         return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
 
-    def _eager_attention(self, fused_qkv: torch.Tensor, bias: torch.Tensor,
+    def _eager_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                          additive_mask: torch.Tensor) -> torch.Tensor:
         """Transformers' computation, step by step: `[batch, heads, seq, head_dim]`."""
-        batch_size, q_length = fused_qkv.shape[:2]
+        batch_size, _, q_length, _ = query.shape
+        kv_length = key.shape[2]
         # [batch * heads, seq, head_dim]
-        query, key, value = (
-            fused_qkv[..., i, :].transpose(1, 2).reshape(batch_size * self.num_heads, q_length, self.head_dim)
-            for i in range(3)
-        )
+        query = query.reshape(batch_size * self.num_heads, q_length, self.head_dim)
+        key = key.reshape(batch_size * self.num_heads, kv_length, self.head_dim)
+        value = value.reshape(batch_size * self.num_heads, kv_length, self.head_dim)
         # scores = bias + (q @ k^T) / sqrt(head_dim), one fused call
         scores = bias.baddbmm(query, key.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
-        scores = scores.view(batch_size, self.num_heads, q_length, -1) + additive_mask
+        scores = scores.view(batch_size, self.num_heads, q_length, kv_length) + additive_mask
         # Softmax in float32 whatever the compute dtype: bf16/fp16 rows of 2048 scores lose too much.
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         probs = self.attention_dropout(probs)
-        context = torch.bmm(probs.view(batch_size * self.num_heads, q_length, -1), value)
+        context = torch.bmm(probs.view(batch_size * self.num_heads, q_length, kv_length), value)
         return context.view(batch_size, self.num_heads, q_length, self.head_dim)
 
-    def _fused_attention(self, fused_qkv: torch.Tensor, bias: torch.Tensor,
+    def _fused_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                          additive_mask: torch.Tensor) -> torch.Tensor:
         """The same attention through `scaled_dot_product_attention`: ALiBi and the causal/padding mask form
         its additive `attn_mask`; the kernel keeps the softmax in float32 internally."""
-        batch_size = fused_qkv.shape[0]
-        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))  # [batch, heads, seq, hd]
+        batch_size = query.shape[0]
         attn_mask = bias.view(batch_size, self.num_heads, 1, -1) + additive_mask
         dropout = self.attention_dropout.p if self.training else 0.0
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.kv_cache import LayerKVCache
 
 
 _SQRT_2_OVER_PI = 0.79788456  # sqrt(2/pi) as rounded in Megatron-LM's bias_gelu, which BLOOM trained with
@@ -66,8 +69,8 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = BloomMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
-                additive_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, additive_mask: torch.Tensor,
+                cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         attention_output = self.self_attention(self.input_layernorm(hidden_states), hidden_states,
-                                               positions, additive_mask)
+                                               positions, additive_mask, cache)
         return self.mlp(self.post_attention_layernorm(attention_output), attention_output)

@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.kv_cache import KVCache
 from megatron_bloom.model.transformer import BloomModel
 
 IGNORE_INDEX = -100
@@ -94,8 +95,8 @@ class BloomForCausalLM(nn.Module):
         self.loss_fn = CausalLMLoss()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        hidden_states = self.transformer(input_ids, attention_mask)
+                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> ModelOutput:
+        hidden_states = self.transformer(input_ids, attention_mask, cache)
         logits = self.lm_head(hidden_states, self.transformer.word_embeddings.weight)
         loss = self.loss_fn(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)

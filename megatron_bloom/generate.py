@@ -1,0 +1,178 @@
+"""`mbloom-generate`: text from a checkpoint, greedy or sampled, with a KV cache, at any tensor-parallel size.
+
+    [torchrun --nproc-per-node N -m] mbloom-generate checkpoint.load=CKPT eval.tokenizer=TOK generate.prompt="..."
+        [generate.max_new_tokens=32] [generate.do_sample=true generate.temperature=0.8 generate.top_k=50
+        generate.top_p=0.95 generate.seed=1234] [generate.input=PROMPTS.jsonl generate.batch_size=8]
+
+Prompts (`generate.prompt`, or the `prompt` of each line of `generate.input`) are tokenized without
+special tokens and left-padded into batches; the prompt runs once, then each new token costs one
+position (the cache holds the keys and values of the earlier ones). A sequence stops at the model's EOS
+token or after `max_new_tokens`. Tensor-parallel ranks gather the full vocabulary's logits and take the
+same token; data-parallel ranks split the batches. Sampling draws from a generator seeded by
+`generate.seed` and the batch's index, so results do not depend on the layout. Each prompt's result is
+one JSON line on stdout: `{"prompt": str, "completion": str, "token_ids": [int, ...]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata
+from megatron_bloom.checkpoint.model_loading import load_model
+from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
+from megatron_bloom.config.cli import parse_overrides
+from megatron_bloom.config.schema import GenerateConfig
+from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
+from megatron_bloom.data.tokenizer import load_tokenizer
+from megatron_bloom.errors import UserError, exit_on_user_error
+from megatron_bloom.model import KVCache, ModelConfig
+from megatron_bloom.parallel import ParallelState, init_distributed
+from megatron_bloom.parallel.cross_entropy import gather_vocab_logits
+from megatron_bloom.parallel.distributed import state_for_run
+
+USAGE = 'checkpoint.load=CKPT_DIR eval.tokenizer=TOK generate.prompt="..." [generate.max_new_tokens=N] ...'
+
+
+def choose_tokens(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row of `logits` [batch, vocab]: the most likely one (greedy), or a draw
+    from the softmax at `temperature` over the `top_k` most likely tokens and the smallest set whose
+    probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020)."""
+    logits = logits.float()
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if config.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the better tokens: the best one always stays
+        ordered = ordered.masked_fill(before >= config.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
+                   state: ParallelState, generator: torch.Generator) -> List[List[int]]:
+    """The new tokens of each prompt (up to and including EOS)."""
+    pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
+    eos_id = model_config.eos_token_id
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    input_ids, mask = input_ids.to(state.device), mask.to(state.device)
+    cache = KVCache(model_config.num_layers, longest + config.max_new_tokens)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=state.device)
+    generated = []
+    step_input = input_ids
+    for _ in range(config.max_new_tokens):
+        logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1]
+        if state.tp > 1:  # each rank holds a slice of the vocabulary
+            logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
+        tokens = choose_tokens(logits, config, generator)
+        if state.tp > 1:  # one choice for the whole tensor-parallel group, whatever rounding did
+            dist.broadcast(tokens, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
+        tokens = tokens.masked_fill(finished, pad_id)
+        generated.append(tokens)
+        if eos_id is not None:
+            finished |= tokens == eos_id
+        if bool(finished.all()):
+            break
+        step_input = tokens[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    columns = torch.stack(generated, dim=1).tolist()
+    return [_until_eos(row, eos_id) for row in columns]
+
+
+def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
+    return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
+
+
+def read_prompts(config: GenerateConfig) -> List[str]:
+    if config.prompt is not None and config.input is not None:
+        raise UserError("give either generate.prompt or generate.input (a jsonl file of prompts), not both.")
+    if config.input is None:
+        return [config.prompt]
+    report = SkipReport()
+    prompts = list(read_jsonl_texts(config.input, "prompt", report))
+    if report.total:
+        print(f"mbloom-generate: skipped {report.total} lines of {config.input}: {report.summary()}", file=sys.stderr)
+    if not prompts:
+        raise UserError(f"{config.input} holds no line with a non-empty \"prompt\".")
+    return prompts
+
+
+def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
+    """Every prompt's completion, in prompt order (on every rank)."""
+    if config.parallel.sequence_parallel:
+        raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
+    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision])
+    model.eval()
+    tokenizer = load_tokenizer(config.eval.tokenizer)
+    if tokenizer.get_vocab_size() > metadata.model.vocab_size:
+        raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
+                        f"the model's vocabulary ({metadata.model.vocab_size}).")
+    texts = read_prompts(config.generate)
+    prompts = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    empty = [index for index, prompt in enumerate(prompts) if not prompt]
+    if empty:
+        raise UserError(f"prompt {empty[0] + 1} is empty after tokenization: give each prompt some text.")
+    batch_size = config.generate.batch_size
+    mine = []
+    for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
+        if batch_index % state.dp != state.dp_rank:
+            continue
+        generator = torch.Generator().manual_seed(config.generate.seed + batch_index)
+        batch = prompts[start: start + batch_size]
+        for offset, tokens in enumerate(generate_batch(model, batch, metadata.model, config.generate, state, generator)):
+            mine.append({"index": start + offset, "prompt": texts[start + offset],
+                         "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    by_index = {record["index"]: record for records in everyone for record in records}
+    return [{key: by_index[i][key] for key in ("prompt", "completion", "token_ids")} for i in sorted(by_index)]
+
+
+@exit_on_user_error("mbloom-generate")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    overrides = parse_overrides(argv, "mbloom-generate", USAGE)
+    raw = compose_dictconfig(overrides)
+    missing = [key for key in ("checkpoint.load", "eval.tokenizer") if not OmegaConf.select(raw, key)]
+    if not OmegaConf.select(raw, "generate.prompt") and not OmegaConf.select(raw, "generate.input"):
+        missing.append("generate.prompt (or generate.input)")
+    if missing:
+        raise UserError(f"mbloom-generate needs {', '.join(missing)}. Usage: mbloom-generate {USAGE}")
+    # The checkpoint defines the model: validate the layout against it, not against the default preset.
+    config = load_config(overrides, model=read_metadata(raw.checkpoint.load).model)
+    start = time.perf_counter()
+    world_size = init_distributed()
+    state = state_for_run(config.parallel, world_size)
+    results = generate(config, state)
+    if state.is_first_rank:
+        new_tokens = sum(len(result["token_ids"]) for result in results)
+        elapsed = time.perf_counter() - start
+        print(f"mbloom-generate: {len(results)} prompts, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
+              f"{elapsed:.1f} s", file=sys.stderr)
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

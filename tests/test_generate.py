@@ -1,0 +1,111 @@
+"""Generation: the KV cache against full forwards, and `mbloom-generate` at tp 1 and 2 against
+`transformers`' own `generate` on the same weights (left-padded batches, EOS, sampling)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megatron_bloom.config.schema import GenerateConfig
+from megatron_bloom.generate import choose_tokens
+from megatron_bloom.model import KVCache, build_model
+from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
+
+PROMPTS = ["ka lo mi", "да ни ком 你 好 世 def return", "ré"]
+
+
+@pytest.mark.parametrize("attention_impl", ["eager", "sdpa"])
+def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl):
+    config = dataclasses.replace(small_config(), attention_impl=attention_impl)
+    model = build_model(config).eval()
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12))
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=mask).logits
+        cache = KVCache(config.num_layers, 12)
+        steps = [model(input_ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits]
+        for position in range(7, 12):
+            steps.append(model(input_ids[:, position:position + 1], attention_mask=mask[:, :position + 1],
+                               cache=cache).logits)
+    incremental = torch.cat(steps, dim=1)
+    assert cache.length == 12
+    torch.testing.assert_close(incremental[0, 3:], full[0, 3:], atol=1e-5, rtol=1e-5)  # padding rows: no output
+    torch.testing.assert_close(incremental[1], full[1], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_keeps_to_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = lambda config: {int(choose_tokens(logits, config, generator)) for _ in range(300)}  # noqa: E731
+    assert draws(GenerateConfig(do_sample=False)) == {0}
+    assert draws(GenerateConfig(do_sample=True, top_k=2)) == {0, 1}
+    assert draws(GenerateConfig(do_sample=True, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert draws(GenerateConfig(do_sample=True, top_p=0.5)) == {0}
+    assert draws(GenerateConfig(do_sample=True)) == {0, 1, 2, 3}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random transformers BLOOM (large init, so greedy text varies) imported as a checkpoint, with a
+    tokenizer, and the prompts written as a jsonl file."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    hf = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=1024, hidden_size=64, n_layer=4, n_head=4, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3)).eval()
+    hf.save_pretrained(root / "hf")
+    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
+    tokenizer = train_test_tokenizer(root / "tok", sample_texts(300), vocab_size=1000)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return root, hf
+
+
+def run_generate(root, tp, *overrides):
+    result = run_torchrun(tp, "megatron_bloom.generate", [
+        f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}", f"generate.input={root / 'prompts.jsonl'}",
+        "generate.batch_size=3", "generate.max_new_tokens=24", "precision=fp32", f"parallel.tp={tp}", *overrides])
+    return [json.loads(line) for line in result.stdout.strip().splitlines()[-len(PROMPTS):]]
+
+
+def test_greedy_generation_at_tp2_equals_tp1_and_transformers(exported):
+    from megatron_bloom.data.tokenizer import load_tokenizer
+
+    root, hf = exported
+    tp1, tp2 = run_generate(root, 1), run_generate(root, 2)
+    assert [r["prompt"] for r in tp1] == PROMPTS
+    assert [r["token_ids"] for r in tp2] == [r["token_ids"] for r in tp1]
+
+    tokenizer = load_tokenizer(root / "tok")
+    prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[3] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        output = hf.generate(input_ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                             eos_token_id=2, pad_token_id=3)
+    expected = []
+    for row in output[:, longest:].tolist():
+        expected.append(row[: row.index(2) + 1] if 2 in row else row)
+    assert [r["token_ids"] for r in tp1] == expected
+    assert len({token for r in tp1 for token in r["token_ids"]}) > 5  # real text, not one token repeated
+    assert tp1[0]["completion"] == tokenizer.decode(expected[0], skip_special_tokens=False)
+
+
+def test_sampling_is_the_same_at_any_tensor_parallel_size(exported):
+    root, _ = exported
+    sampling = ["generate.do_sample=true", "generate.top_k=50", "generate.top_p=0.9", "generate.seed=7"]
+    tp1, tp2 = run_generate(root, 1, *sampling), run_generate(root, 2, *sampling)
+    assert [r["token_ids"] for r in tp1] == [r["token_ids"] for r in tp2]
+    assert [r["token_ids"] for r in tp1] != [r["token_ids"] for r in run_generate(root, 1)]
+
+
+def test_generate_without_a_prompt_is_a_user_error(exported):
+    root, _ = exported
+    result = run_cli(["megatron_bloom.generate", f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}"],
+                     check=False)
+    assert_user_error(result, "generate.prompt")
