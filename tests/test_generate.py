@@ -60,7 +60,7 @@ def exported(tmp_path_factory):
         bos_token_id=1, eos_token_id=2, pad_token_id=3)).eval()
     hf.save_pretrained(root / "hf")
     run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
-    tokenizer = train_test_tokenizer(root / "tok", sample_texts(300), vocab_size=1000)
+    train_test_tokenizer(root / "tok", sample_texts(300), vocab_size=1000)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return root, hf
 
