@@ -27,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["sample_corpus.jsonl"]},
+    package_data={"data_prep": ["sample_corpus.jsonl"], "megatron_bloom.launcher": ["train.sbatch"]},
     data_files=config_files(),
     install_requires=[
         "torch>=2.1",
@@ -51,6 +51,7 @@ setup(
             "mbloom-convert=megatron_bloom.convert:main",
             "mbloom-eval=megatron_bloom.eval:main",
             "mbloom-generate=megatron_bloom.generate:main",
+            "mbloom-launch=megatron_bloom.launch:main",
             "mbloom-train=megatron_bloom.train:main",
             "mbloom-preprocess=data_prep.preprocess:main",
             "mbloom-train-tokenizer=data_prep.train_tokenizer:main",

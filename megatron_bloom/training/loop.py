@@ -160,6 +160,10 @@ def train(config: TrainConfig, state: ParallelState,
     start = start_point(config, state)
     engine, optimizer, scheduler = build_engine(config, state, start)
     progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
+    if start.directory is not None and is_logger:
+        how = ("everything: an exact resume" if start.exact else "weights and optimizer state (reshaped)"
+               if start.universal else "weights only")
+        print(f"starting from {start.directory}: {how}, at iteration {progress.iteration}", flush=True)
     if not start.exact:
         for _ in range(progress.iteration):  # a weights-only continuation keeps the LR schedule's place
             scheduler.step()

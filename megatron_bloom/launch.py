@@ -1,0 +1,156 @@
+"""`mbloom-launch`: start training the way the config says (`launcher=local | deepspeed | slurm`), one job
+or a Hydra-style sweep, after checking everything a job would refuse.
+
+    mbloom-launch [--dry-run] model=bloom-tiny data.paths=[data/corpus] parallel.tp=2 parallel.pp=2
+    mbloom-launch --multirun optim.lr=1e-4,3e-4 parallel.tp=1,2 ...          (4 jobs, one after another)
+    mbloom-launch launcher=slurm slurm.nodes=4 slurm.partition=gpu ...       (writes the sbatch script, submits)
+
+`local` runs torchrun on this machine (tp x pp x dp processes, or launcher.nproc_per_node), `deepspeed`
+the deepspeed launcher, `slurm` writes `launch/slurm/train.sbatch` with `#SBATCH` lines from `slurm.*`
+into the run dir and submits it. `--dry-run` prints the command (or the script) and starts nothing.
+With `--multirun`, every combination of the comma-separated values is its own job in `run.dir/<number>`;
+locally they run in turn (output in each run dir's `launch.log`), on SLURM they are queued together and
+followed; a table of what each reached ends the sweep and `run.dir/summary.jsonl` keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megatron_bloom.config import load_config
+from megatron_bloom.errors import ConfigError, UserError, exit_on_user_error
+from megatron_bloom.launcher.jobs import (
+    Job,
+    deepspeed_command,
+    launch_environment,
+    plan_job,
+    shell_line,
+    torchrun_command,
+)
+from megatron_bloom.launcher.slurm import render_sbatch, submit, wait_for_jobs
+from megatron_bloom.launcher.sweep import PointResult, expand_sweep, summary_table, sweep_keys
+
+USAGE = "[--dry-run] [--multirun] [launcher=local|deepspeed|slurm] model=... data.paths=[...] key=value ..."
+
+
+def parse_arguments(argv: Sequence[str]) -> Tuple[bool, bool, List[str]]:
+    """(dry_run, multirun, overrides); `-h` prints the usage."""
+    dry_run = multirun = False
+    overrides = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"usage: mbloom-launch {USAGE}\n\n{__doc__}")
+            sys.exit(0)
+        elif arg == "--dry-run":
+            dry_run = True
+        elif arg in ("--multirun", "-m"):
+            multirun = True
+        elif arg.startswith("-") or "=" not in arg:
+            raise UserError(f"mbloom-launch takes --dry-run, --multirun and Hydra overrides of the form key=value; "
+                            f"cannot read {arg!r}. Usage: mbloom-launch {USAGE}")
+        else:
+            overrides.append(arg)
+    return dry_run, multirun, overrides
+
+
+def plan_points(overrides: List[str], multirun: bool) -> Tuple[Optional[Path], List[Job]]:
+    """The jobs to start, all validated before any starts; with a sweep, its root dir."""
+    points = expand_sweep(overrides)
+    if not multirun:
+        if len(points) > 1:
+            swept = ", ".join(sweep_keys(overrides))
+            raise ConfigError(f"{swept} list several values: that is a sweep. Add --multirun to run one job per "
+                              "combination.")
+        return None, [plan_job(points[0])]
+    root = Path(load_config(points[0]).run.dir).absolute()  # resolved once: ${now:...} must not differ
+    jobs = [plan_job([arg for arg in point if not arg.startswith("run.dir=")] + [f"run.dir={root / str(number)}"])
+            for number, point in enumerate(points)]
+    checkpoint_dirs = [job.config.checkpoint.dir for job in jobs if job.config.checkpoint.dir]
+    if len(set(checkpoint_dirs)) < len(checkpoint_dirs):
+        raise ConfigError(f"the {len(jobs)} jobs of the sweep would share checkpoint.dir {checkpoint_dirs[0]}; give "
+                          "each its own, e.g. checkpoint.dir='${run.dir}/checkpoints'.")
+    return root, jobs
+
+
+def launch_command(job: Job) -> List[str]:
+    return deepspeed_command(job) if job.config.launcher.name == "deepspeed" else torchrun_command(job)
+
+
+def write_sbatch(job: Job) -> Path:
+    run_dir = Path(job.config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    script = run_dir / "train.sbatch"
+    script.write_text(render_sbatch(job))
+    return script
+
+
+def dry_run(jobs: List[Job]) -> None:
+    for job in jobs:
+        if job.config.launcher.name == "slurm":
+            print(f"# {job.config.run.dir}/train.sbatch\n{render_sbatch(job)}")
+            print(f"sbatch {job.config.run.dir}/train.sbatch {shell_line(job.overrides)}\n")
+        else:
+            print(shell_line(launch_command(job)))
+
+
+def run_local(job: Job, quiet: bool) -> str:
+    """Run one job here to its end; returns its status. `quiet`: output to `run.dir/launch.log`."""
+    env = launch_environment()
+    command = launch_command(job)
+    if not quiet:
+        return _status(subprocess.run(command, env=env).returncode)
+    run_dir = Path(job.config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "launch.log", "w") as log:
+        log.write(shell_line(command) + "\n")
+        log.flush()
+        return _status(subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode)
+
+
+def _status(returncode: int) -> str:
+    return "completed" if returncode == 0 else f"failed (exit {returncode})"
+
+
+@exit_on_user_error("mbloom-launch")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    dry, multirun, overrides = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    root, jobs = plan_points(overrides, multirun)
+    if dry:
+        dry_run(jobs)
+        return
+    env = launch_environment()
+    statuses: Dict[int, str] = {}
+    queued = {number: job for number, job in enumerate(jobs) if job.config.launcher.name == "slurm"}
+    if queued:
+        ids = {number: submit(write_sbatch(job), job.overrides, env) for number, job in queued.items()}
+        for number, job_id in ids.items():
+            print(f"mbloom-launch: submitted SLURM job {job_id} ({queued[number].world_size} ranks on "
+                  f"{queued[number].nodes} node(s)); output in {queued[number].config.run.dir}", flush=True)
+        if not multirun:
+            return
+        states = wait_for_jobs(list(ids.values()), env)
+        statuses.update((number, states[job_id].lower()) for number, job_id in ids.items())
+    for number, job in enumerate(jobs):
+        if number in queued:
+            continue
+        if multirun:
+            print(f"mbloom-launch: job {number + 1}/{len(jobs)}: {shell_line(job.overrides)}", flush=True)
+        statuses[number] = run_local(job, quiet=multirun)
+        if not multirun and statuses[number] != "completed":
+            sys.exit(1)
+    if multirun:
+        results = [PointResult.read(number, job.overrides, Path(job.config.run.dir), statuses[number])
+                   for number, job in enumerate(jobs)]
+        print(summary_table(results, sweep_keys(overrides)), flush=True)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "summary.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
+        if any(result.status != "completed" for result in results):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

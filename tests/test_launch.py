@@ -1,0 +1,147 @@
+"""Launching for real: the torchrun and deepspeed scripts with 4 processes, `mbloom-launch` (dry run,
+validation before anything starts, a local 2x2 sweep), and SLURM: a one-node cluster started on this
+machine runs `launch/slurm/train.sbatch` and a job `mbloom-launch launcher=slurm` submits, preempted and
+requeued on the way."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, assert_user_error, corpus_shards, run_cli
+from tests.test_checkpoints import losses_by_iteration
+
+TRAIN = ["model=bloom-tiny", "precision=fp32", "train.global_batch_size=8", "train.micro_batch_size=2",
+         "data.num_workers=0", "logging.interval=1", "sched.warmup_iters=1"]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return corpus_shards(tmp_path_factory.mktemp("launch-data"), 1024, "--append-eod", "--workers", "1")
+
+
+def data_args(shard):
+    return [f"data.paths=[{shard / 'corpus'}]", f"data.cache_dir={shard / 'cache'}"]
+
+
+def environment(**extra):
+    return dict(os.environ, PYTHONPATH=str(REPO), **extra)
+
+
+def test_torchrun_and_deepspeed_scripts_train_with_4_processes(shard, tmp_path):
+    """Both scripts start tp 2 x pp 2 on this node; the deepspeed launcher's run equals torchrun's."""
+    args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", "train.iters=3"]
+    for script in ("torchrun", "deepspeed"):
+        result = subprocess.run([str(REPO / "launch" / f"{script}.sh"), *args, f"run.dir={tmp_path / script}"],
+                                env=environment(NPROC_PER_NODE="4"), cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert losses_by_iteration(tmp_path / "torchrun") == losses_by_iteration(tmp_path / "deepspeed")
+    assert sorted(losses_by_iteration(tmp_path / "torchrun")) == [1, 2, 3]
+
+
+def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_path):
+    args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", f"run.dir={tmp_path / 'run'}"]
+    result = run_cli(["megatron_bloom.launch", "--dry-run", *args])
+    command = result.stdout.strip().splitlines()[-1]
+    assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_bloom.train" in command
+    assert "parallel.dp=1" in command and f"run.dir={tmp_path / 'run'}" in command
+    script = run_cli(["megatron_bloom.launch", "--dry-run", "launcher=slurm", "slurm.nodes=2", "slurm.partition=gpu",
+                      *args, "parallel.dp=2"]).stdout
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpu" in script
+    assert "export NPROC_PER_TASK=4" in script and "sbatch " in script
+
+    bad = {"parallel.tp=3": ["parallel.tp (3)"],
+           "launcher.nproc_per_node=3": ["launcher.nproc_per_node (3)", "parallel.pp (2)"],
+           f"data.paths=[{tmp_path / 'missing'}]": ["missing"],
+           "optim.lr=1e-3,1e-4": ["optim.lr", "--multirun"],
+           "train.global_batch_size=7": ["train.global_batch_size (7)"]}
+    for override, fragments in bad.items():
+        result = run_cli(["megatron_bloom.launch", *args, override], check=False)
+        assert_user_error(result, *fragments)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_local_sweep_runs_every_point_in_its_own_dir(shard, tmp_path):
+    root = tmp_path / "sweep"
+    result = run_cli(["megatron_bloom.launch", "--multirun", *TRAIN, *data_args(shard), "train.iters=2",
+                      "optim.lr=1e-3,1e-4", "parallel.tp=1,2", f"run.dir={root}"], timeout=600)
+    rows = [json.loads(line) for line in (root / "summary.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in rows] == ["completed"] * 4
+    assert [row["overrides"][-4:-2] for row in rows] == [
+        ["optim.lr=0.001", "parallel.tp=1"], ["optim.lr=0.001", "parallel.tp=2"],
+        ["optim.lr=0.0001", "parallel.tp=1"], ["optim.lr=0.0001", "parallel.tp=2"]]
+    for number in range(4):
+        assert sorted(losses_by_iteration(root / str(number))) == [1, 2]
+        assert (root / str(number) / "config.yaml").is_file() and (root / str(number) / "launch.log").is_file()
+    table = result.stdout.strip().splitlines()
+    assert table[-6].split()[:5] == ["#", "optim.lr", "parallel.tp", "status", "iters"] and len(table) >= 6
+    losses = [row["final_loss"] for row in rows]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4) and losses[0] != losses[2]  # tp changes nothing
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A one-node SLURM cluster on this machine (installed by .ci/run; skipped where it cannot be)."""
+    script = REPO / "launch" / "slurm" / "local_cluster.sh"
+    install = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=600)
+    if install.returncode != 0:
+        pytest.skip(f"SLURM cannot be installed here (apt-get as root is needed): {install.stderr.strip()[-300:]}")
+    start = subprocess.run([str(script), "start", str(tmp_path / "slurm")], capture_output=True, text=True,
+                           timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield environment(SLURM_CONF=str(tmp_path / "slurm" / "slurm.conf"))
+    subprocess.run([str(script), "stop", str(tmp_path / "slurm")], timeout=60)
+
+
+def scontrol_field(job_id, field, env):
+    text = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, env=env).stdout
+    return next((item.split("=", 1)[1] for item in text.split() if item.startswith(field + "=")), None)
+
+
+def wait_for_state(job_id, env, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = scontrol_field(job_id, "JobState", env)
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+
+
+def test_slurm_sbatch_trains_and_a_preempted_job_requeues_and_resumes(shard, tmp_path, slurm):
+    # 1. sbatch the script itself: 2 tasks on the node (overcommitted), each a torchrun of 2 ranks: tp 2 x pp 2.
+    args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", "train.iters=4"]
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--overcommit", f"--output={tmp_path / 'sbatch-%j.out'}",
+         str(REPO / "launch" / "slurm" / "train.sbatch"), *args, f"run.dir={tmp_path / 'sbatch'}"],
+        env={**slurm, "NPROC_PER_TASK": "2"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = int(submitted.stdout.strip())
+    assert wait_for_state(job_id, slurm) == "COMPLETED", (tmp_path / f"sbatch-{job_id}.out").read_text()[-3000:]
+    assert sorted(losses_by_iteration(tmp_path / "sbatch")) == [1, 2, 3, 4]
+
+    # 2. mbloom-launch writes and submits the script; SLURM's end-of-time warning (SIGUSR1 to the batch
+    # script) makes the ranks save a checkpoint and the job requeue itself; it resumes and completes.
+    run_dir, checkpoints = tmp_path / "launched", tmp_path / "ckpt"
+    result = subprocess.run([sys.executable, "-m", "megatron_bloom.launch", "launcher=slurm", *TRAIN, *data_args(shard),
+                             "parallel.tp=2", "train.iters=15", f"run.dir={run_dir}", f"checkpoint.dir={checkpoints}",
+                             "checkpoint.save_interval=100"], env=slurm, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    job_id = int(result.stdout.split("submitted SLURM job ")[1].split()[0])
+    assert (run_dir / "train.sbatch").is_file()
+    deadline = time.time() + 240
+    while not ((run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() < deadline and scontrol_field(job_id, "JobState", slurm) in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm, check=True, timeout=60)
+    wait_for_state(job_id, slurm, states=("PENDING",), timeout=120)  # requeued (it starts again ~10 s later)
+    assert wait_for_state(job_id, slurm) == "COMPLETED", next(run_dir.glob("slurm-*.out")).read_text()[-3000:]
+    assert scontrol_field(job_id, "Restarts", slurm) == "1"
+    output = next(run_dir.glob("slurm-*.out")).read_text()
+    assert "saving a checkpoint, then requeueing" in output and "an exact resume" in output
+    assert sorted(losses_by_iteration(run_dir)) == list(range(1, 16))
