@@ -52,6 +52,7 @@ setup(
             "mbloom-eval=megatron_bloom.eval:main",
             "mbloom-generate=megatron_bloom.generate:main",
             "mbloom-launch=megatron_bloom.launch:main",
+            "mbloom-plan=megatron_bloom.plan:main",
             "mbloom-train=megatron_bloom.train:main",
             "mbloom-preprocess=data_prep.preprocess:main",
             "mbloom-train-tokenizer=data_prep.train_tokenizer:main",

@@ -14,6 +14,7 @@ from megatron_bloom.errors import ConfigError
 from megatron_bloom.model.config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+HARDWARE_NAMES = ("a100-80gb", "h100-80gb", "h200", "cpu")  # the presets of megatron_bloom/planner/hardware.py
 DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 LAUNCHERS = ("local", "deepspeed", "slurm")
@@ -274,9 +275,11 @@ class TrainConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    hardware: str = "a100-80gb"  # what mbloom-plan compares against (megatron_bloom/planner/hardware.py)
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("hardware", self.hardware, HARDWARE_NAMES)
         self.check_layout()
 
     def check_layout(self) -> None:

@@ -1,0 +1,58 @@
+"""The plan of a config: what `mbloom-plan` prints (a table) and `--json` returns (INTERFACE.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.planner.hardware import Hardware
+from megatron_bloom.planner.memory import micro_batches_per_step, plan_stages
+from megatron_bloom.training.flops import iteration_flops
+
+
+def with_data_parallel_size(config: TrainConfig) -> TrainConfig:
+    """`parallel.dp` made explicit: as given, else from `launcher.nproc_per_node` (x slurm.nodes), else 1."""
+    parallel = config.parallel
+    if parallel.dp is None:
+        nodes = config.slurm.nodes if config.launcher.name == "slurm" else 1
+        world = (config.launcher.nproc_per_node or parallel.tp * parallel.pp) * nodes
+        config.parallel = dataclasses.replace(parallel, dp=max(1, world // (parallel.tp * parallel.pp)))
+        config.check_layout()
+    return config
+
+
+def build_report(config: TrainConfig, iter_time: Optional[float] = None,
+                 device: Optional[Hardware] = None) -> dict:
+    config = with_data_parallel_size(config)
+    model, parallel, train = config.model, config.parallel, config.train
+    world = parallel.tp * parallel.pp * parallel.dp
+    stages = plan_stages(config)
+    largest = max(stages, key=lambda stage: stage.memory.total)
+    tokens = train.global_batch_size * model.seq_length
+    flops = iteration_flops(model, train.global_batch_size, model.seq_length, train.activation_checkpointing)
+    report = {
+        "params": model.num_parameters(),
+        "params_per_rank": max(stage.params_per_rank for stage in stages),
+        "memory_per_rank_gb": largest.memory.in_gb(),
+        "flops_per_iter": flops,
+        "bubble_fraction": (parallel.pp - 1) / micro_batches_per_step(config),
+        "layout": {"tp": parallel.tp, "pp": parallel.pp, "dp": parallel.dp, "world_size": world,
+                   "zero_stage": config.zero.stage, "precision": config.precision,
+                   "micro_batches_per_step": micro_batches_per_step(config), "tokens_per_iter": tokens},
+        "stages": [{"stage": s.stage, "blocks": s.blocks, "params_per_rank": s.params_per_rank,
+                    "memory_gb": s.memory.in_gb()} for s in stages],
+    }
+    if device is not None:
+        report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
+                              "peak_tflops": round(device.peak_tflops(config.precision), 1),
+                              "fits": largest.memory.total / 1e9 <= device.memory_gb}
+    if iter_time is not None:
+        # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
+        # model's FLOPs only (Chowdhery et al. 2022).
+        report["tflops_per_gpu"] = flops / iter_time / world / 1e12
+        report["tokens_per_s"] = tokens / iter_time
+        if device is not None:
+            model_flops = iteration_flops(model, train.global_batch_size, model.seq_length, recompute=False)
+            report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
+    return report

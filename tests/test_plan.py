@@ -1,0 +1,79 @@
+"""`mbloom-plan` against published and measured figures: BLOOM-176B's training layout (parameters,
+TFLOPs per GPU, memory that fits an A100), and the memory a real bloom-small run takes on this machine."""
+
+import json
+
+import pytest
+
+from megatron_bloom.config import load_config
+from megatron_bloom.planner.memory import block_parameters_per_rank, stage_parameters
+from megatron_bloom.planner.report import build_report
+from tests.conftest import assert_user_error, run_cli
+
+BLOOM_176B = ["model=bloom-176b", "parallel.tp=4", "parallel.pp=12", "parallel.dp=8", "train.micro_batch_size=2",
+              "train.global_batch_size=2048", "precision=bf16", "zero.stage=1", "train.activation_checkpointing=true",
+              "hardware=a100-80gb"]
+
+
+def test_bloom_176b_as_it_was_trained():
+    """Published: 176,247,271,424 parameters; about 150 TFLOPs per A100 at 104.7 s per iteration (BigScience's
+    training logs); it ran, so it fit in 80 GB."""
+    result = run_cli(["megatron_bloom.plan", *BLOOM_176B, "--iter-time", "104.7", "--json"])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["params"] == 176_247_271_424
+    assert abs(report["tflops_per_gpu"] - 150.0) <= 0.05 * 150.0
+    assert 0 < report["memory_per_rank_gb"]["total"] < 80.0 and report["hardware"]["fits"]
+    assert report["bubble_fraction"] == pytest.approx(11 / 128)
+    assert report["mfu"] == pytest.approx(report["tflops_per_gpu"] * 3 / 4 / 312.0)  # recomputation is not model work
+    memory = report["memory_per_rank_gb"]
+    assert memory["total"] == pytest.approx(sum(memory[k] for k in ("weights", "grads", "optimizer", "activations")),
+                                            abs=0.01)
+    table = run_cli(["megatron_bloom.plan", *BLOOM_176B, "--iter-time", "104.7"]).stdout
+    assert "176.2 B" in table and "fits" in table and "MFU" in table
+
+
+def test_parameters_per_stage_and_rank_add_up():
+    """Over the stages and tensor-parallel ranks, every parameter once (plus the tied embedding's copy on
+    the last stage), for a layout whose blocks do not split evenly."""
+    config = load_config(["model=bloom-560m", "parallel.tp=2", "parallel.pp=5", "parallel.dp=1"])
+    model = config.model
+    stages = stage_parameters(config)
+    assert sum(stage.blocks for stage in stages) == model.num_layers
+    h, tp = model.hidden_size, 2
+    total = sum(stage.params_per_rank for stage in stages) * tp
+    embedding_copy = model.padded_vocab_size(tp) * h
+    assert total - embedding_copy - (tp - 1) * (model.num_layers * 6 * h + 4 * h) == model.num_parameters(tp)
+    assert block_parameters_per_rank(h, 1) == model.layer_parameters()
+
+
+def test_zero_stages_and_checkpointing_shrink_what_they_should():
+    base = ["model=bloom-1b7", "parallel.dp=8", "train.global_batch_size=64", "train.micro_batch_size=2"]
+    memory = {zero: build_report(load_config(base + [f"zero.stage={zero}"]))["memory_per_rank_gb"] for zero in range(4)}
+    assert memory[1]["optimizer"] == pytest.approx(memory[0]["optimizer"] / 8, rel=1e-3)
+    assert memory[2]["grads"] < memory[1]["grads"] == memory[0]["grads"]
+    assert memory[3]["weights"] == pytest.approx(memory[2]["weights"] / 8, rel=1e-3)
+    recomputed = build_report(load_config(base + ["train.activation_checkpointing=true"]))["memory_per_rank_gb"]
+    sequence_parallel = build_report(load_config(base[:1] + ["parallel.dp=4", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                                            "train.global_batch_size=64", "train.micro_batch_size=2"]))
+    assert recomputed["activations"] < 0.6 * memory[1]["activations"]  # the logits (V = 250880) stay
+    assert sequence_parallel["memory_per_rank_gb"]["activations"] < memory[1]["activations"]
+
+
+def test_bad_plans_are_user_errors():
+    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "--iter-time", "0"], check=False),
+                      "--iter-time")
+    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "hardware=tpu-v9"], check=False),
+                      "hardware", "tpu-v9")
+    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "parallel.tp=3"], check=False),
+                      "parallel.tp (3)")
+
+
+def test_memory_prediction_matches_a_real_run_on_this_machine():
+    """bloom-small, dp 2, ZeRO 0 and 1, bf16: the planner's total per rank within 15% of what each rank's
+    resident memory grew by during training (benchmarks/plan_memory.py measures it)."""
+    result = run_cli(["benchmarks.plan_memory", "--zero", "0", "1"], timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["zero"] for row in rows] == [0, 1]
+    for row in rows:
+        assert 0.85 <= row["predicted_over_measured"] <= 1.15, row
+    assert rows[1]["measured_gb"] < rows[0]["measured_gb"]  # ZeRO 1 partitions the optimizer state
