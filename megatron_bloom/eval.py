@@ -18,12 +18,11 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from megatron_bloom.checkpoint.model_loading import load_model
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata
-from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
-from megatron_bloom.config.cli import parse_overrides
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.config.cli import checkpoint_command_config, parse_overrides
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
@@ -93,12 +92,7 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
 @exit_on_user_error("mbloom-eval")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     overrides = parse_overrides(argv, "mbloom-eval", USAGE)
-    raw = compose_dictconfig(overrides)
-    missing = [key for key in ("checkpoint.load", "eval.input", "eval.tokenizer") if not OmegaConf.select(raw, key)]
-    if missing:
-        raise UserError(f"mbloom-eval needs {', '.join(missing)}. Usage: mbloom-eval {USAGE}")
-    # The checkpoint defines the model: validate the layout against it, not against the default preset.
-    config = load_config(overrides, model=read_metadata(raw.checkpoint.load).model)
+    config = checkpoint_command_config(overrides, "mbloom-eval", USAGE, required=("eval.input", "eval.tokenizer"))
     start = time.perf_counter()
     world_size = init_distributed()
     state = state_for_run(config.parallel, world_size)

@@ -22,12 +22,11 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
 from megatron_bloom.checkpoint.model_loading import load_model
-from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
-from megatron_bloom.config.cli import parse_overrides
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.config.cli import checkpoint_command_config, parse_overrides
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.tokenizer import load_tokenizer
@@ -151,14 +150,8 @@ def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
 @exit_on_user_error("mbloom-generate")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     overrides = parse_overrides(argv, "mbloom-generate", USAGE)
-    raw = compose_dictconfig(overrides)
-    missing = [key for key in ("checkpoint.load", "eval.tokenizer") if not OmegaConf.select(raw, key)]
-    if not OmegaConf.select(raw, "generate.prompt") and not OmegaConf.select(raw, "generate.input"):
-        missing.append("generate.prompt (or generate.input)")
-    if missing:
-        raise UserError(f"mbloom-generate needs {', '.join(missing)}. Usage: mbloom-generate {USAGE}")
-    # The checkpoint defines the model: validate the layout against it, not against the default preset.
-    config = load_config(overrides, model=read_metadata(raw.checkpoint.load).model)
+    config = checkpoint_command_config(overrides, "mbloom-generate", USAGE, required=("eval.tokenizer",),
+                                       one_of=("generate.prompt", "generate.input"))
     start = time.perf_counter()
     world_size = init_distributed()
     state = state_for_run(config.parallel, world_size)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_bloom.config import load_config
-from megatron_bloom.errors import ConfigError, UserError, exit_on_user_error
+from megatron_bloom.config.cli import parse_command_line
+from megatron_bloom.errors import ConfigError, exit_on_user_error
 from megatron_bloom.launcher.jobs import (
     Job,
     deepspeed_command,
@@ -35,26 +36,6 @@ from megatron_bloom.launcher.slurm import render_sbatch, submit, wait_for_jobs
 from megatron_bloom.launcher.sweep import PointResult, expand_sweep, summary_table, sweep_keys
 
 USAGE = "[--dry-run] [--multirun] [launcher=local|deepspeed|slurm] model=... data.paths=[...] key=value ..."
-
-
-def parse_arguments(argv: Sequence[str]) -> Tuple[bool, bool, List[str]]:
-    """(dry_run, multirun, overrides); `-h` prints the usage."""
-    dry_run = multirun = False
-    overrides = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(f"usage: mbloom-launch {USAGE}\n\n{__doc__}")
-            sys.exit(0)
-        elif arg == "--dry-run":
-            dry_run = True
-        elif arg in ("--multirun", "-m"):
-            multirun = True
-        elif arg.startswith("-") or "=" not in arg:
-            raise UserError(f"mbloom-launch takes --dry-run, --multirun and Hydra overrides of the form key=value; "
-                            f"cannot read {arg!r}. Usage: mbloom-launch {USAGE}")
-        else:
-            overrides.append(arg)
-    return dry_run, multirun, overrides
 
 
 def plan_points(overrides: List[str], multirun: bool) -> Tuple[Optional[Path], List[Job]]:
@@ -117,7 +98,9 @@ def _status(returncode: int) -> str:
 
 @exit_on_user_error("mbloom-launch")
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    dry, multirun, overrides = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    overrides, flags = parse_command_line(argv, "mbloom-launch", USAGE, switches=("--dry-run", "--multirun", "-m"),
+                                          description=__doc__)
+    dry, multirun = bool(flags.get("--dry-run")), bool(flags.get("--multirun") or flags.get("-m"))
     root, jobs = plan_points(overrides, multirun)
     if dry:
         dry_run(jobs)

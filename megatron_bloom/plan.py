@@ -13,38 +13,24 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
+from megatron_bloom.config.cli import parse_command_line
 from megatron_bloom.errors import UserError, exit_on_user_error
 
 USAGE = "[hydra overrides] [--iter-time SECONDS] [--json]"
 
 
-def parse_arguments(argv: Sequence[str]) -> Tuple[List[str], Optional[float], bool]:
-    overrides, iter_time, as_json = [], None, False
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(f"usage: mbloom-plan {USAGE}\n\n{__doc__}")
-            sys.exit(0)
-        elif arg == "--json":
-            as_json = True
-        elif arg == "--iter-time" or arg.startswith("--iter-time="):
-            value = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            try:
-                iter_time = float(value)
-            except ValueError:
-                iter_time = -1.0
-            if not iter_time > 0:
-                raise UserError(f"--iter-time takes the seconds one training iteration takes; got {value!r}.")
-        elif arg.startswith("-") or "=" not in arg:
-            raise UserError(f"mbloom-plan takes Hydra overrides (key=value), --iter-time SECONDS and --json; cannot "
-                            f"read {arg!r}. Usage: mbloom-plan {USAGE}")
-        else:
-            overrides.append(arg)
-    return overrides, iter_time, as_json
+def iter_time_seconds(value: Optional[object]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"--iter-time takes the seconds one training iteration takes; got {value!r}.")
+    return seconds
 
 
 def format_table(report: dict) -> str:
@@ -78,7 +64,9 @@ def format_table(report: dict) -> str:
 
 @exit_on_user_error("mbloom-plan")
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    overrides, iter_time, as_json = parse_arguments(sys.argv[1:] if argv is None else argv)
+    overrides, flags = parse_command_line(argv, "mbloom-plan", USAGE, switches=("--json",), options=("--iter-time",),
+                                          description=__doc__)
+    iter_time, as_json = iter_time_seconds(flags.get("--iter-time")), bool(flags.get("--json"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the stage split comes from DeepSpeed; no device is used
     from megatron_bloom.config import load_config
     from megatron_bloom.planner.hardware import hardware

@@ -1,21 +1,62 @@
-"""Command lines made of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`, `-generate` take."""
+"""Command lines made of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`, `-generate`, `-launch` and
+`-plan` take, with the few `--flags` a command adds."""
 
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
 
 from megatron_bloom.errors import UserError
 
 
-def parse_overrides(argv: Optional[Sequence[str]], program: str, usage: str) -> List[str]:
-    """The overrides of a command line; `-h`/`--help` prints `usage` and exits; anything else is refused."""
+def parse_command_line(argv: Optional[Sequence[str]], program: str, usage: str, switches: Sequence[str] = (),
+                       options: Sequence[str] = (), description: str = "") -> Tuple[List[str], Dict[str, object]]:
+    """(overrides, flags): `switches` are `--name` flags (True when given), `options` take a value
+    (`--name VALUE` or `--name=VALUE`). `-h`/`--help` prints `usage` and `description`, and exits;
+    anything else that is not key=value is refused in one paragraph."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in args):
-        print(f"usage: {program} {usage}")
-        sys.exit(0)
-    bad = [arg for arg in args if "=" not in arg or arg.startswith("-")]
-    if bad:
-        raise UserError(f"{program} takes Hydra overrides of the form key=value; cannot read "
-                        f"{' '.join(bad)}. Example: {program} {usage}")
-    return args
+    overrides: List[str] = []
+    flags: Dict[str, object] = {}
+    while args:
+        arg = args.pop(0)
+        name = arg.split("=", 1)[0]
+        if arg in ("-h", "--help"):
+            print(f"usage: {program} {usage}" + (f"\n\n{description}" if description else ""))
+            sys.exit(0)
+        elif arg in switches:
+            flags[arg] = True
+        elif name in options:
+            if "=" not in arg and not args:
+                raise UserError(f"{name} needs a value. Usage: {program} {usage}")
+            flags[name] = arg.split("=", 1)[1] if "=" in arg else args.pop(0)
+        elif arg.startswith("-") or "=" not in arg:
+            accepted = ", ".join([*switches, *(f"{option} VALUE" for option in options)])
+            raise UserError(f"{program} takes {accepted + ' and ' if accepted else ''}Hydra overrides of the form "
+                            f"key=value; cannot read {arg!r}. Usage: {program} {usage}")
+        else:
+            overrides.append(arg)
+    return overrides, flags
+
+
+def parse_overrides(argv: Optional[Sequence[str]], program: str, usage: str) -> List[str]:
+    """The overrides of a command line that takes nothing else."""
+    return parse_command_line(argv, program, usage)[0]
+
+
+def checkpoint_command_config(overrides: Sequence[str], program: str, usage: str, required: Sequence[str],
+                              one_of: Sequence[str] = ()):
+    """The config of a command that runs a checkpoint's model (mbloom-eval, -generate): the keys it needs
+    are set (all of `required`, one of `one_of`), and the layout is validated against the checkpoint's
+    model, not against the default preset."""
+    from megatron_bloom.checkpoint.layout import read_metadata
+    from megatron_bloom.config.loading import compose_dictconfig, load_config
+
+    raw = compose_dictconfig(overrides)
+    missing = [key for key in ("checkpoint.load", *required) if not OmegaConf.select(raw, key)]
+    if one_of and not any(OmegaConf.select(raw, key) for key in one_of):
+        missing.append(" or ".join(one_of))
+    if missing:
+        raise UserError(f"{program} needs {', '.join(missing)}. Usage: {program} {usage}")
+    return load_config(overrides, model=read_metadata(raw.checkpoint.load).model)
