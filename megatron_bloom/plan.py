@@ -74,8 +74,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     config = load_config(overrides)
     report = build_report(config, iter_time, hardware(config.hardware))
-    if iter_time is not None:
-        report["iter_time_s"] = iter_time
     print(json.dumps(report) if as_json else format_table(report), flush=True)
 
 

@@ -100,7 +100,7 @@ def _read_sliced(partitions: List[dict], metadata: CheckpointMetadata) -> Parame
                 pieces = fragments.setdefault(name, {key: [] for key in STATE_KEYS})
                 for key in STATE_KEYS:
                     pieces[key].append(flat[key].narrow(0, address.start, address.numel))
-    shapes = _shapes_by_name(partitions, metadata, fragments)
+    shapes = _shapes_by_name(metadata, fragments)
     states = ParameterStates(step=_step(steps))
     for name, pieces in fragments.items():
         states.add(_canonical(name, metadata),
@@ -108,7 +108,7 @@ def _read_sliced(partitions: List[dict], metadata: CheckpointMetadata) -> Parame
     return states
 
 
-def _shapes_by_name(partitions: List[dict], metadata: CheckpointMetadata, fragments: Dict) -> Dict[str, torch.Size]:
+def _shapes_by_name(metadata: CheckpointMetadata, fragments: Dict) -> Dict[str, torch.Size]:
     """The flat fragments only know their lengths; the shapes come from the model's shard shapes."""
     full = full_shapes(metadata.model, metadata.task)
     shapes = {}

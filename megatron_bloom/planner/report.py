@@ -50,6 +50,7 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
     if iter_time is not None:
         # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
         # model's FLOPs only (Chowdhery et al. 2022).
+        report["iter_time_s"] = iter_time
         report["tflops_per_gpu"] = flops / iter_time / world / 1e12
         report["tokens_per_s"] = tokens / iter_time
         if device is not None:
