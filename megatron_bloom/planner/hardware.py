@@ -34,19 +34,25 @@ def hardware(name: str) -> Hardware:
     return measure_cpu() if name == "cpu" else PRESETS[name]
 
 
+def gemm_tflops(m: int, k: int, n: int, dtype, seconds: float = 0.5) -> float:
+    """Sustained rate of [m, k] x [k, n] products in `dtype` on this machine (best repetition over about
+    `seconds`, after a warm-up), in TFLOP/s."""
+    import torch
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2.0 * m * k * n / (time.perf_counter() - start))
+    return best / 1e12
+
+
 def measure_cpu(size: int = 2048, seconds: float = 1.0) -> Hardware:
-    """This machine's sustained GEMM rate (best of repeated `size`^3 products over about `seconds`)."""
+    """This machine: its square-GEMM peak with all its threads, bf16 and fp32, and its total memory."""
     import psutil
     import torch
 
-    rates = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)  # warm-up
-        best, deadline = 0.0, time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2.0 * size ** 3 / (time.perf_counter() - start))
-        rates[dtype] = best / 1e12
-    return Hardware("cpu", rates[torch.bfloat16], rates[torch.float32], psutil.virtual_memory().total / 1e9)
+    return Hardware("cpu", gemm_tflops(size, size, size, torch.bfloat16, seconds / 2),
+                    gemm_tflops(size, size, size, torch.float32, seconds / 2), psutil.virtual_memory().total / 1e9)
