@@ -19,8 +19,9 @@ args=(--master_port "${MASTER_PORT:-29500}")
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 [[ -n "${NPROC_PER_NODE:-}" ]] && args+=(--num_gpus "$NPROC_PER_NODE")
 
-# As torchrun does: one OpenMP thread per rank unless told otherwise (ranks share the node's cores).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The node's cores shared by its ranks, unless told otherwise.
+ranks=${NPROC_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
 
 # --no_local_rank: each rank reads LOCAL_RANK from its environment; its arguments stay Hydra overrides.
 exec deepspeed "${args[@]}" --no_local_rank --module megatron_bloom.train "$@"

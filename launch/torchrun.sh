@@ -11,8 +11,10 @@
 # One node and no MASTER_ADDR: torchrun's standalone mode (a free local port, no clash between jobs).
 set -euo pipefail
 
-nproc=${NPROC_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}
+ranks=${NPROC_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}
 nnodes=${NNODES:-1}
+# The node's cores shared by its ranks (torchrun alone would give each rank one thread).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
 
 if [[ "$nnodes" == 1 && -z "${MASTER_ADDR:-}" ]]; then
     rendezvous=(--standalone)
@@ -21,4 +23,4 @@ else
                 --master-port "${MASTER_PORT:-29500}")
 fi
 
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$nproc" -m megatron_bloom.train "$@"
+exec torchrun "${rendezvous[@]}" --nproc-per-node "$ranks" -m megatron_bloom.train "$@"

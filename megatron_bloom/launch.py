@@ -80,7 +80,7 @@ def dry_run(jobs: List[Job]) -> None:
 
 def run_local(job: Job, quiet: bool) -> str:
     """Run one job here to its end; returns its status. `quiet`: output to `run.dir/launch.log`."""
-    env = launch_environment()
+    env = launch_environment(job)
     command = launch_command(job)
     if not quiet:
         return _status(subprocess.run(command, env=env).returncode)

@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megatron_bloom.config import TrainConfig, load_config
 from megatron_bloom.errors import ConfigError
@@ -79,13 +79,16 @@ def deepspeed_command(job: Job) -> List[str]:
             "--no_local_rank", "--module", TRAIN_MODULE, *job.overrides]
 
 
-def launch_environment() -> Dict[str, str]:
-    """Without a GPU, DeepSpeed (and its launcher) must use its CPU accelerator."""
+def launch_environment(job: Optional[Job] = None) -> Dict[str, str]:
+    """Without a GPU, DeepSpeed (and its launcher) must use its CPU accelerator; a job's ranks share this
+    node's cores (OMP_NUM_THREADS = cores / ranks on the node, unless set)."""
     import torch
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    if job is not None:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.nproc_per_node)))
     return env
 
 
