@@ -27,6 +27,21 @@ def model_gemms(model, tokens: int):
             ("lm head", tokens, h, v, 1)]
 
 
+def step_weighted_tflops(model, tokens: int, dtype, seconds: float = 0.5, report=None) -> float:
+    """The rate a step's GEMMs would run at if each ran at its measured rate: total FLOPs / total time."""
+    from megatron_bloom.planner.hardware import gemm_tflops
+
+    total_flops = total_seconds = 0.0
+    for name, m, k, n, count in model_gemms(model, tokens):
+        rate = gemm_tflops(m, k, n, dtype, seconds)
+        flops = 2.0 * m * k * n * count
+        total_flops += flops
+        total_seconds += flops / (rate * 1e12)
+        if report is not None:
+            report(name, (m, k, n), rate)
+    return total_flops / total_seconds / 1e12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bloom-small")
@@ -38,23 +53,17 @@ def main() -> None:
     import torch
 
     from megatron_bloom.config import load_config
-    from megatron_bloom.planner.hardware import gemm_tflops
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_config([f"model={args.model}"]).model
     tokens = args.micro_batch * model.seq_length
     for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        total_flops = total_seconds = 0.0
-        for name, m, k, n, count in model_gemms(model, tokens):
-            rate = gemm_tflops(m, k, n, dtype, args.seconds)
-            flops = 2.0 * m * k * n * count
-            total_flops += flops
-            total_seconds += flops / (rate * 1e12)
-            print(json.dumps({"dtype": label, "gemm": name, "shape": [m, k, n], "tflops": round(rate, 4)}))
-        print(json.dumps({"dtype": label, "model": args.model, "threads": torch.get_num_threads(),
-                          "step_weighted_tflops": round(total_flops / total_seconds / 1e12, 4)}), flush=True)
+        def report(name, shape, rate, label=label):
+            print(json.dumps({"dtype": label, "gemm": name, "shape": list(shape), "tflops": round(rate, 4)}))
 
+        weighted = step_weighted_tflops(model, tokens, dtype, args.seconds, report)
+        print(json.dumps({"dtype": label, "model": args.model, "threads": torch.get_num_threads(),
+                          "step_weighted_tflops": round(weighted, 4)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -86,15 +86,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mbloom-bench-train-"))
     ours_s, tflops = ours(args.model, args.iters, args.micro_batch, work)
     theirs_s = theirs(args.model, args.iters, args.micro_batch)
+    import torch
+
+    from benchmarks.gemm_peak import step_weighted_tflops
+
+    gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, torch.bfloat16)
     print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, bf16, AdamW, one process, "
           f"{os.cpu_count()} cores")
     print(f"  mbloom-train:                 {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
           f"{tflops * 1000:.0f} GFLOP/s (model FLOPs)")
     print(f"  transformers (bf16 autocast): {theirs_s:.3f} s/step, {tokens / theirs_s:,.0f} tokens/s")
     print(f"  ratio (mbloom-train / transformers tokens/s): {theirs_s / ours_s:.2f}")
+    print(f"  bf16 GEMM ceiling at these shapes (gemm_peak.py): {gemm_peak * 1000:.0f} GFLOP/s; mbloom-train "
+          f"reaches {tflops / gemm_peak:.0%} of it")
     print(json.dumps({"ours_tokens_per_s": round(tokens / ours_s, 1), "transformers_tokens_per_s":
                       round(tokens / theirs_s, 1), "ratio": round(theirs_s / ours_s, 3),
-                      "ours_gflops": round(tflops * 1000, 1)}))
+                      "ours_gflops": round(tflops * 1000, 1), "gemm_peak_gflops": round(gemm_peak * 1000, 1),
+                      "fraction_of_gemm_peak": round(tflops / gemm_peak, 3)}))
 
 
 if __name__ == "__main__":
