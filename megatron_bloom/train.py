@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -17,7 +16,7 @@ from megatron_bloom.config import load_config
 from megatron_bloom.config.cli import parse_overrides
 from megatron_bloom.errors import exit_on_user_error
 from megatron_bloom.parallel import init_distributed
-from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.parallel.distributed import exit_without_teardown, state_for_run
 from megatron_bloom.training.validation import validate_training_inputs
 
 USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [train.iters=N] ..."
@@ -41,12 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Everything is written, closed and flushed now. The interpreter's own teardown can still abort a rank
-    # ("terminate called without an active exception": background threads of DeepSpeed's CPU comm and of
-    # gloo destroyed while running), turning a finished run into a failed one; leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 if __name__ == "__main__":
