@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_bloom.config import TrainConfig, load_config
 from megatron_bloom.errors import ConfigError
+from megatron_bloom.parallel.distributed import free_port
 from megatron_bloom.training.validation import validate_training_inputs
 
 TRAIN_MODULE = "megatron_bloom.train"
@@ -75,7 +76,7 @@ def torchrun_command(job: Job) -> List[str]:
 
 def deepspeed_command(job: Job) -> List[str]:
     """DeepSpeed's launcher on this node; `--no_local_rank` keeps the ranks' arguments Hydra overrides."""
-    return ["deepspeed", "--num_gpus", str(job.nproc_per_node), "--master_port", str(_free_port()),
+    return ["deepspeed", "--num_gpus", str(job.nproc_per_node), "--master_port", str(free_port()),
             "--no_local_rank", "--module", TRAIN_MODULE, *job.overrides]
 
 
@@ -95,10 +96,3 @@ def launch_environment(job: Optional[Job] = None) -> Dict[str, str]:
 def shell_line(command: Sequence[str]) -> str:
     return " ".join(shlex.quote(part) for part in command)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -60,7 +60,7 @@ def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
         if not always:
             return 1
         env = {"rank": 0, "world_size": 1, "local_rank": 0}
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
@@ -75,7 +75,8 @@ def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
     return env["world_size"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
