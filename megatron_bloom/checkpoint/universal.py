@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from megatron_bloom.checkpoint.deepspeed_optimizer import STATE_KEYS
+from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, STATE_KEYS
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, pipeline_layer_file
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.parallel.sharding import merge_state_dicts, shard_tensor
@@ -37,16 +37,16 @@ def write_layers(directory: Path, full: StateTensors, step: int, config: ModelCo
     """Write the layers whose parameters `full` holds (single-process names, full tensors), sliced for `tp`
     ranks: weights (the fp32 masters in `weight_dtype`, as the run held them) and optimizer state. Returns
     the layers written."""
-    layers: Dict[int, List[str]] = {}
-    for name in full[STATE_KEYS[0]]:
-        layers.setdefault(canonical_layer(name, config)[0], []).append(name)
+    layers: Dict[int, List[Tuple[str, str]]] = {}  # layer -> (single-process name, name inside the layer)
+    for name in full[MASTER]:
+        layer, local = canonical_layer(name, config)
+        layers.setdefault(layer, []).append((name, local))
     for tp_rank in range(tp):
         for layer, names in layers.items():
             weights, optimizer = {}, {}
-            for name in names:
-                local = canonical_layer(name, config)[1]
+            for name, local in names:
                 shard = {key: shard_tensor(name, full[key][name], config, tp, tp_rank) for key in STATE_KEYS}
-                weights[local] = shard[STATE_KEYS[0]].to(weight_dtype)
+                weights[local] = shard[MASTER].to(weight_dtype)
                 optimizer[local] = shard
             torch.save(weights, directory / pipeline_layer_file(layer, tp_rank))
             torch.save({"step": step, "state": optimizer}, directory / optimizer_layer_file(layer, tp_rank))
