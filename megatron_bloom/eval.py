@@ -47,7 +47,8 @@ def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1)
 
 def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     sequence_parallel = config.parallel.sequence_parallel
-    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision], sequence_parallel)
+    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision], sequence_parallel,
+                                 run_model=config.model)
     model.eval()
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:

@@ -118,7 +118,8 @@ def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
     """Every prompt's completion, in prompt order (on every rank)."""
     if config.parallel.sequence_parallel:
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
-    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision])
+    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision],
+                                 run_model=config.model)
     model.eval()
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:

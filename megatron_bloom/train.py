@@ -17,6 +17,7 @@ from megatron_bloom.config.cli import parse_overrides
 from megatron_bloom.errors import exit_on_user_error
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import exit_without_teardown, state_for_run
+from megatron_bloom.training.host_memory import keep_freed_host_memory
 from megatron_bloom.training.validation import validate_training_inputs
 
 USAGE = "[model=bloom-tiny] data.paths=[PREFIX] [parallel.tp=N parallel.pp=N] [train.iters=N] ..."
@@ -33,6 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     world_size = init_distributed(always=True)  # DeepSpeed needs a process group, even for one process
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     state = state_for_run(config.parallel, world_size, require_groups=True)
+    if state.device.type == "cpu":
+        keep_freed_host_memory()
     from megatron_bloom.training.loop import train  # DeepSpeed is imported only when training
 
     try:

@@ -30,6 +30,7 @@ import torch
 
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
+from megatron_bloom.model.config import RUNTIME_FIELDS
 from megatron_bloom.parallel.sharding import merge_state_dicts
 
 METADATA_FILE = "mbloom.json"
@@ -81,7 +82,8 @@ class CheckpointMetadata:
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
-        del raw["model"]["attention_impl"]  # how a run computes attention is not part of the model
+        for key in RUNTIME_FIELDS:  # how a run computes is not part of the model
+            del raw["model"][key]
         return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -91,7 +93,7 @@ class CheckpointMetadata:
             if raw.get("format_version") != FORMAT_VERSION:
                 raise UserError(f"{source} has format_version {raw.get('format_version')!r}; this version of "
                                 f"megatron_bloom reads format {FORMAT_VERSION}.")
-            raw["model"] = ModelConfig(**{k: v for k, v in raw["model"].items() if k != "attention_impl"})
+            raw["model"] = ModelConfig(**{k: v for k, v in raw["model"].items() if k not in RUNTIME_FIELDS})
             raw["task"] = TaskConfig(**raw["task"])
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError) as error:

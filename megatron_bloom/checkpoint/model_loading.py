@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,19 +17,25 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.errors import UserError
-from megatron_bloom.model import create_task_model
+from megatron_bloom.model import ModelConfig, create_task_model
+from megatron_bloom.model.config import RUNTIME_FIELDS
 from megatron_bloom.parallel import ParallelState, build_parallel_model, check_tensor_parallel, parallelize_bloom
 
 
 def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torch.float32,
-               sequence_parallel: bool = False) -> Tuple[nn.Module, CheckpointMetadata]:
+               sequence_parallel: bool = False,
+               run_model: Optional[ModelConfig] = None) -> Tuple[nn.Module, CheckpointMetadata]:
     """This rank's model with the checkpoint's weights (weights only: no optimizer state is read).
 
     When the checkpoint has this run's tp, each rank reads only its own file; otherwise the full weights
-    are assembled and sliced for this rank.
+    are assembled and sliced for this rank. `run_model` (the run's `config.model`) supplies how the model
+    computes (attention, fused kernels), which a checkpoint does not record.
     """
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
+    if run_model is not None:
+        metadata.model = dataclasses.replace(metadata.model, **{key: getattr(run_model, key)
+                                                                for key in RUNTIME_FIELDS})
     if state.pp != 1:
         raise UserError("evaluation runs the whole model on each tensor-parallel group: use parallel.pp=1 "
                         "(a checkpoint of any pp layout loads).")

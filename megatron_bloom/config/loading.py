@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_bloom.config.schema import TrainConfig
 from megatron_bloom.errors import ConfigError, UserError
-from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.config import RUNTIME_FIELDS, ModelConfig
 
 SCHEMA_NAME = "train_schema"
 CONFIG_DIR_ENV = "MBLOOM_CONFIG_DIR"
@@ -59,12 +59,13 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train",
     """Compose, resolve interpolations and validate: the `TrainConfig` a command runs with.
 
     `model`: the model of a checkpoint, which replaces the `model` section (evaluation and generation run
-    the checkpoint's model, so the layout is checked against it); how attention is computed stays the
-    run's choice.
+    the checkpoint's model, so the layout is checked against it); how it is computed (attention, fused
+    kernels) stays the run's choice.
     """
     cfg = compose_dictconfig(overrides, config_name)
     if model is not None:
-        cfg.model = OmegaConf.structured(dataclasses.replace(model, attention_impl=cfg.model.attention_impl))
+        runtime = {key: cfg.model[key] for key in RUNTIME_FIELDS}
+        cfg.model = OmegaConf.structured(dataclasses.replace(model, **runtime))
     try:
         return OmegaConf.to_object(cfg)  # builds the dataclasses, which runs their __post_init__ checks
     except OmegaConfBaseException as error:

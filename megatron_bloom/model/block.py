@@ -44,17 +44,25 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return BloomGeLU.apply(x)
 
 
+def fused_bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The same function through torch's vectorized tanh-GeLU kernel: one pass forward and one backward
+    (BLOOM's formula as separate ops makes seven). Its sqrt(2/pi) is exact where BLOOM's is rounded to
+    0.79788456, a relative difference of 8e-10."""
+    return F.gelu(x, approximate="tanh")
+
+
 class BloomMLP(nn.Module):
     """h -> 4h -> GeLU (tanh approximation, as BLOOM was trained) -> h, then dropout and the residual."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
+        self.activation = fused_bloom_gelu if config.fused_kernels else bloom_gelu
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        intermediate = bloom_gelu(self.dense_h_to_4h(hidden_states))
+        intermediate = self.activation(self.dense_h_to_4h(hidden_states))
         output = self.dense_4h_to_h(intermediate)
         return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
 

@@ -25,7 +25,8 @@ Memory per rank, P = this rank's parameters, d = dp, DeepSpeed's mixed-precision
                 kernel keeps no s x s matrix. Full recomputation keeps each layer's input, 2*s*b*h (/ t with
                 sequence parallelism), plus one layer's activations while it is recomputed. Stage k of a 1F1B
                 pipeline holds min(pp - k, micro-batches) micro-batches in flight; the last stage adds the
-                logits, s*b*V/t * (2w + 4): the logits, the fp32 copy its cross-entropy keeps, their gradient.
+                logits, s*b*V/t * 2w: the logits (the chunked cross-entropy keeps them, no fp32 copy) and their
+                gradient.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def activation_bytes(config: TrainConfig, stage: StagePlan) -> float:
     in_flight = min(parallel.pp - stage.stage, micro_batches_per_step(config))
     total = in_flight * per_micro_batch + working
     if stage.stage == parallel.pp - 1:
-        total += s * b * model.padded_vocab_size(t) / t * (2 * w + 4)
+        total += s * b * model.padded_vocab_size(t) / t * 2 * w
     return total
 
 
