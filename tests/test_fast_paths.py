@@ -103,3 +103,60 @@ def test_freed_host_memory_stays_for_reuse_only_when_asked(mode):
         assert kept_mb >= 250  # the freed 256 MB is still the process's, ready for the next step
     else:
         assert kept_mb <= 16  # glibc's default returns it to the system at once
+
+
+def test_whole_tensor_cross_entropy_functions_match_the_chunked_passes():
+    """The functions `model.fused_kernels` compiles on GPUs compute what the chunked passes do (run eagerly
+    here; the compiled kernels themselves are checked on a GPU by benchmarks/gpu_checks.py)."""
+    generator = torch.Generator().manual_seed(1)
+    real_columns = 1000
+    rows = (torch.randn(300, 1024, generator=generator) * 4).bfloat16()
+    target = torch.randint(-5, real_columns, (300,), generator=generator)  # some ids on another rank's slice
+    row_max = rows[:, :real_columns].amax(-1).float()
+    sum_exp = cross_entropy._sum_exp(rows[:, :real_columns], row_max)
+    expected_sum_exp = torch.exp(rows[:, :real_columns].double() - row_max[:, None].double()).sum(-1)
+    assert torch.allclose(sum_exp.double(), expected_sum_exp, rtol=1e-6)
+
+    log_sum_exp = sum_exp.log() + row_max
+    grad_loss = torch.rand(300, generator=generator)
+    on_this_rank = target >= 0
+    local_target = target.clamp(min=0)
+    target_grad = -on_this_rank.float() * grad_loss
+    grad = cross_entropy._logits_grad(rows, log_sum_exp, grad_loss, local_target, target_grad, real_columns)
+    probs = torch.softmax(rows[:, :real_columns].float(), -1)
+    one_hot = F.one_hot(local_target, real_columns).float() * on_this_rank[:, None]
+    expected = ((probs - one_hot) * grad_loss[:, None])
+    assert grad.dtype == torch.bfloat16
+    assert (grad[:, :real_columns].float() - expected).abs().max().item() <= 2 ** -9
+    assert grad[:, real_columns:].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_alibi_folded_into_query_key_gives_the_biased_causal_attention(dtype):
+    """What the CUDA path runs (ALiBi as four extra q.k dimensions, causal kernel, no mask) against float64
+    attention with the bias added: within the dtype's rounding, and in bf16 closer than the bf16 bias
+    tensor the masked path adds."""
+    from megatron_bloom.model.alibi import alibi_slopes, fold_alibi_into_query_key
+
+    generator = torch.Generator().manual_seed(2)
+    batch, heads, length, head_dim = 2, 6, 700, 32
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype) for _ in range(3))
+    slopes, scale = alibi_slopes(heads), head_dim ** -0.5
+    positions = torch.arange(length, dtype=torch.float64)
+    bias = slopes.double()[:, None] * positions  # [heads, kv]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale + bias[None, :, None, :]
+    exact = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v.double()
+
+    folded_q, folded_k = fold_alibi_into_query_key(q, k, slopes, scale)
+    assert folded_q.shape[-1] % 8 == 0 and folded_q.shape[-1] >= head_dim + 4
+    folded = F.scaled_dot_product_attention(folded_q, folded_k, F.pad(v, (0, folded_q.shape[-1] - head_dim)),
+                                            is_causal=True, scale=scale)[..., :head_dim]
+    folded_error = (folded.double() - exact).abs().max().item()
+    if dtype == torch.float32:
+        assert folded_error <= 1e-4
+    else:
+        mask = torch.where(causal, 0.0, torch.finfo(dtype).min).to(dtype)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype)[None, :, None, :] + mask, scale=scale)
+        assert folded_error <= 0.05
+        assert folded_error < (masked.double() - exact).abs().max().item()

@@ -56,3 +56,38 @@ def alibi_bias(slopes: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     batch_size, kv_length = positions.shape
     bias = slopes[:, None] * positions[:, None, :]
     return bias.reshape(batch_size * slopes.numel(), 1, kv_length).to(dtype)
+
+
+# Key positions are written as 256 * high + low: integers up to 256 are exact in bf16 and fp16 alike.
+_POSITION_BASE = 256
+
+
+def fold_alibi_into_query_key(query: torch.Tensor, key: torch.Tensor, slopes: torch.Tensor, scale: float):
+    """Query and key with ALiBi in four extra dimensions, so that `scale * q'.k' = scale * q.k + slope * j`
+    for key position j: attention then needs no bias tensor and a causal flash kernel can run it.
+
+    q' = [q, s_hi * 256, s_lo * 256, s_hi, s_lo] and k' = [k, j_hi, j_hi, j_lo, j_lo] with
+    j = 256 j_hi + j_lo and slope / scale = s_hi + s_lo split into two numbers of the tensors' dtype, so
+    the kernel's float32 accumulation gets the bias to about 16 bits. (The bf16 bias tensor the reference
+    adds has 8: at 2048 tokens, slope 0.5, it is off by up to 4.) The head dimension is padded with zeros
+    to a multiple of 8, as the fused kernels want. Positions are those of an unpadded sequence,
+    0..kv_length-1; up to 65536 of them.
+    """
+    batch_size, num_heads, q_length, head_dim = query.shape
+    kv_length = key.shape[2]
+    if kv_length > _POSITION_BASE ** 2:
+        raise ValueError(f"folded ALiBi covers up to {_POSITION_BASE ** 2} positions, got {kv_length}")
+    scaled = slopes.to(device=query.device, dtype=torch.float32) / scale
+    slope_hi = scaled.to(query.dtype)
+    slope_lo = (scaled - slope_hi.float()).to(query.dtype)
+    positions = torch.arange(kv_length, device=key.device)
+    position_hi = (positions // _POSITION_BASE).to(key.dtype)
+    position_lo = (positions % _POSITION_BASE).to(key.dtype)
+    query_extra = torch.stack([slope_hi * _POSITION_BASE, slope_lo * _POSITION_BASE, slope_hi, slope_lo], dim=-1)
+    key_extra = torch.stack([position_hi, position_hi, position_lo, position_lo], dim=-1)
+    padding = -(head_dim + 4) % 8
+    query = torch.cat([query, query_extra[None, :, None, :].expand(batch_size, num_heads, q_length, 4),
+                       query.new_zeros(batch_size, num_heads, q_length, padding)], dim=-1)
+    key = torch.cat([key, key_extra[None, None].expand(batch_size, num_heads, kv_length, 4),
+                     key.new_zeros(batch_size, num_heads, kv_length, padding)], dim=-1)
+    return query, key

@@ -9,6 +9,9 @@ single-process model.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import warnings
 from typing import Iterator
 
 import torch
@@ -41,21 +44,30 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, vocab_start, real_columns, group):
+    def forward(ctx, logits, target, vocab_start, real_columns, group, fused):
         columns = logits.shape[-1]
         rows = logits.reshape(-1, columns)[:, :real_columns]  # padding columns never count
-        row_max = rows.amax(dim=-1).float()  # exact in the logits' own dtype
+        if real_columns:
+            row_max = rows.amax(dim=-1).float()  # exact in the logits' own dtype
+        else:  # a rank whose slice is all padding (a small vocabulary at a large tp)
+            row_max = rows.new_full(rows.shape[:1], float("-inf"), dtype=torch.float32)
         _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        sum_exp = torch.empty_like(row_max)
-        for chunk in _row_chunks(rows):
-            # bf16 - fp32 promotes to one fresh float32 chunk: no in-place update of the caller's logits
-            sum_exp[chunk] = torch.sub(rows[chunk], row_max[chunk, None]).exp_().sum(dim=-1)
+        ctx.compiled = fused and rows.is_cuda and _compiled(_sum_exp) is not None
+        if ctx.compiled:
+            sum_exp = _compiled(_sum_exp)(rows, row_max)
+        else:
+            sum_exp = torch.empty_like(row_max)
+            for chunk in _row_chunks(rows):
+                # bf16 - fp32 promotes to one fresh float32 chunk: no in-place update of the caller's logits
+                sum_exp[chunk] = torch.sub(rows[chunk], row_max[chunk, None]).exp_().sum(dim=-1)
         _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
         log_sum_exp = sum_exp.log_().add_(row_max)
         local_target = target.reshape(-1) - vocab_start
         on_this_rank = (local_target >= 0) & (local_target < real_columns)
         local_target = local_target.masked_fill(~on_this_rank, 0)
-        target_logit = rows.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float().masked_fill(~on_this_rank, 0.0)
+        target_logit = torch.zeros_like(row_max)
+        if real_columns:
+            target_logit = rows.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float().masked_fill(~on_this_rank, 0.0)
         _all_reduce(target_logit, dist.ReduceOp.SUM, group)
         ctx.real_columns = real_columns
         ctx.save_for_backward(logits, log_sum_exp, on_this_rank, local_target)
@@ -66,22 +78,49 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, log_sum_exp, on_this_rank, local_target = ctx.saved_tensors
         columns, real_columns = logits.shape[-1], ctx.real_columns
         rows = logits.reshape(-1, columns)
+        grad_loss = grad_loss.reshape(-1).float()
+        target_grad = -on_this_rank.float().mul_(grad_loss)
+        if ctx.compiled:
+            grad = _compiled(_logits_grad)(rows, log_sum_exp, grad_loss, local_target, target_grad, real_columns)
+            return grad.view(logits.shape), None, None, None, None, None
         grad = torch.empty_like(rows)
         grad[:, real_columns:] = 0  # padding columns: never predicted, no gradient
-        grad_loss = grad_loss.reshape(-1).float()
         # d loss / d logit = (softmax - one_hot(target)) * grad_loss, one float32 chunk at a time
-        target_grad = -on_this_rank.float().mul_(grad_loss)
-        for chunk in _row_chunks(rows):
+        for chunk in _row_chunks(rows) if real_columns else ():
             probs = torch.sub(rows[chunk, :real_columns], log_sum_exp[chunk, None]).exp_()
             probs.mul_(grad_loss[chunk, None])
             probs.scatter_add_(-1, local_target[chunk, None], target_grad[chunk, None])
             grad[chunk, :real_columns] = probs
-        return grad.view(logits.shape), None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None
+
+
+# The same two computations as whole-tensor functions, for torch.compile: on a GPU each becomes one
+# kernel that reads the logits once (and writes the gradient once), with no float32 temporaries at all.
+def _sum_exp(rows: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    return torch.exp(rows.float() - row_max[:, None]).sum(dim=-1)
+
+
+def _logits_grad(rows: torch.Tensor, log_sum_exp: torch.Tensor, grad_loss: torch.Tensor, local_target: torch.Tensor,
+                 target_grad: torch.Tensor, real_columns: int) -> torch.Tensor:
+    columns = torch.arange(rows.shape[1], device=rows.device)
+    probs = torch.exp(rows.float() - log_sum_exp[:, None]) * grad_loss[:, None]
+    probs = probs + torch.where(columns == local_target[:, None], target_grad[:, None], 0.0)
+    return torch.where(columns < real_columns, probs, 0.0).to(rows.dtype)
+
+
+@functools.cache
+def _compiled(function):
+    """`function` through torch.compile, or None (after one warning) where it cannot be compiled here: the
+    chunked eager computation is then used."""
+    if importlib.util.find_spec("triton") is None:  # what torch.compile generates GPU kernels with
+        warnings.warn("model.fused_kernels: triton is not installed, so the cross-entropy runs unfused.")
+        return None
+    return torch.compile(function, dynamic=True)
 
 
 def _row_chunks(rows: torch.Tensor) -> Iterator[slice]:
     num_rows, columns = rows.shape
-    step = max(1, _CHUNK_ELEMENTS.get(rows.device.type, _CHUNK_ELEMENTS["cuda"]) // columns)
+    step = max(1, _CHUNK_ELEMENTS.get(rows.device.type, _CHUNK_ELEMENTS["cuda"]) // max(columns, 1))
     return (slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step))
 
 
@@ -91,16 +130,17 @@ def _all_reduce(x: torch.Tensor, op, group) -> None:
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                                 real_columns: int, group) -> torch.Tensor:
+                                 real_columns: int, group, fused: bool = False) -> torch.Tensor:
     """Per-token cross-entropy `[batch, seq]` from this rank's logits `[batch, seq, vocab_slice]`.
 
     `vocab_start` is the first vocabulary id of this rank's slice; its first `real_columns` columns are
     real tokens, the rest padding. Targets outside every slice (e.g. -100) give an arbitrary value that
-    the caller masks out.
+    the caller masks out. `fused` (model.fused_kernels): on a GPU, compile the passes over the logits into
+    one kernel each way.
     """
     # Also at tp = 1: chunked float32 passes over the bf16 logits are about twice as fast as
     # `F.cross_entropy(logits.float())`, which keeps a float32 copy and the log-softmax both.
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, real_columns, group)
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, real_columns, group, fused)
 
 
 class VocabParallelLMHead(nn.Module):
@@ -121,13 +161,14 @@ class VocabParallelLMHead(nn.Module):
 class VocabParallelCausalLMLoss(nn.Module):
     """Mean next-token cross-entropy over the labels that are not -100, from vocab-parallel logits."""
 
-    def __init__(self, group, vocab_start: int, real_columns: int) -> None:
+    def __init__(self, group, vocab_start: int, real_columns: int, fused: bool = False) -> None:
         super().__init__()
-        self.group, self.vocab_start, self.real_columns = group, vocab_start, real_columns
+        self.group, self.vocab_start, self.real_columns, self.fused = group, vocab_start, real_columns, fused
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        per_token = vocab_parallel_cross_entropy(logits, shifted, self.vocab_start, self.real_columns, self.group)
+        per_token = vocab_parallel_cross_entropy(logits, shifted, self.vocab_start, self.real_columns, self.group,
+                                                 self.fused)
         counted = shifted != IGNORE_INDEX
         return (per_token * counted).sum() / counted.sum()
 

@@ -56,7 +56,7 @@ def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel:
         parallelize_block(block, config, state, sequence_parallel)
     if isinstance(model, BloomForCausalLM):
         model.lm_head = VocabParallelLMHead(group, sequence_parallel=sequence_parallel)
-        model.loss_fn = VocabParallelCausalLMLoss(group, *vocab_slice(config, state))
+        model.loss_fn = VocabParallelCausalLMLoss(group, *vocab_slice(config, state), fused=config.fused_kernels)
     elif sequence_parallel:
         for name in _TASK_HEADS:  # a replicated head reads the whole sequence
             if hasattr(model, name):

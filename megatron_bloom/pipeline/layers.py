@@ -86,9 +86,11 @@ class LanguageModelLoss(nn.Module):
         super().__init__()
         self.group = state.tp_group
         self.vocab_start, self.real_columns = vocab_slice(config, state)
+        self.fused = config.fused_kernels
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_token = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.real_columns, self.group)
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.real_columns, self.group,
+                                                 self.fused)
         return per_token.mean()
 
 
