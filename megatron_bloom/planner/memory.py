@@ -21,8 +21,8 @@ Memory per rank, P = this rank's parameters, d = dp, DeepSpeed's mixed-precision
                 a heads, t tp; 2-byte activations, doubled in fp32):
                     s*b*h * (10 + 24/t) + 5*a*s^2*b/t     tensor parallel
                     s*b*h * 34/t + 5*a*s^2*b/t            with sequence parallelism
-                the 5*a*s^2*b/t term (attention scores, softmax) only with attention_impl=eager: the fused
-                kernel keeps no s x s matrix. Full recomputation keeps each layer's input, 2*s*b*h (/ t with
+                the 5*a*s^2*b/t term (attention scores, softmax) only with attention_impl=eager; the fused
+                kernel keeps no s x s matrix on GPUs (ALiBi folded into q.k) and its 2*a*s^2*b/t bias on CPUs. Full recomputation keeps each layer's input, 2*s*b*h (/ t with
                 sequence parallelism), plus one layer's activations while it is recomputed. Stage k of a 1F1B
                 pipeline holds min(pp - k, micro-batches) micro-batches in flight; the last stage adds the
                 logits, s*b*V/t * 2w: the logits (the chunked cross-entropy keeps them, no fp32 copy) and their
@@ -100,7 +100,12 @@ def layer_activation_bytes(config: TrainConfig) -> float:
     s, b, h, a, t = model.seq_length, config.train.micro_batch_size, model.hidden_size, model.num_heads, parallel.tp
     scale = 2.0 if config.precision == "fp32" else 1.0  # Korthikanti's counts assume 2-byte activations
     linear = s * b * h * (34.0 / t if parallel.sequence_parallel else 10.0 + 24.0 / t)
-    scores = 5.0 * a * s * s * b / t if model.attention_impl == "eager" else 0.0
+    if model.attention_impl == "eager":
+        scores = 5.0 * a * s * s * b / t
+    elif config.hardware == "cpu":  # the masked kernel keeps its ALiBi + causal bias, one 2-byte s x s per head
+        scores = 2.0 * a * s * s * b / t
+    else:  # GPUs: ALiBi folded into q.k, causal flash kernel, nothing of size s x s
+        scores = 0.0
     return scale * (linear + scores)
 
 
