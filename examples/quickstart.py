@@ -56,8 +56,8 @@ def main() -> int:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mbloom-quickstart-"))
 
-    # The reference attention (runs default to the fused kernel, equal within rounding): bit-identical logits.
-    config = load_config([f"model={args.model}", "model.attention_impl=eager"]).model
+    # The reference computations (runs default to fused kernels, equal within rounding): bit-identical logits.
+    config = load_config([f"model={args.model}", "model.attention_impl=eager", "model.fused_kernels=false"]).model
     ours = build_model(config, seed=1234)
     built = sum(p.numel() for p in ours.parameters())
     print(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
