@@ -43,7 +43,8 @@ def check_cross_entropy() -> None:
         (grad,) = torch.autograd.grad((loss * weights).sum(), logits)
         results.append((loss, grad))
     (loss, grad), (fused_loss, fused_grad) = results
-    print(json.dumps({"check": "compiled cross-entropy vs chunked", "max_loss_diff": (fused_loss - loss).abs().max().item(),
+    print(json.dumps({"check": "compiled cross-entropy vs chunked",
+                      "max_loss_diff": (fused_loss - loss).abs().max().item(),
                       "max_grad_diff": (fused_grad.float() - grad.float()).abs().max().item(),
                       "padding_grad_max": fused_grad[..., 250000:].abs().max().item()}), flush=True)
 
@@ -116,9 +117,8 @@ def main() -> None:
               f"{result['step_s']:.3f} s/step, "
               f"{result['tokens_per_s']:,.0f} tokens/s, {result['tflops_per_rank']:.1f} TFLOP/s, MFU {mfu:.1%}",
               flush=True)
-        print(json.dumps({"card": card, "model": args.model, "micro_batch": args.micro_batch, "overrides": args.overrides,
-                          "paths": name, **result, "mfu": round(mfu, 4)}),
-              flush=True)
+        print(json.dumps({"card": card, "model": args.model, "micro_batch": args.micro_batch,
+                          "overrides": args.overrides, "paths": name, **result, "mfu": round(mfu, 4)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = local_target.masked_fill(~on_this_rank, 0)
         target_logit = torch.zeros_like(row_max)
         if real_columns:
-            target_logit = rows.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float().masked_fill(~on_this_rank, 0.0)
+            target_logit = rows.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float()
+            target_logit.masked_fill_(~on_this_rank, 0.0)
         _all_reduce(target_logit, dist.ReduceOp.SUM, group)
         ctx.real_columns = real_columns
         ctx.save_for_backward(logits, log_sum_exp, on_this_rank, local_target)

@@ -22,7 +22,8 @@ Memory per rank, P = this rank's parameters, d = dp, DeepSpeed's mixed-precision
                     s*b*h * (10 + 24/t) + 5*a*s^2*b/t     tensor parallel
                     s*b*h * 34/t + 5*a*s^2*b/t            with sequence parallelism
                 the 5*a*s^2*b/t term (attention scores, softmax) only with attention_impl=eager; the fused
-                kernel keeps no s x s matrix on GPUs (ALiBi folded into q.k) and its 2*a*s^2*b/t bias on CPUs. Full recomputation keeps each layer's input, 2*s*b*h (/ t with
+                kernel keeps no s x s matrix on GPUs (ALiBi folded into q.k) and its 2*a*s^2*b/t bias on CPUs.
+                Full recomputation keeps each layer's input, 2*s*b*h (/ t with
                 sequence parallelism), plus one layer's activations while it is recomputed. Stage k of a 1F1B
                 pipeline holds min(pp - k, micro-batches) micro-batches in flight; the last stage adds the
                 logits, s*b*V/t * 2w: the logits (the chunked cross-entropy keeps them, no fp32 copy) and their
