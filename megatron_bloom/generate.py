@@ -78,7 +78,7 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
     generated = []
     step_input = input_ids
     for _ in range(config.max_new_tokens):
-        logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1]
+        logits = model(step_input, attention_mask=mask, cache=cache, last_positions=1).logits[:, -1]
         if state.tp > 1:  # each rank holds a slice of the vocabulary
             logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
         tokens = choose_tokens(logits, config, generator)

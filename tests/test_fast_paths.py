@@ -160,3 +160,19 @@ def test_alibi_folded_into_query_key_gives_the_biased_causal_attention(dtype):
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype)[None, :, None, :] + mask, scale=scale)
         assert folded_error <= 0.05
         assert folded_error < (masked.double() - exact).abs().max().item()
+
+
+def test_decoding_one_token_with_the_cache_matches_the_full_forward_without_a_mask():
+    """The single-query decode attention (sdpa runs) with a batch and no attention mask (a mask of batch 1)."""
+    from megatron_bloom.model import KVCache
+
+    config = small_config(attention_impl="sdpa", fused_kernels=True)
+    model = build_model(config).eval()
+    input_ids = torch.randint(0, config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        cache = KVCache(config.num_layers, 12)
+        model(input_ids[:, :11], cache=cache)
+        last = model(input_ids[:, 11:], cache=cache, last_positions=1).logits
+    assert last.shape == (3, 1, config.vocab_size)
+    assert (last[:, 0] - full[:, -1]).abs().max().item() <= 1e-5

@@ -95,8 +95,15 @@ class BloomForCausalLM(nn.Module):
         self.loss_fn = CausalLMLoss()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> ModelOutput:
+                labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                last_positions: Optional[int] = None) -> ModelOutput:
+        """`last_positions`: score only the last so many positions (generation needs one: the LM head over a
+        whole prompt is most of its first step's work); not with `labels`."""
         hidden_states = self.transformer(input_ids, attention_mask, cache)
+        if last_positions is not None:
+            if labels is not None:
+                raise ValueError("last_positions leaves out logits the loss needs")
+            hidden_states = hidden_states[:, -last_positions:]
         logits = self.lm_head(hidden_states, self.transformer.word_embeddings.weight)
         loss = self.loss_fn(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
