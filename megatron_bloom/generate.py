@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -60,10 +61,27 @@ def choose_tokens(logits: torch.Tensor, config: GenerateConfig, generator: torch
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+@dataclass
+class GenerationTimes:
+    """Where generation's time went, summed over batches: the prompts' steps (each batch's first token)
+    and the one-token steps after them."""
+
+    batches: int = 0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # tokens of the one-token steps, over the batch rows still generating
+
+    def summary(self) -> str:
+        rate = self.decode_tokens / self.decode_s if self.decode_s else float("nan")
+        return (f"time to first token {self.first_token_s / max(self.batches, 1) * 1000:.0f} ms per batch, "
+                f"then {rate:,.1f} tokens/s")
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
-                   state: ParallelState, generator: torch.Generator) -> List[List[int]]:
-    """The new tokens of each prompt (up to and including EOS)."""
+                   state: ParallelState, generator: torch.Generator,
+                   times: Optional[GenerationTimes] = None) -> List[List[int]]:
+    """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id = model_config.eos_token_id
     longest = max(len(prompt) for prompt in prompts)
@@ -77,7 +95,8 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=state.device)
     generated = []
     step_input = input_ids
-    for _ in range(config.max_new_tokens):
+    started = time.perf_counter()
+    for step in range(config.max_new_tokens):
         logits = model(step_input, attention_mask=mask, cache=cache, last_positions=1).logits[:, -1]
         if state.tp > 1:  # each rank holds a slice of the vocabulary
             logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
@@ -85,6 +104,15 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
         if state.tp > 1:  # one choice for the whole tensor-parallel group, whatever rounding did
             dist.broadcast(tokens, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
         tokens = tokens.masked_fill(finished, pad_id)
+        if times is not None:
+            now = time.perf_counter()
+            if step == 0:
+                times.batches += 1
+                times.first_token_s += now - started
+            else:
+                times.decode_s += now - started
+                times.decode_tokens += int((~finished).sum())
+            started = now
         generated.append(tokens)
         if eos_id is not None:
             finished |= tokens == eos_id
@@ -114,8 +142,8 @@ def read_prompts(config: GenerateConfig) -> List[str]:
     return prompts
 
 
-def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
-    """Every prompt's completion, in prompt order (on every rank)."""
+def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], GenerationTimes]:
+    """Every prompt's completion, in prompt order (on every rank), and this rank's generation times."""
     if config.parallel.sequence_parallel:
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
     model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision],
@@ -131,13 +159,14 @@ def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
     if empty:
         raise UserError(f"prompt {empty[0] + 1} is empty after tokenization: give each prompt some text.")
     batch_size = config.generate.batch_size
-    mine = []
+    mine, times = [], GenerationTimes()
     for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
         if batch_index % state.dp != state.dp_rank:
             continue
         generator = torch.Generator().manual_seed(config.generate.seed + batch_index)
         batch = prompts[start: start + batch_size]
-        for offset, tokens in enumerate(generate_batch(model, batch, metadata.model, config.generate, state, generator)):
+        for offset, tokens in enumerate(generate_batch(model, batch, metadata.model, config.generate, state, generator,
+                                                       times)):
             mine.append({"index": start + offset, "prompt": texts[start + offset],
                          "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
     everyone = [mine]
@@ -145,7 +174,7 @@ def generate(config: TrainConfig, state: ParallelState) -> List[dict]:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
     by_index = {record["index"]: record for records in everyone for record in records}
-    return [{key: by_index[i][key] for key in ("prompt", "completion", "token_ids")} for i in sorted(by_index)]
+    return [{key: by_index[i][key] for key in ("prompt", "completion", "token_ids")} for i in sorted(by_index)], times
 
 
 @exit_on_user_error("mbloom-generate")
@@ -156,12 +185,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     world_size = init_distributed()
     state = state_for_run(config.parallel, world_size)
-    results = generate(config, state)
+    results, times = generate(config, state)
     if state.is_first_rank:
         new_tokens = sum(len(result["token_ids"]) for result in results)
         elapsed = time.perf_counter() - start
         print(f"mbloom-generate: {len(results)} prompts, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
-              f"{elapsed:.1f} s", file=sys.stderr)
+              f"{elapsed:.1f} s with loading; {times.summary()} (rank 0)", file=sys.stderr)
         for result in results:
             print(json.dumps(result, ensure_ascii=False), flush=True)
     if dist.is_initialized():
