@@ -71,7 +71,8 @@ def run_generate(root, tp, *overrides):
         f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}", f"generate.input={root / 'prompts.jsonl'}",
         "generate.batch_size=3", "generate.max_new_tokens=24", "precision=fp32", f"parallel.tp={tp}", *overrides])
     # the summary reports the speed: first-token time per batch, then the one-token steps' rate
-    assert re.search(r"time to first token \d+ ms per batch, then [\d,.]+ tokens/s", result.stderr), result.stderr[-2000:]
+    summary = re.search(r"time to first token \d+ ms per batch, then [\d,.]+ tokens/s", result.stderr)
+    assert summary, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.strip().splitlines()[-len(PROMPTS):]]
 
 
