@@ -117,8 +117,10 @@ class BloomAttention(nn.Module):
 
     def _fused_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                          additive_mask: torch.Tensor) -> torch.Tensor:
-        """The same attention through `scaled_dot_product_attention`: ALiBi and the causal/padding mask form
-        its additive `attn_mask`; the kernel keeps the softmax in float32 internally."""
+        """The same attention through `scaled_dot_product_attention`, which keeps the softmax in float32
+        internally. On GPUs, for a purely causal batch without a cache, ALiBi is folded into q.k and the
+        causal flash kernel runs; otherwise ALiBi and the causal/padding mask form its additive `attn_mask`
+        (purely causal batches split in two halves)."""
         batch_size, _, q_length, head_dim = query.shape
         kv_length = key.shape[2]
         dropout = self.attention_dropout.p if self.training else 0.0

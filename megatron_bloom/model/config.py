@@ -35,9 +35,10 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     # How attention is computed, not what: "eager" is the reference (fp32 softmax over materialized scores,
-    # bit-identical to transformers); "sdpa" is torch's fused scaled_dot_product_attention with the ALiBi
-    # bias as its additive mask (no fp32 score copies; equal within rounding). Runs default to "sdpa"
-    # (configs/train.yaml); checkpoints do not record it.
+    # bit-identical to transformers); "sdpa" is torch's fused scaled_dot_product_attention, with ALiBi as
+    # its additive mask or, on GPUs for unpadded batches, folded into q.k for the causal flash kernel (no
+    # fp32 score copies; equal within rounding). Runs default to "sdpa" (configs/train.yaml); checkpoints
+    # do not record it.
     attention_impl: str = "eager"
     # GeLU through torch's one-pass tanh-GeLU kernel (forward and backward) instead of BLOOM's formula as
     # separate elementwise ops: 3x faster on CPU; its constant sqrt(2/pi) differs from BLOOM's 0.79788456
