@@ -6,6 +6,9 @@ Each document's `text` is tokenized without special tokens and cut to `eval.seq_
 model's); loss = summed next-token negative log-likelihood over all documents / number of predicted
 tokens. Data-parallel ranks split the documents. The last line of stdout is JSON:
 `{"loss": ..., "perplexity": ..., "tokens": ..., "documents": ..., "skipped": ...}`.
+
+A checkpoint with a fine-tuning head (`task=NAME` optional: the checkpoint says which) is evaluated on
+`eval.input` in that task's format instead, and the JSON holds the task's metrics (megatron_bloom/tasks).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.parallel import ParallelState, init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.tasks.evaluation import evaluate_task
 
 USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl eval.tokenizer=TOK [parallel.tp=N] [precision=fp32] ..."
 
@@ -54,6 +58,11 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:
         raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
                         f"the model's vocabulary ({metadata.model.vocab_size}).")
+    pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
+    if metadata.task.name != "causal_lm":  # a fine-tuned head: the task's data and metrics
+        return evaluate_task(model, metadata.task, config, state, tokenizer, pad_id)
+    if config.task.name != "causal_lm":
+        raise UserError(f"task={config.task.name}, but {config.checkpoint.load} holds a language model (causal_lm).")
     seq_length = config.eval.seq_length or metadata.model.seq_length
     report = SkipReport()
     texts = list(read_jsonl_texts(config.eval.input, "text", report))
@@ -65,7 +74,6 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
               file=sys.stderr)
     mine = texts[state.dp_rank:: state.dp]
     documents = [encoding.ids[:seq_length] for encoding in tokenizer.encode_batch(mine, add_special_tokens=False)]
-    pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
     nll_sum, predicted = 0.0, 0
     micro = config.eval.micro_batch_size
     with torch.no_grad():
@@ -99,8 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     state = state_for_run(config.parallel, world_size)
     result = evaluate(config, state)
     if state.is_first_rank:
-        print(f"mbloom-eval: {result['documents']} documents, {result['tokens']} predicted tokens, tp={state.tp} "
-              f"dp={state.dp}, {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        what = (f"{result['examples']} {result['task']} examples" if "task" in result
+                else f"{result['documents']} documents, {result['tokens']} predicted tokens")
+        print(f"mbloom-eval: {what}, tp={state.tp} dp={state.dp}, {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
         print(json.dumps(result), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

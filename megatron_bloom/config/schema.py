@@ -256,6 +256,26 @@ class GenerateConfig:
             )
 
 
+# The tasks of the `task` config group (megatron_bloom.model.heads.TASKS, spelled out: the schema imports no torch)
+TASK_NAMES = ("causal_lm", "sequence_classification", "token_classification", "question_answering")
+
+
+@dataclass
+class TaskRunConfig:
+    """What a run does with the model's head (`task=NAME` picks `configs/task/NAME.yaml`): pre-training
+    (causal_lm) or one of the fine-tuning tasks, with its data handling (megatron_bloom/tasks)."""
+
+    name: str = "causal_lm"
+    labels: Optional[List[str]] = None  # label (or tag) names in index order; None: the checkpoint's or the data's
+    max_length: int = 128  # tokens per example (right-padded); question answering: question + context window
+    stride: int = 32  # question answering: tokens shared by consecutive windows of a long context
+    max_answer_tokens: int = 30  # question answering: the longest span a prediction may be
+
+    def __post_init__(self) -> None:
+        _check_choice("task.name", self.name, TASK_NAMES)
+        _check_positive("task", self, "max_length", "stride", "max_answer_tokens")
+
+
 @dataclass
 class TrainConfig:
     """The root config (`configs/train.yaml`)."""
@@ -275,6 +295,7 @@ class TrainConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    task: TaskRunConfig = field(default_factory=TaskRunConfig)
     hardware: str = "a100-80gb"  # what mbloom-plan compares against (megatron_bloom/planner/hardware.py)
 
     def __post_init__(self) -> None:

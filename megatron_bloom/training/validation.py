@@ -13,6 +13,10 @@ def validate_training_inputs(config: TrainConfig) -> None:
     if config.parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
                           "is not available yet in this version.")
+    if config.task.name != "causal_lm":
+        raise ConfigError(f"task={config.task.name}: fine-tuning the task heads is not available yet in this "
+                          "version; mbloom-eval evaluates such heads (from mbloom-convert from-hf), and "
+                          "mbloom-train pre-trains the language model (task=causal_lm).")
     prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
     check_prefixes(prefixes)
     if config.data.tokenizer:

@@ -1,0 +1,104 @@
+"""Evaluating a fine-tuned head on a task's jsonl file: `mbloom-eval task=NAME` (any tp; dp splits the rows).
+
+The file is read in the task's format (bad lines skipped and counted), turned into fixed-length features,
+run through the model in micro-batches, and scored: accuracy and macro F1 (sequence classification),
+accuracy and tag F1 (token classification), exact match and F1 (question answering).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.errors import UserError
+from megatron_bloom.model import TaskConfig
+from megatron_bloom.parallel import ParallelState
+from megatron_bloom.tasks.features import (
+    predicted_answers,
+    question_answering_features,
+    sequence_classification_features,
+    token_classification_features,
+)
+from megatron_bloom.tasks.formats import LabelMap, read_task_file
+from megatron_bloom.tasks.metrics import answer_metrics, classification_metrics, tag_metrics
+
+
+def label_map(task: TaskConfig, given: Optional[List[str]], examples) -> LabelMap:
+    """`task.labels` if given, else the checkpoint's label names (its exported `id2label`) when the data's
+    labels are among them, else the data's sorted labels when they are as many as the head's outputs."""
+    if given:
+        labels = LabelMap.from_examples(examples, given)
+    else:
+        from_data = LabelMap.from_examples(examples)
+        if task.labels and set(from_data.names) <= set(task.labels):
+            labels = LabelMap(list(task.labels))
+        else:
+            labels = from_data
+    if len(labels.names) != task.num_labels:
+        raise UserError(f"the checkpoint's {task.name} head has {task.num_labels} outputs but the labels are "
+                        f"{labels.names}; name them in index order with task.labels=[...].")
+    return labels
+
+
+def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelState, tokenizer,
+                  pad_id: int) -> dict:
+    if config.task.name not in ("causal_lm", task.name):
+        raise UserError(f"task={config.task.name}, but the checkpoint holds a {task.name} model.")
+    report = read_task_file(config.eval.input, task.name)
+    examples, settings = report.examples, config.task
+    if task.name == "question_answering":
+        features = question_answering_features(examples, tokenizer, settings.max_length, settings.stride, pad_id)
+        labels = None
+    else:
+        labels = label_map(task, settings.labels, examples)
+        build = (sequence_classification_features if task.name == "sequence_classification"
+                 else token_classification_features)
+        features = build(examples, tokenizer, labels, settings.max_length, pad_id)
+    outputs = _run(model, features, config.eval.micro_batch_size, state)
+    result = {"task": task.name, "examples": len(examples), "skipped": sum(report.skipped.values()),
+              "skipped_by_reason": dict(report.skipped)}
+    if task.name == "question_answering":
+        start_logits, end_logits = outputs
+        answers = predicted_answers(start_logits, end_logits, features, [example.context for example in examples],
+                                    settings.max_answer_tokens)
+        result.update(answer_metrics(answers, [example.answers for example in examples]))
+    elif task.name == "sequence_classification":
+        result["unknown_label"] = features.skipped
+        result.update(classification_metrics(outputs[0].argmax(-1), features.labels, task.num_labels))
+    else:
+        result["unknown_label"] = features.skipped
+        outside = labels.lookup("O")
+        result.update(tag_metrics(outputs[0].argmax(-1), features.labels, outside))
+    return result
+
+
+@torch.no_grad()
+def _run(model, features, micro_batch_size: int, state: ParallelState) -> List[torch.Tensor]:
+    """The head's outputs for every feature row (logits, or start and end logits), on every rank: each
+    data-parallel rank runs its share of the rows, then they are gathered."""
+    rows = torch.arange(features.input_ids.shape[0])
+    mine = rows[state.dp_rank:: state.dp]
+    pieces: List[List[torch.Tensor]] = []
+    for start in range(0, len(mine), micro_batch_size):
+        index = mine[start: start + micro_batch_size]
+        output = model(features.input_ids[index].to(state.device),
+                       attention_mask=features.attention_mask[index].to(state.device))
+        logits = [output.start_logits, output.end_logits] if hasattr(output, "start_logits") else [output.logits]
+        pieces.append([tensor.float().cpu() for tensor in logits])
+    local = [torch.cat(parts) for parts in zip(*pieces)] if pieces else []
+    gathered = [(mine, local)]
+    if state.dp > 1:
+        gathered = [None] * state.dp
+        dist.all_gather_object(gathered, (mine, local), group=state.dp_group)
+    outputs = None
+    for indices, tensors in gathered:
+        if not len(indices):
+            continue
+        if outputs is None:
+            outputs = [tensor.new_zeros((len(rows), *tensor.shape[1:])) for tensor in tensors]
+        for output, tensor in zip(outputs, tensors):
+            output[indices] = tensor
+    return outputs
