@@ -26,7 +26,7 @@ SHAPES = {  # layers, hidden, heads
 
 def test_every_config_file_composes_and_validates():
     groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir())
-    assert groups == ["checkpoint", "data", "launcher", "logging", "model", "optim", "parallel"]
+    assert groups == ["checkpoint", "data", "launcher", "logging", "model", "optim", "parallel", "task"]
     for group in groups:
         for option in available_presets(group):
             config = load_config([f"{group}={option}"])
