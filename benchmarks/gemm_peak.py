@@ -65,5 +65,6 @@ def main() -> None:
         print(json.dumps({"dtype": label, "model": args.model, "threads": torch.get_num_threads(),
                           "step_weighted_tflops": round(weighted, 4)}), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import torch
 from megatron_bloom.checkpoint.hf import hf_to_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.config.schema import GenerateConfig
+from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.generate import generate_batch
 from megatron_bloom.model import TaskConfig, build_model
 from megatron_bloom.parallel import ParallelState
@@ -58,12 +59,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(8, 64, args.batch).long().tolist()
     prompts = [torch.randint(4, config.vocab_size, (length,), generator=generator).tolist() for length in lengths]
-    longest = max(lengths)
-    input_ids = torch.full((args.batch, longest), config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
-        mask[row, longest - len(prompt):] = 1
+    input_ids, mask = padded_batch(prompts, config.pad_token_id, left=True)  # as mbloom-generate pads them
+    longest = input_ids.shape[1]
     state = ParallelState.single()
 
     def ours_run(new_tokens: int):

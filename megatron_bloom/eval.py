@@ -27,6 +27,7 @@ from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.cli import checkpoint_command_config, parse_overrides
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
+from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model.heads import IGNORE_INDEX
@@ -40,12 +41,7 @@ USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl eval.tokenizer=TOK [para
 def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1):
     """Right-padded ids, the 0/1 attention mask, and labels with -100 on padding."""
     length = max(len(doc) for doc in documents)
-    length = -(-length // multiple_of) * multiple_of
-    input_ids = torch.full((len(documents), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, doc in enumerate(documents):
-        input_ids[row, : len(doc)] = torch.tensor(doc, dtype=torch.long)
-        mask[row, : len(doc)] = 1
+    input_ids, mask = padded_batch(documents, pad_id, -(-length // multiple_of) * multiple_of)
     return input_ids, mask, input_ids.masked_fill(mask == 0, IGNORE_INDEX)
 
 
@@ -59,10 +55,10 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
         raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
                         f"the model's vocabulary ({metadata.model.vocab_size}).")
     pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
+    if config.task.name not in ("causal_lm", metadata.task.name):  # causal_lm, the default, takes any checkpoint
+        raise UserError(f"task={config.task.name}, but {config.checkpoint.load} holds a {metadata.task.name} model.")
     if metadata.task.name != "causal_lm":  # a fine-tuned head: the task's data and metrics
         return evaluate_task(model, metadata.task, config, state, tokenizer, pad_id)
-    if config.task.name != "causal_lm":
-        raise UserError(f"task={config.task.name}, but {config.checkpoint.load} holds a language model (causal_lm).")
     seq_length = config.eval.seq_length or metadata.model.seq_length
     report = SkipReport()
     texts = list(read_jsonl_texts(config.eval.input, "text", report))

@@ -30,6 +30,7 @@ from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.cli import checkpoint_command_config, parse_overrides
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
+from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model import KVCache, ModelConfig
@@ -84,14 +85,9 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
     """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id = model_config.eos_token_id
-    longest = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, longest - len(prompt):] = 1
+    input_ids, mask = padded_batch(prompts, pad_id, left=True)  # every prompt ends where generation starts
     input_ids, mask = input_ids.to(state.device), mask.to(state.device)
-    cache = KVCache(model_config.num_layers, longest + config.max_new_tokens)
+    cache = KVCache(model_config.num_layers, input_ids.shape[1] + config.max_new_tokens)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=state.device)
     generated = []
     step_input = input_ids

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,7 +17,6 @@ from megatron_bloom.checkpoint.layout import (
 )
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, create_task_model
-from megatron_bloom.model.config import RUNTIME_FIELDS
 from megatron_bloom.parallel import ParallelState, build_parallel_model, check_tensor_parallel, parallelize_bloom
 
 
@@ -34,8 +32,7 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
     if run_model is not None:
-        metadata.model = dataclasses.replace(metadata.model, **{key: getattr(run_model, key)
-                                                                for key in RUNTIME_FIELDS})
+        metadata.model = metadata.model.with_runtime_choices(run_model)
     if state.pp != 1:
         raise UserError("evaluation runs the whole model on each tensor-parallel group: use parallel.pp=1 "
                         "(a checkpoint of any pp layout loads).")

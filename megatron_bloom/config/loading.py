@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_bloom.config.schema import TrainConfig
 from megatron_bloom.errors import ConfigError, UserError
-from megatron_bloom.model.config import RUNTIME_FIELDS, ModelConfig
+from megatron_bloom.model.config import ModelConfig
 
 SCHEMA_NAME = "train_schema"
 CONFIG_DIR_ENV = "MBLOOM_CONFIG_DIR"
@@ -64,8 +63,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train",
     """
     cfg = compose_dictconfig(overrides, config_name)
     if model is not None:
-        runtime = {key: cfg.model[key] for key in RUNTIME_FIELDS}
-        cfg.model = OmegaConf.structured(dataclasses.replace(model, **runtime))
+        cfg.model = OmegaConf.structured(model.with_runtime_choices(cfg.model))
     try:
         return OmegaConf.to_object(cfg)  # builds the dataclasses, which runs their __post_init__ checks
     except OmegaConfBaseException as error:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from megatron_bloom.errors import ConfigError
-from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.config import TASKS, ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 HARDWARE_NAMES = ("a100-80gb", "h100-80gb", "h200", "cpu")  # the presets of megatron_bloom/planner/hardware.py
@@ -256,10 +256,6 @@ class GenerateConfig:
             )
 
 
-# The tasks of the `task` config group (megatron_bloom.model.heads.TASKS, spelled out: the schema imports no torch)
-TASK_NAMES = ("causal_lm", "sequence_classification", "token_classification", "question_answering")
-
-
 @dataclass
 class TaskRunConfig:
     """What a run does with the model's head (`task=NAME` picks `configs/task/NAME.yaml`): pre-training
@@ -272,7 +268,7 @@ class TaskRunConfig:
     max_answer_tokens: int = 30  # question answering: the longest span a prediction may be
 
     def __post_init__(self) -> None:
-        _check_choice("task.name", self.name, TASK_NAMES)
+        _check_choice("task.name", self.name, TASKS)
         _check_positive("task", self, "max_length", "stride", "max_answer_tokens")
 
 

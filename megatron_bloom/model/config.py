@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +11,8 @@ from megatron_bloom.errors import ConfigError
 ATTENTION_IMPLS = ("eager", "sdpa")
 # How a run computes, not what: a run's own choice, never saved with a checkpoint's model.
 RUNTIME_FIELDS = ("attention_impl", "fused_kernels")
+# The heads a model can carry (megatron_bloom/model/heads.py); here, free of torch, for the config schema too.
+TASKS = ("causal_lm", "sequence_classification", "token_classification", "question_answering")
 
 
 @dataclass
@@ -76,6 +79,11 @@ class ModelConfig:
     @property
     def ffn_hidden_size(self) -> int:
         return 4 * self.hidden_size
+
+    def with_runtime_choices(self, run) -> "ModelConfig":
+        """This architecture computed as `run` (a ModelConfig, or the `model` section of a run's config)
+        chooses to: its RUNTIME_FIELDS."""
+        return dataclasses.replace(self, **{key: getattr(run, key) for key in RUNTIME_FIELDS})
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by * tp` (Megatron-LM rule)."""

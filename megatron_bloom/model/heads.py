@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_bloom.errors import ConfigError
-from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.config import TASKS, ModelConfig
 from megatron_bloom.model.kv_cache import KVCache
 from megatron_bloom.model.transformer import BloomModel
 
 IGNORE_INDEX = -100
-TASKS = ("causal_lm", "sequence_classification", "token_classification", "question_answering")
 
 
 @dataclass

@@ -45,8 +45,6 @@ def label_map(task: TaskConfig, given: Optional[List[str]], examples) -> LabelMa
 
 def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelState, tokenizer,
                   pad_id: int) -> dict:
-    if config.task.name not in ("causal_lm", task.name):
-        raise UserError(f"task={config.task.name}, but the checkpoint holds a {task.name} model.")
     report = read_task_file(config.eval.input, task.name)
     examples, settings = report.examples, config.task
     if task.name == "question_answering":

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer
 
+from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.errors import UserError
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.tasks.formats import LabelMap, QuestionExample, TaggedExample, TextExample
@@ -38,15 +39,6 @@ class Features:
     offsets: List[List[Optional[Tuple[int, int]]]] = field(default_factory=list)
 
 
-def _padded(rows: Sequence[Sequence[int]], max_length: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    input_ids = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids, attention_mask
-
-
 def sequence_classification_features(examples: Sequence[TextExample], tokenizer: Tokenizer, labels: LabelMap,
                                      max_length: int, pad_id: int) -> Features:
     rows, targets, skipped = [], [], 0
@@ -58,7 +50,7 @@ def sequence_classification_features(examples: Sequence[TextExample], tokenizer:
         rows.append(tokenizer.encode(example.text).ids[:max_length])
         targets.append(target)
     _require(rows, "sequence_classification", skipped)
-    input_ids, attention_mask = _padded(rows, max_length, pad_id)
+    input_ids, attention_mask = padded_batch(rows, pad_id, max_length)
     return Features(input_ids, attention_mask, torch.tensor(targets, dtype=torch.long), skipped)
 
 
@@ -81,7 +73,7 @@ def token_classification_features(examples: Sequence[TaggedExample], tokenizer: 
         rows.append(encoding.ids[:max_length])
         targets.append(row_labels + [IGNORE_INDEX] * (max_length - len(row_labels)))
     _require(rows, "token_classification", skipped)
-    input_ids, attention_mask = _padded(rows, max_length, pad_id)
+    input_ids, attention_mask = padded_batch(rows, pad_id, max_length)
     return Features(input_ids, attention_mask, torch.tensor(targets, dtype=torch.long), skipped)
 
 
@@ -117,7 +109,7 @@ def question_answering_features(examples: Sequence[QuestionExample], tokenizer: 
             if start + window >= len(context.ids):
                 break
             start += window - stride
-    input_ids, attention_mask = _padded(rows, max_length, pad_id)
+    input_ids, attention_mask = padded_batch(rows, pad_id, max_length)
     return Features(input_ids, attention_mask, torch.tensor(targets, dtype=torch.long), 0, example_index, offsets)
 
 

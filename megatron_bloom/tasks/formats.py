@@ -13,6 +13,7 @@ of the training file).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ class LabelMap:
             return cls([str(index) for index in range(max(seen) + 1)])
         return cls(sorted(str(label) for label in seen))
 
-    @property
+    @functools.cached_property
     def index(self) -> Dict[str, int]:
         return {name: position for position, name in enumerate(self.names)}
 
