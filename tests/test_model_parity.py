@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_bloom.model import ModelConfig, TaskConfig, build_model
+from megatron_bloom.model.heads import last_token_index
 from tests.conftest import hf_model, load_hf_weights_into, small_config
 
 FP32_TOLERANCE = 1e-5
@@ -116,7 +117,7 @@ def test_sequence_classification(problem):
     assert (actual.logits - expected.logits).abs().max().item() <= FP32_TOLERANCE
     assert abs(actual.loss.item() - expected.loss.item()) <= FP32_TOLERANCE
     # the pooled token is the last non-padding one: 16 for left padding and no padding, 11 for right
-    assert ours.last_token_index(input_ids).tolist() == [16, 11, 16]
+    assert last_token_index(input_ids, config.pad_token_id).tolist() == [16, 11, 16]
 
 
 def test_token_classification():

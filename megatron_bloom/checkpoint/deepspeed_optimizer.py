@@ -180,21 +180,25 @@ def _read_unpartitioned(directory: Path, metadata: CheckpointMetadata, stage: in
 def _stage_parameters(directory: Path, metadata: CheckpointMetadata, stage: int,
                       tp_rank: int) -> List[Tuple[str, torch.Tensor]]:
     """The weights of one stage in the order the stage's module lists its parameters (which is the
-    optimizer's order): the stacked model's own order at pp = 1; in a pipeline the tied embedding first
-    (DeepSpeed registers tied modules before the layers), then each layer's weights."""
+    optimizer's order): the stacked model's own order at pp = 1; in a pipeline of the language model the
+    tied embedding first (DeepSpeed registers tied modules before the layers), then each layer's weights."""
     if metadata.pp == 1:
         module = _load(directory / model_states_file(tp_rank))["module"]
         return [(stacked_canonical_name(name), tensor) for name, tensor in module.items()]
     layers = stage_layers(metadata.model, metadata.pp)[stage]
-    prefixes = layer_canonical_prefixes(metadata.model)
-    last = len(prefixes) - 1
-    order = ([0] if 0 in layers or last in layers else []) + [i for i in layers if i not in (0, last)]
+    prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
+    order = list(layers)
+    if metadata.task.name == "causal_lm":  # the last layer is the tied embedding (layer 0), listed first
+        last = len(prefixes) - 1
+        order = ([0] if 0 in layers or last in layers else []) + [i for i in layers if i not in (0, last)]
     return [(prefixes[layer] + name, tensor) for layer in order
             for name, tensor in _load(directory / pipeline_layer_file(layer, tp_rank)).items()]
 
 
 def _canonical(name: str, metadata: CheckpointMetadata) -> str:
-    return pipeline_canonical_name(name, metadata.model) if metadata.pp > 1 else stacked_canonical_name(name)
+    if metadata.pp > 1:
+        return pipeline_canonical_name(name, metadata.model, metadata.task.name)
+    return stacked_canonical_name(name)
 
 
 def _step(steps: List) -> int:

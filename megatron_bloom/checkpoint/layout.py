@@ -270,7 +270,7 @@ def load_model_shard(directory: Path, metadata: CheckpointMetadata, tp_rank: int
         module = _torch_load(directory / model_states_file(tp_rank))["module"]
         return {stacked_canonical_name(name): tensor for name, tensor in module.items()}
     shard = {}
-    for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model)):
+    for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model, metadata.task.name)):
         if prefix is not None:
             layer_state = _torch_load(directory / pipeline_layer_file(layer, tp_rank))
             shard.update((prefix + name, tensor) for name, tensor in layer_state.items())

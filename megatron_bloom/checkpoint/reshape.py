@@ -60,7 +60,8 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
                     for key in STATE_KEYS:
                         del states[key][name]
             written.update(write_layers(staging, states, step, metadata.model, tp, weight_dtype))
-        expected = {layer for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model)) if prefix}
+        prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
+        expected = {layer for layer, prefix in enumerate(prefixes) if prefix is not None}
         if written != expected:
             raise UserError(f"checkpoint {directory} holds optimizer state for layers {sorted(written)}, not "
                             f"for all of {sorted(expected)}.")
@@ -76,7 +77,7 @@ def _source_chunks(directory: Path, metadata: CheckpointMetadata) -> Iterator[Tu
             yield ({key: merge_state_dicts([states.tensors[key] for states in per_rank], metadata.model)
                     for key in STATE_KEYS}, max(states.step for states in per_rank))
     elif metadata.contents == UNIVERSAL:
-        for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model)):
+        for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model, metadata.task.name)):
             if prefix is not None:
                 yield read_layers(directory, metadata, [layer])
     else:

@@ -4,7 +4,9 @@ A save is collective. Every rank writes into the hidden staging directory of the
 optimizer / ZeRO partitions, LR schedule; we: this rank's RNG state); after a barrier rank 0 publishes it
 (`layout.publish_staged`: fsync, `mbloom.json` with every file's size, rename, then `latest`) and prunes
 old ones. A resume at the same tp/pp loads all of it, so the run continues bit for bit; a checkpoint of
-another layout, or a weights-only one (from-hf), starts from its weights only.
+another layout, or a weights-only one (from-hf), starts from its weights only. A run of another task (a
+fine-tuning run from a pre-training checkpoint) starts from the trunk's weights at iteration 0, its own
+head newly initialized.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from megatron_bloom.checkpoint.layout import (
 )
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
+from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.parallel.sharding import shard_tensor
@@ -57,8 +60,10 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank:05d}.pt"
 
 
-def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress) -> Path:
-    """Collective: every rank calls it after the same iteration. Returns the published checkpoint dir."""
+def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress,
+                             task: Optional[TaskConfig] = None) -> Path:
+    """Collective: every rank calls it after the same iteration (`task`: the head trained, default the
+    language model's). Returns the published checkpoint dir."""
     root, tag = Path(config.checkpoint.dir), tag_for(progress.iteration)
     staging = staging_dir(root, tag)
     rank = dist.get_rank()
@@ -73,7 +78,7 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     dist.barrier()  # every rank's files are written
     if rank == 0:
         metadata = CheckpointMetadata(
-            model=config.model, tp=state.tp, pp=state.pp, dp=state.dp, contents=TRAINING,
+            model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp, contents=TRAINING,
             zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
             data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
@@ -107,6 +112,7 @@ class StartPoint:
     directory: Optional[Path] = None
     metadata: Optional[CheckpointMetadata] = None
     exact: bool = False  # DeepSpeed loads everything (same layout): the run continues bit for bit
+    new_head: bool = False  # the checkpoint is of another task: its trunk starts this run, the head is new
 
     @property
     def weights_only(self) -> Optional[Path]:
@@ -114,14 +120,15 @@ class StartPoint:
 
     @property
     def universal(self) -> bool:
-        """A reshaped checkpoint: weights and per-parameter optimizer state, loaded into any layout."""
-        return self.metadata is not None and self.metadata.contents == UNIVERSAL
+        """A reshaped checkpoint (of this run's task): weights and per-parameter optimizer state, loaded
+        into any layout."""
+        return self.metadata is not None and self.metadata.contents == UNIVERSAL and not self.new_head
 
     def progress(self) -> Progress:
         """A start from a training checkpoint of another layout, or from a reshaped one, continues its
-        iteration count and data position (its LR schedule too); from converted weights a run starts at
-        iteration 0."""
-        if self.metadata is None or self.metadata.contents not in (TRAINING, UNIVERSAL):
+        iteration count and data position (its LR schedule too); from converted weights, or for another
+        task (fine-tuning a pre-trained model), a run starts at iteration 0."""
+        if self.metadata is None or self.metadata.contents not in (TRAINING, UNIVERSAL) or self.new_head:
             return Progress()
         return Progress(self.metadata.iteration, self.metadata.consumed_samples, self.metadata.skipped_iterations)
 
@@ -135,21 +142,22 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
         return StartPoint()
     metadata = read_metadata(directory)
     check_compatible(metadata, config, directory)
+    new_head = metadata.task.name != config.task.name
     exact = resumes_exactly(metadata, config, state)
-    if metadata.contents == TRAINING and not exact and dist.get_rank() == 0:
+    if metadata.contents == TRAINING and not exact and not new_head and dist.get_rank() == 0:
         print(f"warning: {directory} was trained at tp={metadata.tp} pp={metadata.pp} dp={metadata.dp} "
               f"zero.stage={metadata.zero_stage} precision={metadata.precision}; this run differs, so it starts "
               "from the weights only: the iteration count, data position and LR schedule continue, the "
               "optimizer state starts fresh. To keep the optimizer state, convert it first: mbloom-convert "
               "reshape --checkpoint CKPT --output NEW --tp N --pp N, then load NEW.", file=sys.stderr, flush=True)
-    return StartPoint(directory, metadata, exact)
+    return StartPoint(directory, metadata, exact, new_head)
 
 
 def resumes_exactly(metadata: CheckpointMetadata, config: TrainConfig, state: ParallelState) -> bool:
-    """Whether DeepSpeed can load everything: a training checkpoint of this tp/pp, ZeRO stage and precision
-    (and dp when ZeRO partitions the optimizer state)."""
+    """Whether DeepSpeed can load everything: a training checkpoint of this task, tp/pp, ZeRO stage and
+    precision (and dp when ZeRO partitions the optimizer state)."""
     same_dp = metadata.dp == state.dp or config.zero.stage == 0
-    return (metadata.contents == TRAINING and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
+    return (metadata.contents == TRAINING and metadata.task.name == config.task.name and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
             and metadata.zero_stage == config.zero.stage and metadata.precision == config.precision)
 
 
@@ -166,12 +174,15 @@ def check_compatible(metadata: CheckpointMetadata, config: TrainConfig, director
                         f"({'; '.join(differing)}). Train it with the matching model= preset or overrides.")
 
 
-def load_weights_only(model: nn.Module, directory: Path, state: ParallelState) -> None:
+def load_weights_only(model: nn.Module, directory: Path, state: ParallelState, new_head: bool = False) -> None:
     """Copy a checkpoint's weights (any layout) into this rank's layers, before DeepSpeed takes the model:
-    its fp32 master copies are made from them."""
+    its fp32 master copies are made from them. With `new_head` only the trunk's: the head keeps its
+    initial values (and the checkpoint's own head, if any, is left out)."""
     metadata, full = load_model_state_dict(directory)
     with torch.no_grad():
         for name, param in canonical_parameters(model):
+            if new_head and not name.startswith("transformer."):
+                continue
             if name not in full:
                 raise UserError(f"checkpoint {directory} has no weight {name}.")
             local = shard_tensor(name, full[name], metadata.model, state.tp, state.tp_rank)

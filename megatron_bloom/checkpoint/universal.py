@@ -57,7 +57,7 @@ def read_layers(directory: Path, metadata: CheckpointMetadata, layers: Iterable[
                 tp_rank: Optional[int] = None) -> Tuple[StateTensors, int]:
     """The optimizer state of the given layers and Adam's step count: of one tp rank's files (as written,
     `tp_rank`) or, by default, merged over all of them (single-process names and shapes)."""
-    prefixes = layer_canonical_prefixes(metadata.model)
+    prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
     ranks = range(metadata.tp) if tp_rank is None else [tp_rank]
     states: StateTensors = {key: {} for key in STATE_KEYS}
     step = 0

@@ -262,6 +262,8 @@ class TaskRunConfig:
     (causal_lm) or one of the fine-tuning tasks, with its data handling (megatron_bloom/tasks)."""
 
     name: str = "causal_lm"
+    train: Optional[str] = None  # fine-tuning: the task's training jsonl (mbloom-train)
+    valid: Optional[str] = None  # fine-tuning: its validation jsonl (validation loss every train.eval_interval)
     labels: Optional[List[str]] = None  # label (or tag) names in index order; None: the checkpoint's or the data's
     max_length: int = 128  # tokens per example (right-padded); question answering: question + context window
     stride: int = 32  # question answering: tokens shared by consecutive windows of a long context

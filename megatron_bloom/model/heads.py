@@ -61,6 +61,52 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def last_token_index(input_ids: torch.Tensor, pad_token_id: Optional[int]) -> torch.Tensor:
+    """Per row, the index of the rightmost token that is not padding (what sequence classification scores,
+    as `transformers` finds it: by the pad id, so left and right padding both work)."""
+    if pad_token_id is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    not_pad = (input_ids != pad_token_id).to(torch.int32)
+    token_indices = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+    return (token_indices * not_pad).argmax(-1)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                                 problem_type: Optional[str] = None) -> torch.Tensor:
+    """The loss of pooled logits [batch, num_labels]; an unset `problem_type` is inferred as `transformers`
+    does (one label: regression; integer labels: single-label; else multi-label classification)."""
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the tokens whose label is not -100."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def question_answering_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
+                            end_positions: torch.Tensor) -> torch.Tensor:
+    """The mean of the start and end cross-entropies over the positions; a position outside the input (an
+    answer cut off by truncation) is ignored, as in `transformers`."""
+    ignored = start_logits.shape[1]
+    start = start_positions.reshape(-1).clamp(0, ignored)
+    end = end_positions.reshape(-1).clamp(0, ignored)
+    return (F.cross_entropy(start_logits, start, ignore_index=ignored)
+            + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+
+
 class TiedLMHead(nn.Module):
     """Logits from the input embedding matrix (BLOOM ties its LM head to it), so no parameters of its own.
 
@@ -124,38 +170,16 @@ class BloomForSequenceClassification(nn.Module):
         self.transformer = BloomModel(config)
         self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
 
-    def last_token_index(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Index of the rightmost token that is not padding, per row (the last token without a pad id)."""
-        if self.config.pad_token_id is None:
-            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        not_pad = (input_ids != self.config.pad_token_id).to(torch.int32)
-        token_indices = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
-        return (token_indices * not_pad).argmax(-1)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> ModelOutput:
         token_logits = self.score(self.transformer(input_ids, attention_mask))
         batch = torch.arange(input_ids.shape[0], device=input_ids.device)
-        logits = token_logits[batch, self.last_token_index(input_ids)]
+        logits = token_logits[batch, last_token_index(input_ids, self.config.pad_token_id)]
         loss = self.loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem_type = self.problem_type
-        if problem_type is None:  # inferred as transformers does
-            if self.num_labels == 1:
-                problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
-        if problem_type == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze())
-            return F.mse_loss(logits, labels)
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(logits, labels)
-        return F.binary_cross_entropy_with_logits(logits, labels)
+        return sequence_classification_loss(logits, labels, self.num_labels, self.problem_type)
 
 
 class BloomForTokenClassification(nn.Module):
@@ -175,10 +199,7 @@ class BloomForTokenClassification(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> ModelOutput:
         logits = self.classifier(self.dropout(self.transformer(input_ids, attention_mask)))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+        loss = token_classification_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
 
 
@@ -200,14 +221,13 @@ class BloomForQuestionAnswering(nn.Module):
         start_logits, end_logits = (part.squeeze(-1) for part in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
-            # Positions outside the input (answer cut off by truncation) are ignored, as in transformers.
-            ignored = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, ignored)
-            end = end_positions.reshape(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
-                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
 
+
+# The attribute holding each fine-tuning head's linear layer (its `transformers` name).
+TASK_HEAD_NAMES: Dict[str, str] = {"sequence_classification": "score", "token_classification": "classifier",
+                                   "question_answering": "qa_outputs"}
 
 TASK_MODELS: Dict[str, Type[nn.Module]] = {
     model.task: model

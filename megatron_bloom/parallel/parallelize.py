@@ -16,6 +16,7 @@ from torch import nn
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.model import BloomForCausalLM, ModelConfig, TaskConfig, create_task_model, initial_value
 from megatron_bloom.model.alibi import alibi_slopes
+from megatron_bloom.model.heads import TASK_HEAD_NAMES
 from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss, VocabParallelLMHead
 from megatron_bloom.parallel.layers import (
     ColumnParallelLinear,
@@ -25,8 +26,6 @@ from megatron_bloom.parallel.layers import (
 )
 from megatron_bloom.parallel.sharding import StateDict, full_shapes, partition_dim, shard_tensor
 from megatron_bloom.parallel.state import ParallelState
-
-_TASK_HEADS = ("score", "classifier", "qa_outputs")
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
@@ -58,7 +57,7 @@ def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel:
         model.lm_head = VocabParallelLMHead(group, sequence_parallel=sequence_parallel)
         model.loss_fn = VocabParallelCausalLMLoss(group, *vocab_slice(config, state), fused=config.fused_kernels)
     elif sequence_parallel:
-        for name in _TASK_HEADS:  # a replicated head reads the whole sequence
+        for name in TASK_HEAD_NAMES.values():  # a replicated head reads the whole sequence
             if hasattr(model, name):
                 head: nn.Linear = getattr(model, name)
                 setattr(model, name, SequenceGatheredLinear(head.in_features, head.out_features, group,

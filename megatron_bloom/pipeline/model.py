@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -15,23 +15,42 @@ from torch.utils.checkpoint import checkpoint
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import full_shapes
-from megatron_bloom.pipeline.layers import BlockPipe, EmbeddingPipe, LanguageModelLoss, LayerNormPipe, lm_head_forward
+from megatron_bloom.pipeline.layers import (
+    Activations,
+    BlockPipe,
+    EmbeddingPipe,
+    LanguageModelLoss,
+    LayerNormPipe,
+    lm_head_forward,
+)
+from megatron_bloom.pipeline.task_head import TaskHeadPipe, TaskLoss
 
 TIED_EMBEDDING = "embed"
 PARTITION_METHOD = "type:BlockPipe"  # `stage_layers` computes the same partition offline
 
 
-def layer_specs(config: ModelConfig, state: ParallelState, seed: int) -> List[LayerSpec]:
-    shapes = full_shapes(config, TaskConfig())
+def layer_specs(config: ModelConfig, state: ParallelState, seed: int, task: TaskConfig) -> List[LayerSpec]:
+    """The language model's layers end in the LM head, a tied copy of the embedding on the last stage; a
+    fine-tuning task's end in its own head (and the embedding is an ordinary layer of the first stage)."""
+    shapes = full_shapes(config, task)
     common = (config, state, shapes, seed)
+    if task.name == "causal_lm":
+        embedding = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, tied_weight_attr="word_embeddings.weight")
+        head = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, forward_fn=lm_head_forward,
+                             tied_weight_attr="word_embeddings.weight")
+    else:
+        embedding, head = LayerSpec(EmbeddingPipe, *common), LayerSpec(TaskHeadPipe, *common, task)
     return [
-        TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, tied_weight_attr="word_embeddings.weight"),
+        embedding,
         LayerSpec(LayerNormPipe, *common, "word_embeddings_layernorm"),
         *[LayerSpec(BlockPipe, *common, layer) for layer in range(config.num_layers)],
         LayerSpec(LayerNormPipe, *common, "ln_f"),
-        TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, forward_fn=lm_head_forward,
-                      tied_weight_attr="word_embeddings.weight"),
+        head,
     ]
+
+
+def task_loss(config: ModelConfig, state: ParallelState, task: TaskConfig) -> torch.nn.Module:
+    return LanguageModelLoss(config, state) if task.name == "causal_lm" else TaskLoss(task)
 
 
 def stage_layers(config: ModelConfig, pp: int) -> List[range]:
@@ -49,11 +68,12 @@ class BloomPipeline(PipelineModule):
         return all(isinstance(f, BlockPipe) for f in funcs)
 
 
-def build_pipeline(config: ModelConfig, state: ParallelState, seed: int,
-                   activation_checkpointing: bool = False) -> PipelineModule:
+def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
+                   task: Optional[TaskConfig] = None) -> PipelineModule:
     """This rank's pipeline stage; stages are balanced by transformer blocks (DeepSpeed's `type:` method)."""
+    task = task or TaskConfig()
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    return BloomPipeline(layers=layer_specs(config, state, seed), loss_fn=LanguageModelLoss(config, state),
+    return BloomPipeline(layers=layer_specs(config, state, seed, task), loss_fn=task_loss(config, state, task),
                          topology=topology, partition_method=PARTITION_METHOD,
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=partial(checkpoint, use_reentrant=False))
@@ -63,22 +83,27 @@ class StackedModel(nn.Module):
     """The pipeline layers run one after the other in one process: what pp = 1 trains, with no schedule.
     (Its attribute names are what `stacked_canonical_name` maps back to single-process names.)"""
 
-    def __init__(self, config: ModelConfig, state: ParallelState, seed: int,
-                 activation_checkpointing: bool = False) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
+                 task: Optional[TaskConfig] = None) -> None:
         super().__init__()
-        shapes = full_shapes(config, TaskConfig())
+        task = task or TaskConfig()
+        shapes = full_shapes(config, task)
         self.embedding = EmbeddingPipe(config, state, shapes, seed)
         self.embedding_norm = LayerNormPipe(config, state, shapes, seed, "word_embeddings_layernorm")
         self.blocks = nn.ModuleList(BlockPipe(config, state, shapes, seed, i) for i in range(config.num_layers))
         self.final_norm = LayerNormPipe(config, state, shapes, seed, "ln_f")
-        self.loss_fn = LanguageModelLoss(config, state)
+        self.head = TaskHeadPipe(config, state, shapes, seed, task) if task.name != "causal_lm" else None
+        self.loss_fn = task_loss(config, state, task)
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding_norm(self.embedding(input_ids))
+    def forward(self, inputs: Activations, labels) -> torch.Tensor:
+        """`inputs`: token ids, or (token ids, attention mask); `labels`: what the task's loss takes."""
+        hidden = self.embedding_norm(self.embedding(inputs))
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 hidden = checkpoint(block, hidden, use_reentrant=False)
             else:
                 hidden = block(hidden)
-        return self.loss_fn(lm_head_forward(self.embedding, self.final_norm(hidden)), labels)
+        hidden = self.final_norm(hidden)
+        logits = self.head(hidden) if self.head is not None else lm_head_forward(self.embedding, hidden)
+        return self.loss_fn(logits, labels)

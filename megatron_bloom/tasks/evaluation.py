@@ -7,13 +7,12 @@ accuracy and tag F1 (token classification), exact match and F1 (question answeri
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
 
 from megatron_bloom.config import TrainConfig
-from megatron_bloom.errors import UserError
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.tasks.features import (
@@ -26,23 +25,6 @@ from megatron_bloom.tasks.formats import LabelMap, read_task_file
 from megatron_bloom.tasks.metrics import answer_metrics, classification_metrics, tag_metrics
 
 
-def label_map(task: TaskConfig, given: Optional[List[str]], examples) -> LabelMap:
-    """`task.labels` if given, else the checkpoint's label names (its exported `id2label`) when the data's
-    labels are among them, else the data's sorted labels when they are as many as the head's outputs."""
-    if given:
-        labels = LabelMap.from_examples(examples, given)
-    else:
-        from_data = LabelMap.from_examples(examples)
-        if task.labels and set(from_data.names) <= set(task.labels):
-            labels = LabelMap(list(task.labels))
-        else:
-            labels = from_data
-    if len(labels.names) != task.num_labels:
-        raise UserError(f"the checkpoint's {task.name} head has {task.num_labels} outputs but the labels are "
-                        f"{labels.names}; name them in index order with task.labels=[...].")
-    return labels
-
-
 def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelState, tokenizer,
                   pad_id: int) -> dict:
     report = read_task_file(config.eval.input, task.name)
@@ -51,7 +33,7 @@ def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelS
         features = question_answering_features(examples, tokenizer, settings.max_length, settings.stride, pad_id)
         labels = None
     else:
-        labels = label_map(task, settings.labels, examples)
+        labels = LabelMap.for_head(examples, settings.labels, task, task.name)
         build = (sequence_classification_features if task.name == "sequence_classification"
                  else token_classification_features)
         features = build(examples, tokenizer, labels, settings.max_length, pad_id)

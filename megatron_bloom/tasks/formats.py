@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from megatron_bloom.errors import UserError
+from megatron_bloom.model.heads import TaskConfig
 
 FORMATS = {
     "sequence_classification": '{"text": "...", "label": "..."}',
@@ -165,6 +166,25 @@ class LabelMap:
         if all(isinstance(label, int) for label in seen):
             return cls([str(index) for index in range(max(seen) + 1)])
         return cls(sorted(str(label) for label in seen))
+
+    @classmethod
+    def for_head(cls, examples: Sequence[Example], given: Optional[Sequence[str]], head: Optional[TaskConfig],
+                 task: str) -> "LabelMap":
+        """The labels of a classification head: `given` (task.labels) if set; else an existing head's names
+        (a checkpoint's `id2label`) when the data's labels are among them; else the data's sorted labels.
+        An existing `head` must have one output per label; a new one (None) gets as many."""
+        if given:
+            labels = cls.from_examples(examples, given)
+        else:
+            labels = cls.from_examples(examples)
+            if head is not None and head.labels and set(labels.names) <= set(head.labels):
+                labels = cls(list(head.labels))
+        if head is not None and len(labels.names) != head.num_labels:
+            raise UserError(f"the checkpoint's {task} head has {head.num_labels} outputs but the labels are "
+                            f"{labels.names}; name them in index order with task.labels=[...].")
+        if head is None and len(labels.names) < 2:
+            raise UserError(f"{task} needs at least two labels; the data has only {labels.names}.")
+        return labels
 
     @functools.cached_property
     def index(self) -> Dict[str, int]:

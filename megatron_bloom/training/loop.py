@@ -28,8 +28,10 @@ from megatron_bloom.config.schema import check_rampup
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
 from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
+from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
 from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
 from megatron_bloom.training.flops import iteration_flops
@@ -43,21 +45,40 @@ def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def build_engine(config: TrainConfig, state: ParallelState, start: Optional[StartPoint] = None):
-    """The DeepSpeed engine over this rank's layers. A `start` of another layout sets the weights before
-    DeepSpeed makes its master copies (and, from a reshaped checkpoint, the optimizer state after); a start
-    of this layout is left to `resume`."""
+def batch_reader(dataset, consumed_samples: int, config: TrainConfig, state: ParallelState,
+                 num_workers: int) -> Iterator:
+    """This data-parallel rank's micro-batches from `consumed_samples` on: (input ids, labels) of the
+    pre-training data, or ((input ids, attention mask), labels) of a fine-tuning task's."""
+    micro = config.train.micro_batch_size
+    if isinstance(dataset, TaskSamples):
+        return iter(build_task_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp))
+    return micro_batches(build_data_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp,
+                                           num_workers=num_workers))
+
+
+def to_device(batch, device: torch.device):
+    """A tensor, or nested tuples of them, on `device`."""
+    if isinstance(batch, tuple):
+        return tuple(to_device(part, device) for part in batch)
+    return batch.to(device)
+
+
+def build_engine(config: TrainConfig, state: ParallelState, start: Optional[StartPoint] = None,
+                 task: Optional[TaskConfig] = None):
+    """The DeepSpeed engine over this rank's layers (ending in `task`'s head; default: the LM head). A
+    `start` of another layout sets the weights before DeepSpeed makes its master copies (and, from a
+    reshaped checkpoint, the optimizer state after); a start of this layout is left to `resume`."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
-        model = build_pipeline(config.model, state, seed, checkpointing)
+        model = build_pipeline(config.model, state, seed, checkpointing, task)
     else:
-        model = StackedModel(config.model, state, seed, checkpointing).to(state.device)
+        model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
     carried_state = None
     if start is not None and start.universal:
         carried_state = load_universal_weights(model, start.directory, start.metadata, state)
     elif start is not None and start.weights_only is not None:
-        load_weights_only(model, start.weights_only, state)
+        load_weights_only(model, start.weights_only, state, start.new_head)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -73,10 +94,10 @@ def stacked_batch_loss(engine, batches: Iterator, state: ParallelState, accumula
     accumulating gradients over them and stepping the optimizer once when `train`."""
     total = torch.zeros((), dtype=torch.float64, device=state.device)
     for micro_batch in range(accumulation):
-        input_ids, labels = next(batches)
+        inputs, labels = next(batches)
         if train:  # said explicitly: DeepSpeed's own micro-step count breaks when the batch size ramps up
             engine.set_gradient_accumulation_boundary(micro_batch == accumulation - 1)
-        loss = engine(input_ids.to(state.device), labels.to(state.device))
+        loss = engine(to_device(inputs, state.device), to_device(labels, state.device))
         if train:
             engine.backward(loss)
         total += loss.detach().double()
@@ -149,20 +170,30 @@ def train(config: TrainConfig, state: ParallelState,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
     torch.manual_seed(config.train.seed)
-    global_batch, seq_length = config.train.global_batch_size, config.model.seq_length
+    fine_tuning = config.task.name != "causal_lm"
+    global_batch = config.train.global_batch_size
+    seq_length = config.task.max_length if fine_tuning else config.model.seq_length
     evaluations = config.train.iters // config.train.eval_interval if config.train.eval_interval else 0
-    valid_samples = evaluations * config.train.eval_iters * global_batch
-    train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed,
-                                             (config.train.iters * global_batch, valid_samples, 0))
+    samples = (config.train.iters * global_batch, evaluations * config.train.eval_iters * global_batch)
     problem = check_rampup(config.train.rampup_batch_size, global_batch, config.train.micro_batch_size, state.dp)
     if problem:  # parallel.dp may only be known now, from the world size
         raise ConfigError(problem + ".")
     start = start_point(config, state)
-    engine, optimizer, scheduler = build_engine(config, state, start)
+    if fine_tuning:
+        same_head = start.metadata.task if start.metadata is not None and not start.new_head else None
+        task_data = build_task_data(config, samples, same_head, is_logger)
+        task, train_set, valid_set = task_data.task, task_data.train, task_data.valid
+    else:
+        task = TaskConfig()
+        train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed, (*samples, 0))
+    engine, optimizer, scheduler = build_engine(config, state, start, task)
     progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
     if start.directory is not None and is_logger:
         how = ("everything: an exact resume" if start.exact else "weights and optimizer state (reshaped)"
                if start.universal else "weights only")
+        if start.new_head:
+            how = (f"the trunk of its {start.metadata.task.name} model, a new {task.name} head "
+                   f"(seed {config.train.seed})")
         print(f"starting from {start.directory}: {how}, at iteration {progress.iteration}", flush=True)
     if not start.exact:
         for _ in range(progress.iteration):  # a weights-only continuation keeps the LR schedule's place
@@ -170,15 +201,13 @@ def train(config: TrainConfig, state: ParallelState,
     if on_engine is not None:
         on_engine(engine)
     accumulation = gradient_accumulation_steps(config, state.dp)
-    loader = build_data_loader(train_set, progress.consumed_samples, config.train.micro_batch_size, state.dp_rank,
-                               state.dp, num_workers=config.data.num_workers)
-    batches = micro_batches(loader)
+    batches = batch_reader(train_set, progress.consumed_samples, config, state, config.data.num_workers)
     valid_batches = None
     if valid_set is not None:  # validation resumes where it was too: each evaluation reads the next batches
         valid_consumed = progress.iteration // config.train.eval_interval * config.train.eval_iters * global_batch
-        valid_batches = micro_batches(build_data_loader(valid_set, valid_consumed, config.train.micro_batch_size,
-                                                        state.dp_rank, state.dp, num_workers=0))
-    flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing)
+        valid_batches = batch_reader(valid_set, valid_consumed, config, state, num_workers=0)
+    flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing,
+                            lm_head=not fine_tuning)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger, config.logging,
                          OmegaConf.to_container(OmegaConf.structured(config)))
     losses: List[float] = []
@@ -217,10 +246,10 @@ def train(config: TrainConfig, state: ParallelState,
                     "optim.clip_grad; train.max_consecutive_skips sets this limit.")
             if valid_batches is not None and iteration % config.train.eval_interval == 0:
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
-                                                                  config.train.eval_iters))
+                                                                  config.train.eval_iters), not fine_tuning)
             stopping = stop.should_stop(state)
             if saving and (stopping or iteration % (config.checkpoint.save_interval or math.inf) == 0):
-                save_training_checkpoint(engine, config, state, progress)
+                save_training_checkpoint(engine, config, state, progress, task)
                 saved_iteration = iteration
             if stopping:
                 if is_logger:
@@ -230,7 +259,7 @@ def train(config: TrainConfig, state: ParallelState,
                 break
         else:
             if saving and saved_iteration != progress.iteration:  # the end of training is always kept
-                save_training_checkpoint(engine, config, state, progress)
+                save_training_checkpoint(engine, config, state, progress, task)
     finally:
         stop.restore()
         metrics.close()

@@ -54,17 +54,21 @@ class MetricsLog:
               f"{record['tokens_per_s']:,.0f} tokens/s | {record['tflops_per_rank']:.3f} TFLOP/s per rank"
               + (" | skipped" if record["skipped"] else ""), file=sys.stdout, flush=True)
 
-    def log_validation(self, iteration: int, loss: float) -> None:
-        """The validation loss, to `run.dir/validation.jsonl` (metrics.jsonl holds training iterations only)."""
+    def log_validation(self, iteration: int, loss: float, language_model: bool = True) -> None:
+        """The validation loss (and the language model's perplexity), to `run.dir/validation.jsonl`
+        (metrics.jsonl holds training iterations only)."""
         if not self.enabled:
             return
-        record = {"iter": iteration, "valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700.0))}
+        record = {"iter": iteration, "valid_loss": loss}
+        if language_model:
+            record["valid_perplexity"] = math.exp(min(loss, 700.0))
         with open(self.run_dir / "validation.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(f"validation at iter {iteration}: loss {loss:.4f} | perplexity {record['valid_perplexity']:.2f}",
-              flush=True)
+        perplexity = f" | perplexity {record['valid_perplexity']:.2f}" if language_model else ""
+        print(f"validation at iter {iteration}: loss {loss:.4f}{perplexity}", flush=True)
         if self.wandb_run is not None:
-            self.wandb_run.log({"valid/loss": loss, "valid/perplexity": record["valid_perplexity"]}, step=iteration)
+            self.wandb_run.log({f"valid/{key.removeprefix('valid_')}": value for key, value in record.items()
+                                if key != "iter"}, step=iteration)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("valid/loss", loss, iteration)
 

@@ -6,19 +6,20 @@ from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.builder import check_prefixes, parse_blend
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import ConfigError
+from megatron_bloom.tasks.training_data import check_task_data
 
 
 def validate_training_inputs(config: TrainConfig) -> None:
-    """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's."""
+    """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's. Fine-tuning:
+    the task's files are readable and a tokenizer is named."""
     if config.parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
                           "is not available yet in this version.")
-    if config.task.name != "causal_lm":
-        raise ConfigError(f"task={config.task.name}: fine-tuning the task heads is not available yet in this "
-                          "version; mbloom-eval evaluates such heads (from mbloom-convert from-hf), and "
-                          "mbloom-train pre-trains the language model (task=causal_lm).")
-    prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
-    check_prefixes(prefixes)
+    if config.task.name != "causal_lm":  # fine-tuning reads the task's jsonl files, not data.paths
+        check_task_data(config)
+    else:
+        prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
+        check_prefixes(prefixes)
     if config.data.tokenizer:
         vocab = load_tokenizer(config.data.tokenizer).get_vocab_size()
         if vocab > config.model.vocab_size:
