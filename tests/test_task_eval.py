@@ -95,6 +95,3 @@ def test_task_mismatches_are_user_errors(tmp_path, tokenizer_dir):
     wrong_labels = run_cli(["megatron_bloom.eval", *common, f"eval.input={TASK_DATA / 'sentiment.valid.jsonl'}",
                             "task.labels=[good,bad]"], check=False)
     assert_user_error(wrong_labels, "3 outputs", "task.labels")
-    training = run_cli(["megatron_bloom.train", "model=bloom-tiny", "task=sequence_classification",
-                        f"data.paths=[{tmp_path / 'missing'}]"], check=False)
-    assert_user_error(training, "task=sequence_classification", "not available yet")

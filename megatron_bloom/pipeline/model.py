@@ -96,8 +96,9 @@ class StackedModel(nn.Module):
         self.loss_fn = task_loss(config, state, task)
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, inputs: Activations, labels) -> torch.Tensor:
-        """`inputs`: token ids, or (token ids, attention mask); `labels`: what the task's loss takes."""
+    def outputs(self, inputs: Activations) -> torch.Tensor:
+        """`inputs`: token ids, or (token ids, attention mask) -> the head's per-position logits (the LM
+        head's: this rank's vocabulary slice)."""
         hidden = self.embedding_norm(self.embedding(inputs))
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -105,5 +106,8 @@ class StackedModel(nn.Module):
             else:
                 hidden = block(hidden)
         hidden = self.final_norm(hidden)
-        logits = self.head(hidden) if self.head is not None else lm_head_forward(self.embedding, hidden)
-        return self.loss_fn(logits, labels)
+        return self.head(hidden) if self.head is not None else lm_head_forward(self.embedding, hidden)
+
+    def forward(self, inputs: Activations, labels) -> torch.Tensor:
+        """The task's loss; `labels` are what it takes (`pipeline.task_head`, or the shifted token ids)."""
+        return self.loss_fn(self.outputs(inputs), labels)
