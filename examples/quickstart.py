@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 MODULES = {"mbloom-convert": "megatron_bloom.convert", "mbloom-eval": "megatron_bloom.eval",
            "mbloom-train-tokenizer": "data_prep.train_tokenizer", "mbloom-preprocess": "data_prep.preprocess"}
-TRAIN_ITERS = 200
+TRAIN_ITERS = 100
 
 
 def run(command: str, *args: str) -> str:
@@ -124,7 +124,7 @@ def main() -> int:
         print(trained.stdout[-2000:] + trained.stderr[-4000:])
         return 1
     shown = [line for line in trained.stdout.splitlines() if line.startswith("iter ")]
-    print("  " + "\n  ".join(line for i, line in enumerate(shown, start=1) if i == 1 or i % 50 == 0))
+    print("  " + "\n  ".join(line for i, line in enumerate(shown, start=1) if i == 1 or i % 25 == 0))
     losses = [json.loads(line)["loss"] for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     print(f"training loss fell from {losses[0]:.3f} to {losses[-1]:.3f} in {TRAIN_ITERS} iterations")
 

@@ -46,6 +46,22 @@ def test_parameters_per_stage_and_rank_add_up():
     assert block_parameters_per_rank(h, 1) == model.layer_parameters()
 
 
+def test_fine_tuning_plans_its_samples_and_no_lm_head():
+    """task=NAME: samples of task.max_length tokens, no embedding copy nor logits on the last stage."""
+    base = ["model=bloom-1b1", "parallel.pp=2", "parallel.dp=1"]
+    pretraining = build_report(load_config(base + ["task.max_length=2048"]))
+    fine_tuning = build_report(load_config(base + ["task=sequence_classification", "task.max_length=2048"]))
+    h, vocab = 1536, load_config(base).model.padded_vocab_size()
+    first, last = (pretraining["stages"][i]["params_per_rank"] for i in (0, 1))
+    assert [stage["params_per_rank"] for stage in fine_tuning["stages"]] == [first, last - vocab * h]
+    logits_gb = 2048 * 1 * vocab * 2 * 2 / 1e9  # s * b * V, the logits and their gradient in bf16
+    assert fine_tuning["stages"][1]["memory_gb"]["activations"] == pytest.approx(
+        pretraining["stages"][1]["memory_gb"]["activations"] - logits_gb, abs=2e-3)
+    assert fine_tuning["flops_per_iter"] < pretraining["flops_per_iter"]  # no vocabulary projection
+    shorter = build_report(load_config(base + ["task=sequence_classification", "task.max_length=512"]))
+    assert shorter["layout"]["tokens_per_iter"] == 512 * 8
+
+
 def test_zero_stages_and_checkpointing_shrink_what_they_should():
     base = ["model=bloom-1b7", "parallel.dp=8", "train.global_batch_size=64", "train.micro_batch_size=2"]
     memory = {zero: build_report(load_config(base + [f"zero.stage={zero}"]))["memory_per_rank_gb"] for zero in range(4)}

@@ -301,6 +301,16 @@ class TrainConfig:
         _check_choice("hardware", self.hardware, HARDWARE_NAMES)
         self.check_layout()
 
+    @property
+    def fine_tuning(self) -> bool:
+        """A task head is trained (`task=NAME`), not the language model."""
+        return self.task.name != "causal_lm"
+
+    @property
+    def sample_length(self) -> int:
+        """Tokens per training sample: the model's seq_length, or task.max_length when fine-tuning."""
+        return self.task.max_length if self.fine_tuning else self.model.seq_length
+
     def check_layout(self) -> None:
         """The checks that relate several sections and need no world size."""
         model, parallel = self.model, self.parallel

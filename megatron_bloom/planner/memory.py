@@ -79,12 +79,14 @@ def stage_parameters(config: TrainConfig) -> List[StagePlan]:
     model, tp, pp = config.model, config.parallel.tp, config.parallel.pp
     h = model.hidden_size
     embedding = model.padded_vocab_size(tp) // tp * h
-    last_layer = model.num_layers + 3  # layer_specs: embedding, its norm, the blocks, final norm, LM head
+    # layer_specs: embedding, its norm, the blocks, final norm, then the LM head (a tied copy of the
+    # embedding) or a fine-tuning head (a few outputs per position: left out)
+    lm_head = model.num_layers + 3 if not config.fine_tuning else None
     plans = []
     for stage, layers in enumerate(stage_layers(model, pp)):
         blocks = sum(1 for layer in layers if 2 <= layer < model.num_layers + 2)
         params = blocks * block_parameters_per_rank(h, tp)
-        params += embedding if (0 in layers or last_layer in layers) else 0
+        params += embedding if (0 in layers or lm_head in layers) else 0
         params += 2 * h if 1 in layers else 0
         params += 2 * h if model.num_layers + 2 in layers else 0
         plans.append(StagePlan(stage, blocks, params))
@@ -98,7 +100,7 @@ def micro_batches_per_step(config: TrainConfig) -> int:
 def layer_activation_bytes(config: TrainConfig) -> float:
     """Activations one transformer layer keeps for the backward pass, per micro-batch (no recomputation)."""
     model, parallel = config.model, config.parallel
-    s, b, h, a, t = model.seq_length, config.train.micro_batch_size, model.hidden_size, model.num_heads, parallel.tp
+    s, b, h, a, t = config.sample_length, config.train.micro_batch_size, model.hidden_size, model.num_heads, parallel.tp
     scale = 2.0 if config.precision == "fp32" else 1.0  # Korthikanti's counts assume 2-byte activations
     linear = s * b * h * (34.0 / t if parallel.sequence_parallel else 10.0 + 24.0 / t)
     if model.attention_impl == "eager":
@@ -112,7 +114,7 @@ def layer_activation_bytes(config: TrainConfig) -> float:
 
 def activation_bytes(config: TrainConfig, stage: StagePlan) -> float:
     model, parallel, train = config.model, config.parallel, config.train
-    s, b, h, t = model.seq_length, train.micro_batch_size, model.hidden_size, parallel.tp
+    s, b, h, t = config.sample_length, train.micro_batch_size, model.hidden_size, parallel.tp
     w = WEIGHT_BYTES[config.precision]
     per_layer = layer_activation_bytes(config)
     if train.activation_checkpointing:
@@ -124,7 +126,7 @@ def activation_bytes(config: TrainConfig, stage: StagePlan) -> float:
         working = 0.0
     in_flight = min(parallel.pp - stage.stage, micro_batches_per_step(config))
     total = in_flight * per_micro_batch + working
-    if stage.stage == parallel.pp - 1:
+    if stage.stage == parallel.pp - 1 and not config.fine_tuning:  # the LM head's logits and their gradient
         total += s * b * model.padded_vocab_size(t) / t * 2 * w
     return total
 

@@ -29,8 +29,9 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
     world = parallel.tp * parallel.pp * parallel.dp
     stages = plan_stages(config)
     largest = max(stages, key=lambda stage: stage.memory.total)
-    tokens = train.global_batch_size * model.seq_length
-    flops = iteration_flops(model, train.global_batch_size, model.seq_length, train.activation_checkpointing)
+    seq_length, lm_head = config.sample_length, not config.fine_tuning
+    tokens = train.global_batch_size * seq_length
+    flops = iteration_flops(model, train.global_batch_size, seq_length, train.activation_checkpointing, lm_head)
     report = {
         "params": model.num_parameters(),
         "params_per_rank": max(stage.params_per_rank for stage in stages),
@@ -54,6 +55,6 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
         report["tflops_per_gpu"] = flops / iter_time / world / 1e12
         report["tokens_per_s"] = tokens / iter_time
         if device is not None:
-            model_flops = iteration_flops(model, train.global_batch_size, model.seq_length, recompute=False)
+            model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
             report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
     return report

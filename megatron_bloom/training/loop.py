@@ -170,9 +170,7 @@ def train(config: TrainConfig, state: ParallelState,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
     torch.manual_seed(config.train.seed)
-    fine_tuning = config.task.name != "causal_lm"
-    global_batch = config.train.global_batch_size
-    seq_length = config.task.max_length if fine_tuning else config.model.seq_length
+    fine_tuning, global_batch, seq_length = config.fine_tuning, config.train.global_batch_size, config.sample_length
     evaluations = config.train.iters // config.train.eval_interval if config.train.eval_interval else 0
     samples = (config.train.iters * global_batch, evaluations * config.train.eval_iters * global_batch)
     problem = check_rampup(config.train.rampup_batch_size, global_batch, config.train.micro_batch_size, state.dp)

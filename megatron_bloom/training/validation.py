@@ -15,7 +15,7 @@ def validate_training_inputs(config: TrainConfig) -> None:
     if config.parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
                           "is not available yet in this version.")
-    if config.task.name != "causal_lm":  # fine-tuning reads the task's jsonl files, not data.paths
+    if config.fine_tuning:  # fine-tuning reads the task's jsonl files, not data.paths
         check_task_data(config)
     else:
         prefixes, _ = parse_blend(config.data.paths, config.data.temperature)
