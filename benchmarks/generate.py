@@ -22,7 +22,7 @@ from megatron_bloom.checkpoint.hf import hf_to_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.generate import generate_batch
+from megatron_bloom.generate import generate_batch, prepare_for_inference
 from megatron_bloom.model import TaskConfig, build_model
 from megatron_bloom.parallel import ParallelState
 
@@ -53,8 +53,9 @@ def main() -> None:
     reference = transformers.BloomForCausalLM(transformers.BloomConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, n_layer=config.num_layers,
         n_head=config.num_heads)).to(dtype).eval()
-    ours = build_model(config, dtype=dtype).eval()
+    ours = build_model(config, dtype=dtype)
     ours.load_state_dict(hf_to_state_dict(reference.state_dict(), config, TaskConfig()))
+    prepare_for_inference(ours, ParallelState.single(), dtype, args.batch)  # as mbloom-generate does
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(8, 64, args.batch).long().tolist()

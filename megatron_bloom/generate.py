@@ -34,6 +34,8 @@ from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model import KVCache, ModelConfig
+from megatron_bloom.model.heads import TiedLMHead
+from megatron_bloom.model.packed_linear import pack_linears, packing_available
 from megatron_bloom.parallel import ParallelState, init_distributed
 from megatron_bloom.parallel.cross_entropy import gather_vocab_logits
 from megatron_bloom.parallel.distributed import state_for_run
@@ -124,6 +126,16 @@ def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
 
 
+def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch_size: int) -> None:
+    """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed for oneDNN (each decoding
+    step reads every weight once for `batch_size` rows: see model/packed_linear.py)."""
+    model.eval()
+    if packing_available(state.device, dtype):
+        pack_linears(model, batch_size)
+        if isinstance(model.lm_head, TiedLMHead):  # tp = 1 (a vocab-parallel head keeps its own matmul)
+            model.lm_head.pack(model.transformer.word_embeddings.weight, batch_size)
+
+
 def read_prompts(config: GenerateConfig) -> List[str]:
     if config.prompt is not None and config.input is not None:
         raise UserError("give either generate.prompt or generate.input (a jsonl file of prompts), not both.")
@@ -142,9 +154,9 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
     """Every prompt's completion, in prompt order (on every rank), and this rank's generation times."""
     if config.parallel.sequence_parallel:
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
-    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision],
-                                 run_model=config.model)
-    model.eval()
+    dtype = PRECISION_DTYPES[config.precision]
+    model, metadata = load_model(config.checkpoint.load, state, dtype, run_model=config.model)
+    prepare_for_inference(model, state, dtype, config.generate.batch_size)
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:
         raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "

@@ -9,15 +9,19 @@ import pytest
 import torch
 
 from megatron_bloom.config.schema import GenerateConfig
-from megatron_bloom.generate import choose_tokens
+from megatron_bloom.generate import choose_tokens, prepare_for_inference
 from megatron_bloom.model import KVCache, build_model
+from megatron_bloom.model.packed_linear import PackedLinear, packing_available
+from megatron_bloom.parallel import ParallelState
 from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
 
 PROMPTS = ["ka lo mi", "да ни ком 你 好 世 def return", "ré"]
 
 
-@pytest.mark.parametrize("attention_impl", ["eager", "sdpa"])
-def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl):
+@pytest.mark.parametrize("attention_impl, capacity", [("eager", 12), ("sdpa", 12), ("sdpa", 48)],
+                         ids=["eager", "sdpa-whole-buffers", "sdpa-cached-part"])
+def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capacity):
+    """`capacity`: the cache's positions; decoding reads its whole buffers once the keys fill a third."""
     config = dataclasses.replace(small_config(), attention_impl=attention_impl)
     model = build_model(config).eval()
     torch.manual_seed(0)
@@ -26,7 +30,7 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl):
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         full = model(input_ids, attention_mask=mask).logits
-        cache = KVCache(config.num_layers, 12)
+        cache = KVCache(config.num_layers, capacity)
         steps = [model(input_ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits]
         for position in range(7, 12):
             steps.append(model(input_ids[:, position:position + 1], attention_mask=mask[:, :position + 1],
@@ -35,6 +39,29 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl):
     assert cache.length == 12
     torch.testing.assert_close(incremental[0, 3:], full[0, 3:], atol=1e-5, rtol=1e-5)  # padding rows: no output
     torch.testing.assert_close(incremental[1], full[1], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
+    """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head for oneDNN; the prompt's and
+    each decoding step's logits are exactly those of the plain model."""
+    config = small_config()
+    plain = build_model(config, dtype=torch.bfloat16).eval()
+    packed = build_model(config, dtype=torch.bfloat16)
+    state = ParallelState.single()
+    prepare_for_inference(packed, state, torch.bfloat16, batch_size=2)
+    if not packing_available(state.device, torch.bfloat16):
+        pytest.skip("this torch build has no oneDNN linear packing")
+    assert sum(isinstance(module, PackedLinear) for module in packed.modules()) == 4 * config.num_layers + 1
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("plain", plain), ("packed", packed)):
+            cache = KVCache(config.num_layers, 9)
+            steps = [model(input_ids[:, :6], cache=cache).logits]
+            steps += [model(input_ids[:, i:i + 1], cache=cache).logits for i in range(6, 9)]
+            logits[name] = torch.cat(steps, dim=1)
+    assert torch.equal(logits["packed"], logits["plain"])
 
 
 def test_sampling_keeps_to_top_k_and_top_p():

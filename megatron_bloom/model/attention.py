@@ -75,7 +75,7 @@ class BloomAttention(nn.Module):
             self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
         bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)  # [batch * heads, 1, kv]
         if self.attention_impl == "sdpa" and q_length == 1:
-            context = self._decode_attention(query, key, value, bias, additive_mask)
+            context = self._decode_attention(query, key, value, bias, additive_mask, cache)
         elif self.attention_impl == "sdpa":
             context = self._fused_attention(query, key, value, bias, additive_mask)
         else:
@@ -104,16 +104,25 @@ class BloomAttention(nn.Module):
         return context.view(batch_size, self.num_heads, q_length, self.head_dim)
 
     def _decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                          additive_mask: torch.Tensor) -> torch.Tensor:
+                          additive_mask: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
         """One new query per sequence (decoding with a KV cache), as plain products: the scores are K q, so
         the cached keys are read in their own layout (q k^T would copy them transposed every step), and the
         fused kernel's tiling costs several times more for a single query (0.37 ms a layer at batch 8 on
-        CPU). Softmax in float32, as in the reference."""
+        CPU). Softmax in float32, as in the reference.
+
+        The cached keys and values of the first `kv` positions are a strided view of the cache's buffers,
+        which a CPU `bmm` would copy whole each step; once they fill a third of the buffers, the products
+        run over the whole (contiguous, zero-initialized) buffers instead: the extra scores are cut off,
+        and the extra values meet probabilities of exactly 0."""
         batch_size, kv_length = query.shape[0], key.shape[2]
-        scores = torch.matmul(key, query.transpose(-1, -2)).transpose(-1, -2)  # [batch, heads, 1, kv]
+        whole_buffers = cache is not None and 3 * kv_length > cache.max_length and query.device.type == "cpu"
+        keys, values = (cache.keys, cache.values) if whole_buffers else (key, value)
+        scores = torch.matmul(keys, query.transpose(-1, -2)).transpose(-1, -2)[..., :kv_length]  # [batch, heads, 1, kv]
         scores = scores * self.inv_norm_factor + bias.view(batch_size, self.num_heads, 1, kv_length) + additive_mask
         probs = self.attention_dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
-        return torch.matmul(probs, value)
+        if whole_buffers:
+            probs = F.pad(probs, (0, values.shape[2] - kv_length))
+        return torch.matmul(probs, values)
 
     def _fused_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                          additive_mask: torch.Tensor) -> torch.Tensor:

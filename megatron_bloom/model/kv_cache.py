@@ -26,8 +26,8 @@ class LayerKVCache:
         batch_size, heads, new, head_dim = key.shape
         if self.keys is None:
             shape = (batch_size, heads, self.max_length, head_dim)
-            self.keys = key.new_empty(shape)
-            self.values = value.new_empty(shape)
+            self.keys = key.new_zeros(shape)  # zeros, not garbage: decoding may read the unused positions
+            self.values = value.new_zeros(shape)
         end = self.length + new
         if end > self.max_length:
             raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
