@@ -180,7 +180,8 @@ def test_fine_tuned_checkpoints_of_both_layouts_hold_the_same_weights(layouts, t
 
     single, grid = layouts
     root = single["run_root"].parent
-    run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(root / "2x2" / "sequence_classification" / "ckpt"),
+    source = root / "2x2" / "sequence_classification" / "ckpt"
+    run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source),
              "--output", str(tmp_path / "reshaped"), "--tp", "1", "--pp", "1"])
     metadata, reshaped = load_model_state_dict(tmp_path / "reshaped")
     assert metadata.task.name == "sequence_classification" and metadata.iteration == STEPS

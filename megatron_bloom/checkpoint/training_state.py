@@ -78,8 +78,8 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     dist.barrier()  # every rank's files are written
     if rank == 0:
         metadata = CheckpointMetadata(
-            model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp, contents=TRAINING,
-            zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
+            model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp,
+            contents=TRAINING, zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
             data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
                          "global_batch_size": config.train.global_batch_size},
@@ -157,7 +157,8 @@ def resumes_exactly(metadata: CheckpointMetadata, config: TrainConfig, state: Pa
     """Whether DeepSpeed can load everything: a training checkpoint of this task, tp/pp, ZeRO stage and
     precision (and dp when ZeRO partitions the optimizer state)."""
     same_dp = metadata.dp == state.dp or config.zero.stage == 0
-    return (metadata.contents == TRAINING and metadata.task.name == config.task.name and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
+    return (metadata.contents == TRAINING and metadata.task.name == config.task.name
+            and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
             and metadata.zero_stage == config.zero.stage and metadata.precision == config.precision)
 
 

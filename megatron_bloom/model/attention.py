@@ -117,7 +117,7 @@ class BloomAttention(nn.Module):
         batch_size, kv_length = query.shape[0], key.shape[2]
         whole_buffers = cache is not None and 3 * kv_length > cache.max_length and query.device.type == "cpu"
         keys, values = (cache.keys, cache.values) if whole_buffers else (key, value)
-        scores = torch.matmul(keys, query.transpose(-1, -2)).transpose(-1, -2)[..., :kv_length]  # [batch, heads, 1, kv]
+        scores = torch.matmul(keys, query.transpose(-1, -2)).transpose(-1, -2)[..., :kv_length]  # [b, heads, 1, kv]
         scores = scores * self.inv_norm_factor + bias.view(batch_size, self.num_heads, 1, kv_length) + additive_mask
         probs = self.attention_dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
         if whole_buffers:
