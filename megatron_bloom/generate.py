@@ -10,7 +10,9 @@ position (the cache holds the keys and values of the earlier ones). A sequence s
 token or after `max_new_tokens`. Tensor-parallel ranks gather the full vocabulary's logits and take the
 same token; data-parallel ranks split the batches. Sampling draws from a generator seeded by
 `generate.seed` and the batch's index, so results do not depend on the layout. Each prompt's result is
-one JSON line on stdout: `{"prompt": str, "completion": str, "token_ids": [int, ...]}`.
+one JSON line on stdout: `{"prompt": str, "completion": str, "token_ids": [int, ...]}`; with
+`generate.stream=true` the completions are printed while they grow too, before those lines, as
+`{"index": prompt index, "text": piece}` lines (a prompt's pieces join into its completion).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,11 +82,44 @@ class GenerationTimes:
                 f"then {rate:,.1f} tokens/s")
 
 
+class TextStream:
+    """Prints each row's completion while it grows: after every step, one JSON line `{"index": i, "text":
+    piece}` per row whose decoded text grew. A byte-level token can end inside a UTF-8 character; such a
+    row's text waits for the token that completes it, so the pieces of a row join into its completion."""
+
+    def __init__(self, tokenizer, first_index: int, rows: int, out: TextIO = sys.stdout) -> None:
+        self.tokenizer, self.first_index, self.out = tokenizer, first_index, out
+        self.tokens: List[List[int]] = [[] for _ in range(rows)]
+        self.shown = [""] * rows
+
+    def __call__(self, tokens: torch.Tensor, running: torch.Tensor) -> None:
+        for row, (token, active) in enumerate(zip(tokens.tolist(), running.tolist())):
+            if active:
+                self.tokens[row].append(token)
+                self._show(row, final=False)
+        self.out.flush()
+
+    def close(self) -> None:
+        for row in range(len(self.tokens)):
+            self._show(row, final=True)
+        self.out.flush()
+
+    def _show(self, row: int, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=False)
+        if text.endswith("\ufffd") and not final:  # an unfinished character
+            return
+        if len(text) > len(self.shown[row]) and text.startswith(self.shown[row]):
+            self.out.write(json.dumps({"index": self.first_index + row, "text": text[len(self.shown[row]):]},
+                                      ensure_ascii=False) + "\n")
+            self.shown[row] = text
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
-                   state: ParallelState, generator: torch.Generator,
-                   times: Optional[GenerationTimes] = None) -> List[List[int]]:
-    """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to."""
+                   state: ParallelState, generator: torch.Generator, times: Optional[GenerationTimes] = None,
+                   on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> List[List[int]]:
+    """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to;
+    `on_step(tokens, running)` sees each step's tokens and which rows were still generating them."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id = model_config.eos_token_id
     input_ids, mask = padded_batch(prompts, pad_id, left=True)  # every prompt ends where generation starts
@@ -102,6 +137,8 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
         if state.tp > 1:  # one choice for the whole tensor-parallel group, whatever rounding did
             dist.broadcast(tokens, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
         tokens = tokens.masked_fill(finished, pad_id)
+        if on_step is not None:
+            on_step(tokens, ~finished)
         if times is not None:
             now = time.perf_counter()
             if step == 0:
@@ -173,8 +210,11 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
             continue
         generator = torch.Generator().manual_seed(config.generate.seed + batch_index)
         batch = prompts[start: start + batch_size]
-        for offset, tokens in enumerate(generate_batch(model, batch, metadata.model, config.generate, state, generator,
-                                                       times)):
+        stream = TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0 else None
+        completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times, stream)
+        if stream is not None:
+            stream.close()
+        for offset, tokens in enumerate(completions):
             mine.append({"index": start + offset, "prompt": texts[start + offset],
                          "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
     everyone = [mine]

@@ -95,19 +95,28 @@ def exported(tmp_path_factory):
 
 def run_generate(root, tp, *overrides):
     result = run_torchrun(tp, "megatron_bloom.generate", [
-        f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}", f"generate.input={root / 'prompts.jsonl'}",
-        "generate.batch_size=3", "generate.max_new_tokens=24", "precision=fp32", f"parallel.tp={tp}", *overrides])
+        f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}",
+        f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24", "precision=fp32", f"parallel.tp={tp}", *overrides])
     # the summary reports the speed: first-token time per batch, then the one-token steps' rate
     summary = re.search(r"time to first token \d+ ms per batch, then [\d,.]+ tokens/s", result.stderr)
     assert summary, result.stderr[-2000:]
-    return [json.loads(line) for line in result.stdout.strip().splitlines()[-len(PROMPTS):]]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    results, streamed = lines[-len(PROMPTS):], lines[:-len(PROMPTS)]
+    assert all("completion" in line for line in results)
+    if "generate.stream=true" in overrides:  # the pieces of each prompt, in order, make its completion
+        assert streamed and all(set(line) == {"index", "text"} for line in streamed)
+        joined = ["".join(line["text"] for line in streamed if line["index"] == index) for index in range(len(results))]
+        assert joined == [r["completion"] for r in results]
+    else:
+        assert not streamed
+    return results
 
 
 def test_greedy_generation_at_tp2_equals_tp1_and_transformers(exported):
     from megatron_bloom.data.tokenizer import load_tokenizer
 
     root, hf = exported
-    tp1, tp2 = run_generate(root, 1), run_generate(root, 2)
+    tp1, tp2 = run_generate(root, 1), run_generate(root, 2, "generate.stream=true")
     assert [r["prompt"] for r in tp1] == PROMPTS
     assert [r["token_ids"] for r in tp2] == [r["token_ids"] for r in tp1]
 

@@ -247,6 +247,7 @@ class GenerateConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 1234
+    stream: bool = False  # print the completions as they grow: JSON lines {"index": i, "text": piece}
 
     def __post_init__(self) -> None:
         _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature")
