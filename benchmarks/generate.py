@@ -1,11 +1,16 @@
 """Generation speed of `mbloom-generate`'s batched decoding against `transformers`' `generate`, in one invocation.
 
     python benchmarks/generate.py [--model bloom-small] [--batch 8] [--new-tokens 128] [--dtype bf16]
+                                  [--quantize int8]
 
 Both models hold the same random weights and decode the same left-padded batch of mixed-length prompts
 greedily for exactly `--new-tokens` tokens (EOS off). Reported: time to first token (the prompt's forward
 and one token), decoding tokens/s over the batch, the ratio of whole-run tokens/s, and how many rows give
 the same tokens (in bf16 a near-tie between two logits can flip, as any change of kernel order does).
+
+With `--quantize int8` ours runs with int8 weights (`generate.quantize=int8`), and its accuracy cost is
+measured against float32 computation on the same weights, beside bf16's: the largest and mean difference of
+the prompt's logits, and the share of greedy tokens equal to float32's up to each row's first difference.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", choices=["int8"], default=None)
     args = parser.parse_args()
     import transformers
 
@@ -53,9 +59,15 @@ def main() -> None:
     reference = transformers.BloomForCausalLM(transformers.BloomConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, n_layer=config.num_layers,
         n_head=config.num_heads)).to(dtype).eval()
-    ours = build_model(config, dtype=dtype)
-    ours.load_state_dict(hf_to_state_dict(reference.state_dict(), config, TaskConfig()))
-    prepare_for_inference(ours, ParallelState.single(), dtype, args.batch)  # as mbloom-generate does
+    weights = hf_to_state_dict(reference.state_dict(), config, TaskConfig())
+
+    def our_model(dtype: torch.dtype, quantize=None):
+        model = build_model(config, dtype=dtype)
+        model.load_state_dict(weights)
+        prepare_for_inference(model, ParallelState.single(), dtype, args.batch, quantize)  # as mbloom-generate
+        return model
+
+    ours = our_model(dtype, args.quantize)
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(8, 64, args.batch).long().tolist()
@@ -83,6 +95,9 @@ def main() -> None:
                          "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (whole - first),
                          "tokens_per_s": args.batch * args.new_tokens / whole}
     same_rows = sum(a == b for a, b in zip(ours_run(args.new_tokens), theirs_run(args.new_tokens)))
+    if args.quantize:
+        cost = accuracy_cost({"bf16": our_model(torch.bfloat16), args.quantize: ours}, our_model(torch.float32),
+                             prompts, input_ids, mask, config, args.new_tokens)
     ratio = results["mbloom"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
     print(f"{args.model}, {args.dtype}, batch {args.batch} (prompts of {lengths[0]}-{lengths[-1]} tokens), "
           f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads")
@@ -91,10 +106,35 @@ def main() -> None:
               f"decoding {row['decode_tokens_per_s']:8.1f} tokens/s, whole run {row['tokens_per_s']:8.1f} tokens/s")
     print(f"  ratio (mbloom / transformers tokens/s): {ratio:.2f}; rows with identical tokens: "
           f"{same_rows}/{args.batch}")
+    if args.quantize:
+        for name, row in cost.items():
+            print(f"  accuracy of {name:5s} against float32: prompt logits max |diff| {row['max_logit_diff']:.4f}, "
+                  f"mean {row['mean_logit_diff']:.5f}; greedy tokens equal up to the first difference "
+                  f"{row['greedy_agreement']:.3f}")
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
-                      "ratio": round(ratio, 3), "identical_rows": same_rows,
+                      "quantize": args.quantize, "ratio": round(ratio, 3), "identical_rows": same_rows,
+                      **({"accuracy": cost} if args.quantize else {}),
                       **{f"{name}_{key}": round(value, 4) for name, row in results.items()
                          for key, value in row.items()}}))
+
+
+@torch.no_grad()
+def accuracy_cost(variants: dict, exact, prompts, input_ids, mask, config, new_tokens: int) -> dict:
+    """Each variant's prompt logits and greedy tokens against those of `exact` (float32)."""
+    real = mask.bool()
+    expected = exact(input_ids, attention_mask=mask).logits[real]
+    settings, state = GenerateConfig(max_new_tokens=new_tokens), ParallelState.single()
+    expected_tokens = generate_batch(exact, prompts, config, settings, state, torch.Generator())
+    cost = {}
+    for name, model in variants.items():
+        difference = (model(input_ids, attention_mask=mask).logits[real].float() - expected).abs()
+        tokens = generate_batch(model, prompts, config, settings, state, torch.Generator())
+        agreeing = sum(next((i for i, (a, b) in enumerate(zip(row, want)) if a != b), len(want))
+                       for row, want in zip(tokens, expected_tokens))
+        cost[name] = {"max_logit_diff": round(difference.max().item(), 5),
+                      "mean_logit_diff": round(difference.mean().item(), 6),
+                      "greedy_agreement": round(agreeing / sum(len(want) for want in expected_tokens), 4)}
+    return cost
 
 
 if __name__ == "__main__":

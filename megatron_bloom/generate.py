@@ -37,7 +37,7 @@ from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model import KVCache, ModelConfig
 from megatron_bloom.model.heads import TiedLMHead
-from megatron_bloom.model.packed_linear import pack_linears, packing_available
+from megatron_bloom.model.inference_linear import pack_linears, packing_available
 from megatron_bloom.parallel import ParallelState, init_distributed
 from megatron_bloom.parallel.cross_entropy import gather_vocab_logits
 from megatron_bloom.parallel.distributed import state_for_run
@@ -163,14 +163,19 @@ def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
 
 
-def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch_size: int) -> None:
+def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch_size: int,
+                          quantize: Optional[str] = None) -> None:
     """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed for oneDNN (each decoding
-    step reads every weight once for `batch_size` rows: see model/packed_linear.py)."""
+    step reads every weight once for `batch_size` rows: see model/inference_linear.py), or with
+    `quantize="int8"` their weights in int8 (CPU, tp 1)."""
     model.eval()
-    if packing_available(state.device, dtype):
-        pack_linears(model, batch_size)
+    if quantize is not None and (state.device.type != "cpu" or state.tp > 1):
+        raise UserError(f"generate.quantize={quantize} runs on CPUs at parallel.tp=1 (this run: "
+                        f"{state.device.type}, tp={state.tp}).")
+    if quantize is not None or packing_available(state.device, dtype):
+        pack_linears(model, batch_size, quantize)
         if isinstance(model.lm_head, TiedLMHead):  # tp = 1 (a vocab-parallel head keeps its own matmul)
-            model.lm_head.pack(model.transformer.word_embeddings.weight, batch_size)
+            model.lm_head.pack(model.transformer.word_embeddings.weight, batch_size, quantize)
 
 
 def read_prompts(config: GenerateConfig) -> List[str]:
@@ -193,7 +198,7 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
     dtype = PRECISION_DTYPES[config.precision]
     model, metadata = load_model(config.checkpoint.load, state, dtype, run_model=config.model)
-    prepare_for_inference(model, state, dtype, config.generate.batch_size)
+    prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize)
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:
         raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "

@@ -11,7 +11,7 @@ import torch
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.generate import choose_tokens, prepare_for_inference
 from megatron_bloom.model import KVCache, build_model
-from megatron_bloom.model.packed_linear import PackedLinear, packing_available
+from megatron_bloom.model.inference_linear import Int8Linear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
 from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
 
@@ -64,6 +64,24 @@ def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
     assert torch.equal(logits["packed"], logits["plain"])
 
 
+def test_int8_weights_stay_close_to_the_model():
+    """`generate.quantize=int8`: every linear and the LM head hold int8 weights (one scale per output
+    channel); a decoding step's and a prompt's (dequantized path) logits stay within the rounding."""
+    config = small_config()
+    plain = build_model(config).eval()
+    quantized = build_model(config)
+    prepare_for_inference(quantized, ParallelState.single(), torch.float32, batch_size=2, quantize="int8")
+    assert sum(isinstance(module, Int8Linear) for module in quantized.modules()) == 4 * config.num_layers + 1
+    assert quantized.transformer.h[0].mlp.dense_h_to_4h.weight_int8.dtype == torch.int8
+    torch.manual_seed(0)
+    for length in (1, Int8Linear.DEQUANTIZED_ROWS):  # int8 kernel, then dequantized weights
+        input_ids = torch.randint(0, config.vocab_size, (2, length))
+        with torch.no_grad():
+            expected, actual = plain(input_ids).logits, quantized(input_ids).logits
+        error = (actual - expected).abs().max().item()
+        assert 0 < error <= 0.01 * expected.abs().max().item()
+
+
 def test_sampling_keeps_to_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = torch.Generator().manual_seed(0)
@@ -96,7 +114,8 @@ def exported(tmp_path_factory):
 def run_generate(root, tp, *overrides):
     result = run_torchrun(tp, "megatron_bloom.generate", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}",
-        f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24", "precision=fp32", f"parallel.tp={tp}", *overrides])
+        f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24",
+        "precision=fp32", f"parallel.tp={tp}", *overrides])
     # the summary reports the speed: first-token time per batch, then the one-token steps' rate
     summary = re.search(r"time to first token \d+ ms per batch, then [\d,.]+ tokens/s", result.stderr)
     assert summary, result.stderr[-2000:]
@@ -134,6 +153,15 @@ def test_greedy_generation_at_tp2_equals_tp1_and_transformers(exported):
     assert [r["token_ids"] for r in tp1] == expected
     assert len({token for r in tp1 for token in r["token_ids"]}) > 5  # real text, not one token repeated
     assert tp1[0]["completion"] == tokenizer.decode(expected[0], skip_special_tokens=False)
+
+
+def test_int8_generation_runs_from_the_command_line(exported):
+    root, _ = exported
+    results = run_generate(root, 1, "generate.quantize=int8")
+    assert [r["prompt"] for r in results] == PROMPTS and all(r["token_ids"] for r in results)
+    refused = run_cli(["megatron_bloom.generate", f"checkpoint.load={root / 'ckpt'}",
+                       f"eval.tokenizer={root / 'tok'}", "generate.prompt=ka", "generate.quantize=int4"], check=False)
+    assert_user_error(refused, "generate.quantize", "int4")
 
 
 def test_sampling_is_the_same_at_any_tensor_parallel_size(exported):

@@ -248,9 +248,12 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 1234
     stream: bool = False  # print the completions as they grow: JSON lines {"index": i, "text": piece}
+    quantize: Optional[str] = None  # "int8": int8 weights, one scale per output channel (CPU, tp 1)
 
     def __post_init__(self) -> None:
         _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature")
+        if self.quantize is not None:
+            _check_choice("generate.quantize", self.quantize, ("int8",))
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError(
                 f"generate.top_p must be in (0, 1] and generate.top_k >= 0; got {self.top_p} and {self.top_k}."

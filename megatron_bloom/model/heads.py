@@ -16,7 +16,7 @@ from torch import nn
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.model.config import TASKS, ModelConfig
 from megatron_bloom.model.kv_cache import KVCache
-from megatron_bloom.model.packed_linear import PackedLinear
+from megatron_bloom.model.inference_linear import inference_linear
 from megatron_bloom.model.transformer import BloomModel
 
 IGNORE_INDEX = -100
@@ -118,11 +118,12 @@ class TiedLMHead(nn.Module):
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.packed: Optional[PackedLinear] = None  # inference on CPUs: a packed copy (`pack`)
+        self.packed: Optional[nn.Module] = None  # inference on CPUs: a packed or int8 copy (`pack`)
 
-    def pack(self, embedding_weight: torch.Tensor, rows: int) -> None:
-        """Score with a packed copy of the embedding rows from now on (frozen weights; see packed_linear)."""
-        self.packed = PackedLinear(embedding_weight[: self.vocab_size], None, rows)
+    def pack(self, embedding_weight: torch.Tensor, rows: int, quantize: Optional[str] = None) -> None:
+        """Score with a packed (or int8) copy of the embedding rows from now on (frozen weights; see
+        inference_linear)."""
+        self.packed = inference_linear(embedding_weight[: self.vocab_size], None, rows, quantize)
 
     def forward(self, hidden_states: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
