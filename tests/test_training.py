@@ -46,22 +46,29 @@ def full_weights(results, config):
     return merge_state_dicts([by_tp_rank[rank] for rank in sorted(by_tp_rank)], config.model)
 
 
+def grad_norms(run_dir):
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def reference(shard, tmp_path_factory):
-    args = overrides(shard, tmp_path_factory.mktemp("run") / "ref", 1, 1, 1)
+    run_dir = tmp_path_factory.mktemp("run") / "ref"
+    args = overrides(shard, run_dir, 1, 1, 1)
     results = run_distributed(train_worker, 1, args)
-    return results[0]["losses"], full_weights(results, load_config(args))
+    return results[0]["losses"], full_weights(results, load_config(args)), grad_norms(run_dir)
 
 
-@pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)],
-                         ids=["tp2", "pp2", "dp2", "tp2-pp2-dp2"])
-def test_every_layout_trains_like_one_process(shard, reference, tmp_path, tp, pp, dp):
-    reference_losses, reference_weights = reference
+@pytest.mark.parametrize("tp, pp, dp, zero", [(2, 1, 1, 1), (1, 2, 1, 0), (1, 1, 2, 1), (2, 2, 2, 1)],
+                         ids=["tp2", "pp2-zero0", "dp2", "tp2-pp2-dp2"])
+def test_every_layout_trains_like_one_process(shard, reference, tmp_path, tp, pp, dp, zero):
+    """... with the same gradient norm in metrics.jsonl (pp 2 without ZeRO: the norm over both stages)."""
+    reference_losses, reference_weights, reference_norms = reference
     assert reference_losses[-1] < reference_losses[0]  # it learns
-    args = overrides(shard, tmp_path / "run", tp, pp, dp)
+    args = overrides(shard, tmp_path / "run", tp, pp, dp, zero=zero)
     results = run_distributed(train_worker, tp * pp * dp, args)
     for result in results:  # every rank reports the same global-batch loss
         np.testing.assert_allclose(result["losses"], reference_losses, rtol=1e-4)
+    np.testing.assert_allclose(grad_norms(tmp_path / "run"), reference_norms, rtol=1e-4)
     weights = full_weights(results, load_config(args))
     assert weights.keys() == reference_weights.keys()
     for name, value in reference_weights.items():
@@ -80,11 +87,17 @@ def zero_stages_worker(rank, world_size, shard, run_root):
 
 
 def test_zero_stages_give_the_same_losses(shard, tmp_path):
+    """... and the same gradient norms in metrics.jsonl (fp32 without ZeRO too, where DeepSpeed keeps none)."""
     results = run_distributed(zero_stages_worker, 2, shard, str(tmp_path))
     for losses in results:
         for stage in (1, 2, 3):
             np.testing.assert_allclose(losses[stage], losses[0], rtol=1e-5, err_msg=f"zero stage {stage}")
         assert losses[0][-1] < losses[0][0]
+    norms = {stage: [json.loads(line)["grad_norm"] for line in (tmp_path / f"zero{stage}" / "metrics.jsonl").open()]
+             for stage in (0, 1, 2, 3)}
+    assert len(norms[0]) == 8 and all(np.isfinite(norms[0]))
+    for stage in (1, 2, 3):
+        np.testing.assert_allclose(norms[stage], norms[0], rtol=1e-4, err_msg=f"zero stage {stage}")
 
 
 def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):

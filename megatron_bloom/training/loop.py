@@ -37,7 +37,7 @@ from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_
 from megatron_bloom.training.flops import iteration_flops
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
-from megatron_bloom.training.optimizer import build_optimizer, build_scheduler
+from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
 
 def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one."""
@@ -86,7 +86,19 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
                                            mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
     if carried_state is not None:
         restore_optimizer_state(engine, *carried_state)
+    if config.precision == "fp32" and config.zero.stage == 0:
+        own_fp32_clipping(engine, state)
     return engine, optimizer, scheduler
+
+
+def own_fp32_clipping(engine, state: ParallelState) -> None:
+    """In fp32 without ZeRO, DeepSpeed clips with a norm over the tensor-parallel group alone (in a
+    pipeline, each stage by its own) and keeps no norm for `get_global_grad_norm()`: clip with the whole
+    model's norm (`clip_gradients`) and keep it, as its other optimizers do."""
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = clip_gradients(engine.module.parameters(), engine.gradient_clipping(), state)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
 
 
 def stacked_batch_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, train: bool) -> float:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron_bloom.config.schema import OptimConfig, SchedConfig
+from megatron_bloom.parallel import ParallelState
 
 
 class SkippingAdamW(torch.optim.AdamW):
@@ -34,6 +36,32 @@ class SkippingAdamW(torch.optim.AdamW):
         if self.skipped:
             return None
         return super().step(closure)
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float, state: ParallelState) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
+
+    The norm covers the whole model replica: every pipeline stage and every tensor-parallel slice, each
+    parameter counted once (a replicated one on tp rank 0 only, the tied embedding's copy on the last
+    stage not at all); gradients are already equal across data-parallel replicas. (DeepSpeed's own fp32
+    clipping without ZeRO sums over the tp group alone, so in a pipeline each stage clipped by its own norm.)
+    """
+    grads, squares = [], torch.zeros((), dtype=torch.float32, device=state.device)
+    for param in parameters:
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        counted = state.tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
+        if counted and not getattr(param, "ds_pipe_replicated", False):
+            squares += param.grad.detach().float().square().sum()
+    for size, group in ((state.tp, state.tp_group), (state.pp, state.pp_group)):
+        if size > 1:
+            dist.all_reduce(squares, group=group)
+    norm = squares.sqrt()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # DeepSpeed's and Megatron's coefficient
+    if grads:
+        torch._foreach_mul_(grads, scale)
+    return norm
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> SkippingAdamW:
