@@ -184,6 +184,10 @@ def test_fine_tuned_checkpoints_of_both_layouts_hold_the_same_weights(layouts, t
     run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source),
              "--output", str(tmp_path / "reshaped"), "--tp", "1", "--pp", "1"])
     metadata, reshaped = load_model_state_dict(tmp_path / "reshaped")
+    _, pipeline_files = load_model_state_dict(source)  # what mbloom-eval and to-hf read: the layer files
+    assert pipeline_files.keys() == reshaped.keys()
+    for name, value in pipeline_files.items():
+        torch.testing.assert_close(reshaped[name], value, rtol=0, atol=0, msg=name)
     assert metadata.task.name == "sequence_classification" and metadata.iteration == STEPS
     assert metadata.task.labels == ["negative", "neutral", "positive"]
     _, expected = load_model_state_dict(root / "1x1" / "sequence_classification" / "ckpt")
