@@ -282,5 +282,8 @@ def test_bad_fine_tuning_configs_are_clear_errors(tmp_path, tokenizer_dir, impor
     head = TaskConfig(name="sequence_classification", num_labels=2, labels=["bad", "good"])
     with pytest.raises(UserError, match="2 outputs"):
         build_task_data(load_config(base), (8, 0), head, report_to_stderr=False)
+    regression = TaskConfig(name="sequence_classification", num_labels=3, problem_type="regression")
+    with pytest.raises(UserError, match="regression"):
+        build_task_data(load_config(base), (8, 0), regression, report_to_stderr=False)
     refused = run_cli(["megatron_bloom.train", *base, "task.train=null"], check=False)
     assert_user_error(refused, "task=sequence_classification", "task.train=PATH.jsonl")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.sampler import PretrainingSampler
 from megatron_bloom.data.tokenizer import load_tokenizer
-from megatron_bloom.errors import ConfigError
+from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.heads import last_token_index
 from megatron_bloom.tasks.features import (
@@ -86,6 +86,9 @@ def build_task_data(config: TrainConfig, samples: Tuple[int, int], head: Optiona
     train_report = read_task_file(settings.train, settings.name)
     task = TaskConfig(name=settings.name)
     labels = None
+    if head is not None and head.problem_type not in (None, "single_label_classification"):
+        raise UserError(f"the checkpoint's {head.name} head is for {head.problem_type}; fine-tuning trains "
+                        "single-label classification (one label a line): start from a checkpoint without that head.")
     if settings.name != "question_answering":
         labels = LabelMap.for_head(train_report.examples, settings.labels, head, settings.name)
         task = replace(task, num_labels=len(labels.names), labels=labels.names,
