@@ -1,7 +1,7 @@
 """Generation speed of `mbloom-generate`'s batched decoding against `transformers`' `generate`, in one invocation.
 
     python benchmarks/generate.py [--model bloom-small] [--batch 8] [--new-tokens 128] [--dtype bf16]
-                                  [--quantize int8]
+                                  [--quantize int8] [--compile]
 
 Both models hold the same random weights and decode the same left-padded batch of mixed-length prompts
 greedily for exactly `--new-tokens` tokens (EOS off). Reported: time to first token (the prompt's forward
@@ -11,6 +11,8 @@ the same tokens (in bf16 a near-tie between two logits can flip, as any change o
 With `--quantize int8` ours runs with int8 weights (`generate.quantize=int8`), and its accuracy cost is
 measured against float32 computation on the same weights, beside bf16's: the largest and mean difference of
 the prompt's logits, and the share of greedy tokens equal to float32's up to each row's first difference.
+With `--compile` ours decodes through `torch.compile` (`generate.compile=true`); the one-time compilation,
+done in the warm-up run, is reported apart.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantize", choices=["int8"], default=None)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     import transformers
 
@@ -61,13 +64,13 @@ def main() -> None:
         n_head=config.num_heads)).to(dtype).eval()
     weights = hf_to_state_dict(reference.state_dict(), config, TaskConfig())
 
-    def our_model(dtype: torch.dtype, quantize=None):
+    def our_model(dtype: torch.dtype, quantize=None, compile=False):
         model = build_model(config, dtype=dtype)
         model.load_state_dict(weights)
-        prepare_for_inference(model, ParallelState.single(), dtype, args.batch, quantize)  # as mbloom-generate
-        return model
+        # as mbloom-generate does; returns the compiled decoding step, or None
+        return model, prepare_for_inference(model, ParallelState.single(), dtype, args.batch, quantize, compile)
 
-    ours = our_model(dtype, args.quantize)
+    ours, decode = our_model(dtype, args.quantize, args.compile)
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(8, 64, args.batch).long().tolist()
@@ -78,7 +81,7 @@ def main() -> None:
 
     def ours_run(new_tokens: int):
         return generate_batch(ours, prompts, config, GenerateConfig(max_new_tokens=new_tokens), state,
-                              torch.Generator())
+                              torch.Generator(), decode_model=decode)
 
     def theirs_run(new_tokens: int):
         with torch.no_grad():
@@ -86,9 +89,9 @@ def main() -> None:
                                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=config.pad_token_id)
         return output[:, longest:].tolist()
 
-    results = {}
+    results, warm_up_s = {}, {}
     for name, run in (("mbloom", ours_run), ("transformers", theirs_run)):
-        run(2)  # warm-up
+        warm_up_s[name] = median_seconds(lambda: run(2), 1)  # with --compile: the compilation
         first = median_seconds(lambda: run(1), args.repeats)
         whole = median_seconds(lambda: run(args.new_tokens), args.repeats)
         results[name] = {"time_to_first_token_s": first, "total_s": whole,
@@ -96,11 +99,12 @@ def main() -> None:
                          "tokens_per_s": args.batch * args.new_tokens / whole}
     same_rows = sum(a == b for a, b in zip(ours_run(args.new_tokens), theirs_run(args.new_tokens)))
     if args.quantize:
-        cost = accuracy_cost({"bf16": our_model(torch.bfloat16), args.quantize: ours}, our_model(torch.float32),
+        cost = accuracy_cost({"bf16": our_model(torch.bfloat16)[0], args.quantize: ours}, our_model(torch.float32)[0],
                              prompts, input_ids, mask, config, args.new_tokens)
     ratio = results["mbloom"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
     print(f"{args.model}, {args.dtype}, batch {args.batch} (prompts of {lengths[0]}-{lengths[-1]} tokens), "
-          f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads")
+          f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads"
+          + (f"; decoding step compiled once in {warm_up_s['mbloom']:.1f} s" if args.compile else ""))
     for name, row in results.items():
         print(f"  {name:13s} first token {row['time_to_first_token_s'] * 1000:7.1f} ms, "
               f"decoding {row['decode_tokens_per_s']:8.1f} tokens/s, whole run {row['tokens_per_s']:8.1f} tokens/s")
@@ -112,7 +116,8 @@ def main() -> None:
                   f"mean {row['mean_logit_diff']:.5f}; greedy tokens equal up to the first difference "
                   f"{row['greedy_agreement']:.3f}")
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
-                      "quantize": args.quantize, "ratio": round(ratio, 3), "identical_rows": same_rows,
+                      "quantize": args.quantize, "compile": args.compile, "ratio": round(ratio, 3),
+                      "identical_rows": same_rows, "warm_up_s": {k: round(v, 2) for k, v in warm_up_s.items()},
                       **({"accuracy": cost} if args.quantize else {}),
                       **{f"{name}_{key}": round(value, 4) for name, row in results.items()
                          for key, value in row.items()}}))

@@ -117,9 +117,11 @@ class TextStream:
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
                    state: ParallelState, generator: torch.Generator, times: Optional[GenerationTimes] = None,
-                   on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> List[List[int]]:
+                   on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+                   decode_model=None) -> List[List[int]]:
     """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to;
-    `on_step(tokens, running)` sees each step's tokens and which rows were still generating them."""
+    `on_step(tokens, running)` sees each step's tokens and which rows were still generating them;
+    `decode_model` (the same model, compiled) runs the one-token steps when given."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id = model_config.eos_token_id
     input_ids, mask = padded_batch(prompts, pad_id, left=True)  # every prompt ends where generation starts
@@ -130,7 +132,8 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
     step_input = input_ids
     started = time.perf_counter()
     for step in range(config.max_new_tokens):
-        logits = model(step_input, attention_mask=mask, cache=cache, last_positions=1).logits[:, -1]
+        forward = decode_model if step > 0 and decode_model is not None else model
+        logits = forward(step_input, attention_mask=mask, cache=cache, last_positions=1).logits[:, -1]
         if state.tp > 1:  # each rank holds a slice of the vocabulary
             logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
         tokens = choose_tokens(logits, config, generator)
@@ -164,18 +167,39 @@ def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
 
 
 def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch_size: int,
-                          quantize: Optional[str] = None) -> None:
+                          quantize: Optional[str] = None, compile: bool = False):
     """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed for oneDNN (each decoding
     step reads every weight once for `batch_size` rows: see model/inference_linear.py), or with
-    `quantize="int8"` their weights in int8 (CPU, tp 1)."""
+    `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model that runs the one-token steps:
+    with `compile`, the model through `torch.compile` (shapes dynamic, so one compilation serves every
+    cache length; weights frozen into the graph, which on CPUs packs them for oneDNN and fuses the small
+    ops between the products), else None (the model itself)."""
     model.eval()
     if quantize is not None and (state.device.type != "cpu" or state.tp > 1):
         raise UserError(f"generate.quantize={quantize} runs on CPUs at parallel.tp=1 (this run: "
                         f"{state.device.type}, tp={state.tp}).")
+    if compile:
+        if state.tp > 1 or quantize is not None:
+            raise UserError("generate.compile=true runs at parallel.tp=1 without generate.quantize.")
+        return compiled_decoding(model)
     if quantize is not None or packing_available(state.device, dtype):
         pack_linears(model, batch_size, quantize)
         if isinstance(model.lm_head, TiedLMHead):  # tp = 1 (a vocab-parallel head keeps its own matmul)
             model.lm_head.pack(model.transformer.word_embeddings.weight, batch_size, quantize)
+
+
+def compiled_decoding(model) -> Callable:
+    """`model` through `torch.compile`, with inductor's freezing on when it compiles (the option is read then;
+    `torch.compile(options=...)` does not pass it on)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=True)
+
+    def decode(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return decode
 
 
 def read_prompts(config: GenerateConfig) -> List[str]:
@@ -198,7 +222,8 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
     dtype = PRECISION_DTYPES[config.precision]
     model, metadata = load_model(config.checkpoint.load, state, dtype, run_model=config.model)
-    prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize)
+    decode_model = prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize,
+                                         config.generate.compile)
     tokenizer = load_tokenizer(config.eval.tokenizer)
     if tokenizer.get_vocab_size() > metadata.model.vocab_size:
         raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
@@ -216,7 +241,8 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
         generator = torch.Generator().manual_seed(config.generate.seed + batch_index)
         batch = prompts[start: start + batch_size]
         stream = TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0 else None
-        completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times, stream)
+        completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times,
+                                     stream, decode_model)
         if stream is not None:
             stream.close()
         for offset, tokens in enumerate(completions):

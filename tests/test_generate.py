@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_bloom.config.schema import GenerateConfig
-from megatron_bloom.generate import choose_tokens, prepare_for_inference
+from megatron_bloom.errors import UserError
+from megatron_bloom.generate import choose_tokens, generate_batch, prepare_for_inference
 from megatron_bloom.model import KVCache, build_model
 from megatron_bloom.model.inference_linear import Int8Linear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
@@ -80,6 +81,33 @@ def test_int8_weights_stay_close_to_the_model():
             expected, actual = plain(input_ids).logits, quantized(input_ids).logits
         error = (actual - expected).abs().max().item()
         assert 0 < error <= 0.01 * expected.abs().max().item()
+
+
+def test_compiled_decoding_gives_the_same_tokens_and_logits():
+    """`generate.compile=true`: the one-token steps through torch.compile (dynamic shapes: one compilation
+    for every cache length, and for both decoding paths of the attention) give the eager model's logits
+    and greedy tokens."""
+    config = dataclasses.replace(small_config(), eos_token_id=None)
+    model = build_model(config)
+    state = ParallelState.single()
+    decode = prepare_for_inference(model, state, torch.float32, batch_size=2, compile=True)
+    assert prepare_for_inference(build_model(config), state, torch.float32, batch_size=2) is None
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        steps = {}
+        for name, forward in (("eager", model), ("compiled", decode)):
+            cache = KVCache(config.num_layers, 20)  # the whole buffers are read from the 7th key on
+            logits = [model(input_ids[:, :4], cache=cache).logits]
+            logits += [forward(input_ids[:, i:i + 1], cache=cache).logits for i in range(4, 12)]
+            steps[name] = torch.cat(logits, dim=1)
+    torch.testing.assert_close(steps["compiled"], steps["eager"], rtol=1e-5, atol=1e-5)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    settings = GenerateConfig(max_new_tokens=10)
+    eager = generate_batch(model, prompts, config, settings, state, torch.Generator())
+    assert generate_batch(model, prompts, config, settings, state, torch.Generator(), decode_model=decode) == eager
+    with pytest.raises(UserError, match="generate.compile"):
+        prepare_for_inference(build_model(config), state, torch.float32, 2, quantize="int8", compile=True)
 
 
 def test_sampling_keeps_to_top_k_and_top_p():

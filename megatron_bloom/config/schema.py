@@ -249,6 +249,7 @@ class GenerateConfig:
     seed: int = 1234
     stream: bool = False  # print the completions as they grow: JSON lines {"index": i, "text": piece}
     quantize: Optional[str] = None  # "int8": int8 weights, one scale per output channel (CPU, tp 1)
+    compile: bool = False  # the one-token decoding step through torch.compile (tp 1): compiled once, then faster
 
     def __post_init__(self) -> None:
         _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature")
