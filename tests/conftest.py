@@ -151,3 +151,35 @@ def corpus_shards(root: Path, vocab_size: int, *preprocess_args: str) -> Path:
     run_cli(["data_prep.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
              str(root / prefix), *preprocess_args])
     return root
+
+
+# --- the shipped fine-tuning data (data_prep/tasks) -----------------------------------------------
+
+TASK_DATA = REPO / "data_prep" / "tasks"
+TASK_FILES = {"sequence_classification": "sentiment", "token_classification": "entities",
+              "question_answering": "questions"}
+
+
+def task_tokenizer(directory: Path) -> Path:
+    """A tokenizer trained on the shipped tasks' training files."""
+    texts = [line for path in sorted(TASK_DATA.glob("*.train.jsonl")) for line in path.read_text().splitlines()]
+    return train_test_tokenizer(directory, texts, vocab_size=500)
+
+
+def exported_task_model(root: Path, task_name: str, config: ModelConfig, seed: int):
+    """A random transformers model of `task_name` (a classification head gets the sorted labels of the
+    shipped training file as `id2label`), saved in `root/hf` and converted with `mbloom-convert from-hf`
+    into `root/ckpt`. Returns the model and its labels (None when it has none)."""
+    from megatron_bloom.tasks.formats import LabelMap, read_task_file
+
+    labels = None
+    if task_name in ("sequence_classification", "token_classification"):
+        examples = read_task_file(TASK_DATA / f"{TASK_FILES[task_name]}.train.jsonl", task_name).examples
+        labels = LabelMap.from_examples(examples).names
+    reference = hf_model(config, TaskConfig(name=task_name, num_labels=len(labels) if labels else 2), seed=seed)
+    if labels:
+        reference.config.id2label = dict(enumerate(labels))
+        reference.config.label2id = {name: index for index, name in enumerate(labels)}
+    reference.save_pretrained(root / "hf")
+    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
+    return reference, labels

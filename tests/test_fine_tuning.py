@@ -14,15 +14,22 @@ from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.model import TaskConfig, initial_value
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import full_shapes, shard_tensor
-from megatron_bloom.tasks.formats import LabelMap, read_task_file
 from megatron_bloom.tasks.metrics import classification_metrics
 from megatron_bloom.tasks.training_data import build_task_data, collate_task_samples
 from megatron_bloom.training.validation import validate_training_inputs
-from tests.conftest import REPO, assert_user_error, hf_model, run_cli, run_torchrun, small_config, train_test_tokenizer
+from tests.conftest import (
+    TASK_DATA,
+    TASK_FILES,
+    assert_user_error,
+    exported_task_model,
+    run_cli,
+    run_torchrun,
+    small_config,
+    task_tokenizer,
+)
 from tests.distributed import run_distributed
 
-TASK_DATA = REPO / "data_prep" / "tasks"
-FILES = {"sequence_classification": "sentiment", "token_classification": "entities", "question_answering": "questions"}
+FILES = TASK_FILES
 LENGTHS = {"sequence_classification": ["task.max_length=64"], "token_classification": ["task.max_length=64"],
            "question_answering": ["task.max_length=48", "task.stride=8"]}
 CONFIG = small_config(vocab_size=512)  # 2 layers: one per pipeline stage
@@ -31,8 +38,7 @@ MICRO, STEPS = 2, 20
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    texts = [line for path in sorted(TASK_DATA.glob("*.train.jsonl")) for line in path.read_text().splitlines()]
-    return train_test_tokenizer(tmp_path_factory.mktemp("finetune-tok"), texts, vocab_size=500)
+    return task_tokenizer(tmp_path_factory.mktemp("finetune-tok"))
 
 
 def task_overrides(task_name, tokenizer_dir, run_dir, tp=1, pp=1):
@@ -49,17 +55,7 @@ def imported(tmp_path_factory, tokenizer_dir):
     random language model's (the pre-training checkpoint a fine-tuning run may start from)."""
     root = tmp_path_factory.mktemp("imported")
     for index, task_name in enumerate([*FILES, "causal_lm"]):
-        labels = None
-        if task_name in ("sequence_classification", "token_classification"):
-            examples = read_task_file(TASK_DATA / f"{FILES[task_name]}.train.jsonl", task_name).examples
-            labels = LabelMap.from_examples(examples).names
-        reference = hf_model(CONFIG, TaskConfig(name=task_name, num_labels=len(labels or "ab")), seed=index)
-        if labels:
-            reference.config.id2label = dict(enumerate(labels))
-            reference.config.label2id = {name: position for position, name in enumerate(labels)}
-        reference.save_pretrained(root / task_name / "hf")
-        run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / task_name / "hf"),
-                 "--output", str(root / task_name / "ckpt")])
+        exported_task_model(root / task_name, task_name, CONFIG, seed=index)
     return root
 
 

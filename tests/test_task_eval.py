@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_bloom.data.tokenizer import load_tokenizer
-from megatron_bloom.model import ModelConfig, TaskConfig
+from megatron_bloom.model import ModelConfig
 from megatron_bloom.tasks.features import (
     predicted_answers,
     question_answering_features,
@@ -16,33 +16,30 @@ from megatron_bloom.tasks.features import (
 )
 from megatron_bloom.tasks.formats import LabelMap, read_task_file
 from megatron_bloom.tasks.metrics import answer_metrics, classification_metrics, tag_metrics
-from tests.conftest import REPO, assert_user_error, hf_model, run_cli, run_torchrun, train_test_tokenizer
+from tests.conftest import (
+    TASK_DATA,
+    TASK_FILES,
+    assert_user_error,
+    exported_task_model,
+    run_cli,
+    run_torchrun,
+    task_tokenizer,
+)
 
-TASK_DATA = REPO / "data_prep" / "tasks"
 CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=512, seq_length=128)
-FILES = {"sequence_classification": "sentiment", "token_classification": "entities", "question_answering": "questions"}
+FILES = TASK_FILES
 SETTINGS = {"sequence_classification": [], "token_classification": [],
             "question_answering": ["task.max_length=48", "task.stride=8"]}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    texts = [line for path in sorted(TASK_DATA.glob("*.train.jsonl")) for line in path.read_text().splitlines()]
-    return train_test_tokenizer(tmp_path_factory.mktemp("task-tok"), texts, vocab_size=500)
+    return task_tokenizer(tmp_path_factory.mktemp("task-tok"))
 
 
 def exported(root, task_name: str):
     """A transformers model of the task (label names set), converted with `mbloom-convert from-hf`."""
-    examples = read_task_file(TASK_DATA / f"{FILES[task_name]}.train.jsonl", task_name).examples
-    labels = None if task_name == "question_answering" else LabelMap.from_examples(examples).names
-    task = TaskConfig(name=task_name, num_labels=len(labels) if labels else 2)
-    reference = hf_model(CONFIG, task, seed=3)
-    if labels:
-        reference.config.id2label = dict(enumerate(labels))
-        reference.config.label2id = {name: index for index, name in enumerate(labels)}
-    reference.save_pretrained(root / "hf")
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
-    return reference, labels
+    return exported_task_model(root, task_name, CONFIG, seed=3)
 
 
 def expected_metrics(reference, task_name: str, labels, tokenizer_dir) -> dict:

@@ -15,12 +15,7 @@ import torch.distributed as dist
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
-from megatron_bloom.tasks.features import (
-    predicted_answers,
-    question_answering_features,
-    sequence_classification_features,
-    token_classification_features,
-)
+from megatron_bloom.tasks.features import predicted_answers, task_features
 from megatron_bloom.tasks.formats import LabelMap, read_task_file
 from megatron_bloom.tasks.metrics import answer_metrics, classification_metrics, tag_metrics
 
@@ -29,14 +24,10 @@ def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelS
                   pad_id: int) -> dict:
     report = read_task_file(config.eval.input, task.name)
     examples, settings = report.examples, config.task
-    if task.name == "question_answering":
-        features = question_answering_features(examples, tokenizer, settings.max_length, settings.stride, pad_id)
-        labels = None
-    else:
+    labels = None
+    if task.name != "question_answering":
         labels = LabelMap.for_head(examples, settings.labels, task, task.name)
-        build = (sequence_classification_features if task.name == "sequence_classification"
-                 else token_classification_features)
-        features = build(examples, tokenizer, labels, settings.max_length, pad_id)
+    features = task_features(task.name, examples, tokenizer, labels, settings.max_length, settings.stride, pad_id)
     outputs = _run(model, features, config.eval.micro_batch_size, state)
     result = {"task": task.name, "examples": len(examples), "skipped": sum(report.skipped.values()),
               "skipped_by_reason": dict(report.skipped)}

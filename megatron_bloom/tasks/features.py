@@ -121,6 +121,15 @@ def _answer_positions(spans, answer: Optional[Tuple[int, int]], shift: int) -> T
     return shift + first, shift + last
 
 
+def task_features(task: str, examples: Sequence, tokenizer: Tokenizer, labels: Optional[LabelMap], max_length: int,
+                  stride: int, pad_id: int) -> Features:
+    """The features of any fine-tuning task (`labels`: the classification tasks' label map)."""
+    if task == "question_answering":
+        return question_answering_features(examples, tokenizer, max_length, stride, pad_id)
+    build = sequence_classification_features if task == "sequence_classification" else token_classification_features
+    return build(examples, tokenizer, labels, max_length, pad_id)
+
+
 def span_text(context: str, offsets: Sequence[Optional[Tuple[int, int]]], start: int, end: int) -> str:
     """The context's text from token `start` to token `end` of a feature ("" when not both in the context)."""
     if not (0 <= start <= end < len(offsets)) or offsets[start] is None or offsets[end] is None:

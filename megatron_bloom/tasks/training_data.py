@@ -23,12 +23,7 @@ from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.heads import last_token_index
-from megatron_bloom.tasks.features import (
-    Features,
-    question_answering_features,
-    sequence_classification_features,
-    token_classification_features,
-)
+from megatron_bloom.tasks.features import Features, task_features
 from megatron_bloom.tasks.formats import LabelMap, read_task_file
 
 
@@ -95,12 +90,8 @@ def build_task_data(config: TrainConfig, samples: Tuple[int, int], head: Optiona
                        problem_type=head.problem_type if head is not None else None)
 
     def features_of(report) -> Features:
-        if settings.name == "question_answering":
-            return question_answering_features(report.examples, tokenizer, settings.max_length, settings.stride,
-                                               pad_id)
-        build = (sequence_classification_features if settings.name == "sequence_classification"
-                 else token_classification_features)
-        return build(report.examples, tokenizer, labels, settings.max_length, pad_id)
+        return task_features(settings.name, report.examples, tokenizer, labels, settings.max_length,
+                             settings.stride, pad_id)
 
     splits = [TaskSamples(features_of(train_report), settings.name, samples[0], config.train.seed,
                           config.model.pad_token_id)]
