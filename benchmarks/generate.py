@@ -36,13 +36,10 @@ from megatron_bloom.parallel import ParallelState
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -51,7 +48,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
@@ -89,14 +86,20 @@ def main() -> None:
                                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=config.pad_token_id)
         return output[:, longest:].tolist()
 
-    results, warm_up_s = {}, {}
-    for name, run in (("mbloom", ours_run), ("transformers", theirs_run)):
-        warm_up_s[name] = median_seconds(lambda: run(2), 1)  # with --compile: the compilation
-        first = median_seconds(lambda: run(1), args.repeats)
-        whole = median_seconds(lambda: run(args.new_tokens), args.repeats)
-        results[name] = {"time_to_first_token_s": first, "total_s": whole,
-                         "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (whole - first),
-                         "tokens_per_s": args.batch * args.new_tokens / whole}
+    runs = {"mbloom": ours_run, "transformers": theirs_run}
+    warm_up_s = {name: seconds(lambda: run(2)) for name, run in runs.items()}  # with --compile: the compilation
+    first, whole = {name: [] for name in runs}, {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine meets both
+        for name, run in runs.items():
+            first[name].append(seconds(lambda: run(1)))
+            whole[name].append(seconds(lambda: run(args.new_tokens)))
+    results = {}
+    for name in runs:
+        first_s, whole_s = statistics.median(first[name]), statistics.median(whole[name])
+        results[name] = {"time_to_first_token_s": first_s, "total_s": whole_s,
+                         "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (whole_s - first_s),
+                         "tokens_per_s": args.batch * args.new_tokens / whole_s}
+    pair_ratios = sorted(theirs / ours for ours, theirs in zip(whole["mbloom"], whole["transformers"]))
     same_rows = sum(a == b for a, b in zip(ours_run(args.new_tokens), theirs_run(args.new_tokens)))
     if args.quantize:
         cost = accuracy_cost({"bf16": our_model(torch.bfloat16)[0], args.quantize: ours}, our_model(torch.float32)[0],
@@ -108,8 +111,8 @@ def main() -> None:
     for name, row in results.items():
         print(f"  {name:13s} first token {row['time_to_first_token_s'] * 1000:7.1f} ms, "
               f"decoding {row['decode_tokens_per_s']:8.1f} tokens/s, whole run {row['tokens_per_s']:8.1f} tokens/s")
-    print(f"  ratio (mbloom / transformers tokens/s): {ratio:.2f}; rows with identical tokens: "
-          f"{same_rows}/{args.batch}")
+    print(f"  ratio (mbloom / transformers tokens/s, medians of {args.repeats} interleaved runs): {ratio:.2f} "
+          f"(run by run {pair_ratios[0]:.2f}-{pair_ratios[-1]:.2f}); rows with identical tokens: {same_rows}/{args.batch}")
     if args.quantize:
         for name, row in cost.items():
             print(f"  accuracy of {name:5s} against float32: prompt logits max |diff| {row['max_logit_diff']:.4f}, "
@@ -117,6 +120,7 @@ def main() -> None:
                   f"{row['greedy_agreement']:.3f}")
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
                       "quantize": args.quantize, "compile": args.compile, "ratio": round(ratio, 3),
+                      "ratio_range": [round(pair_ratios[0], 3), round(pair_ratios[-1], 3)],
                       "identical_rows": same_rows, "warm_up_s": {k: round(v, 2) for k, v in warm_up_s.items()},
                       **({"accuracy": cost} if args.quantize else {}),
                       **{f"{name}_{key}": round(value, 4) for name, row in results.items()

@@ -108,6 +108,43 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
     assert generate_batch(model, prompts, config, settings, state, torch.Generator(), decode_model=decode) == eager
     with pytest.raises(UserError, match="generate.compile"):
         prepare_for_inference(build_model(config), state, torch.float32, 2, quantize="int8", compile=True)
+    # Weights are frozen into the compiled graph: a second model compiled in the same process must run its
+    # own weights, not the first model's graph (it did when dynamo's module guards were skipped).
+    other = build_model(config)
+    with torch.no_grad():
+        for parameter in other.parameters():  # build_model's initialization is seeded: make them differ
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    other_decode = prepare_for_inference(other, state, torch.float32, batch_size=2, compile=True)
+    with torch.no_grad():
+        caches = [KVCache(config.num_layers, 20) for _ in range(2)]
+        for cache in caches:
+            other(input_ids[:, :4], cache=cache)
+        expected = other(input_ids[:, 4:5], cache=caches[0]).logits
+        assert not torch.allclose(expected, steps["eager"][:, 4:5])
+        torch.testing.assert_close(other_decode(input_ids[:, 4:5], cache=caches[1]).logits, expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")
+def test_compiled_decoding_runs_the_packed_bf16_weights():
+    """On CPUs in bf16 the linears are packed before compiling (the prompt's eager step uses them too): the
+    compiled steps stay within bf16 rounding of the eager packed model."""
+    config = dataclasses.replace(small_config(), eos_token_id=None)
+    state = ParallelState.single()
+    eager, model = build_model(config, dtype=torch.bfloat16), build_model(config, dtype=torch.bfloat16)
+    assert prepare_for_inference(eager, state, torch.bfloat16, batch_size=2) is None
+    decode = prepare_for_inference(model, state, torch.bfloat16, batch_size=2, compile=True)
+    assert sum(isinstance(module, PackedLinear) for module in model.modules()) == 4 * config.num_layers + 1
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12))
+    logits = {}
+    with torch.no_grad():
+        for name, forward, prompt_model in (("eager", eager, eager), ("compiled", decode, model)):
+            cache = KVCache(config.num_layers, 20)
+            steps = [prompt_model(input_ids[:, :4], cache=cache).logits]
+            steps += [forward(input_ids[:, i:i + 1], cache=cache).logits for i in range(4, 12)]
+            logits[name] = torch.cat(steps, dim=1).float()
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=0.02)
 
 
 def test_sampling_keeps_to_top_k_and_top_p():
