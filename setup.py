@@ -27,7 +27,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["sample_corpus.jsonl"], "megatron_bloom.launcher": ["train.sbatch"]},
+    package_data={"data_prep": ["sample_corpus.jsonl"], "megatron_bloom.launcher": ["train.sbatch"],
+                  # the CPU decoding kernel's source, compiled at first use (model/bf16_linear_kernel.py)
+                  "megatron_bloom.model": ["csrc/*.cpp"]},
     data_files=config_files(),
     install_requires=[
         "torch>=2.1",
@@ -40,6 +42,7 @@ setup(
         "tensorboard>=2.14",
         "safetensors>=0.4",
         "numpy>=1.24",
+        "ninja>=1.11",  # torch.utils.cpp_extension builds the CPU decoding kernel with it
     ],
     extras_require={
         # transformers is only the reference that parity tests compare against; training never needs it.

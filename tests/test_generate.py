@@ -12,7 +12,7 @@ from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.generate import choose_tokens, generate_batch, prepare_for_inference
 from megatron_bloom.model import KVCache, build_model
-from megatron_bloom.model.inference_linear import Int8Linear, PackedLinear, packing_available
+from megatron_bloom.model.inference_linear import Int8Linear, KernelLinear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
 from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
 
@@ -43,8 +43,9 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capac
 
 
 def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
-    """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head for oneDNN; the prompt's and
-    each decoding step's logits are exactly those of the plain model."""
+    """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head (for our bf16 kernel where
+    the CPU has AVX512-BF16, else for oneDNN); the prompt's and each decoding step's logits are exactly
+    those of the plain model."""
     config = small_config()
     plain = build_model(config, dtype=torch.bfloat16).eval()
     packed = build_model(config, dtype=torch.bfloat16)
@@ -52,7 +53,8 @@ def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
     prepare_for_inference(packed, state, torch.bfloat16, batch_size=2)
     if not packing_available(state.device, torch.bfloat16):
         pytest.skip("this torch build has no oneDNN linear packing")
-    assert sum(isinstance(module, PackedLinear) for module in packed.modules()) == 4 * config.num_layers + 1
+    assert sum(isinstance(module, (KernelLinear, PackedLinear)) for module in packed.modules()) == \
+        4 * config.num_layers + 1
     torch.manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (2, 9))
     logits = {}
@@ -134,7 +136,8 @@ def test_compiled_decoding_runs_the_packed_bf16_weights():
     eager, model = build_model(config, dtype=torch.bfloat16), build_model(config, dtype=torch.bfloat16)
     assert prepare_for_inference(eager, state, torch.bfloat16, batch_size=2) is None
     decode = prepare_for_inference(model, state, torch.bfloat16, batch_size=2, compile=True)
-    assert sum(isinstance(module, PackedLinear) for module in model.modules()) == 4 * config.num_layers + 1
+    assert sum(isinstance(module, (KernelLinear, PackedLinear)) for module in model.modules()) == \
+        4 * config.num_layers + 1
     torch.manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (2, 12))
     logits = {}
