@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
     package_data={"data_prep": ["sample_corpus.jsonl"], "megatron_bloom.launcher": ["train.sbatch"],
-                  # the CPU decoding kernel's source, compiled at first use (model/bf16_linear_kernel.py)
+                  # the CPU decoding kernel's source, compiled at first use (model/cpu_kernels.py)
                   "megatron_bloom.model": ["csrc/*.cpp"]},
     data_files=config_files(),
     install_requires=[

@@ -36,6 +36,8 @@ from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
 from megatron_bloom.model import KVCache, ModelConfig
+from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.heads import TiedLMHead
 from megatron_bloom.model.inference_linear import pack_linears, packing_available
 from megatron_bloom.parallel import ParallelState, init_distributed
@@ -168,8 +170,9 @@ def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
 
 def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch_size: int,
                           quantize: Optional[str] = None, compile: bool = False):
-    """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed for oneDNN (each decoding
-    step reads every weight once for `batch_size` rows: see model/inference_linear.py), or with
+    """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed (each decoding step reads
+    every weight once for `batch_size` rows: see model/inference_linear.py) and, where the CPU has
+    AVX512-BF16, single-query attention through our kernel (model/cpu_kernels.py); or with
     `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model that runs the one-token steps:
     with `compile`, the (packed) model through `torch.compile` (see `compiled_decoding`), else None (the
     model itself)."""
@@ -179,6 +182,10 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
                         f"{state.device.type}, tp={state.tp}).")
     if compile and (state.tp > 1 or quantize is not None):
         raise UserError("generate.compile=true runs at parallel.tp=1 without generate.quantize.")
+    if state.device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.kernels_available():
+        for module in model.modules():
+            if isinstance(module, BloomAttention):
+                module.cpu_decode_kernel = cpu_kernels.attention_fits(module.head_dim)
     if quantize is not None or packing_available(state.device, dtype):
         # Packed before compiling too: the prompt's step runs eagerly, and is 6% faster with them.
         pack_linears(model, batch_size, quantize)

@@ -11,7 +11,7 @@ import torch
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.generate import choose_tokens, generate_batch, prepare_for_inference
-from megatron_bloom.model import KVCache, build_model
+from megatron_bloom.model import KVCache, build_model, cpu_kernels
 from megatron_bloom.model.inference_linear import Int8Linear, KernelLinear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
 from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
@@ -44,9 +44,10 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capac
 
 def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
     """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head (for our bf16 kernel where
-    the CPU has AVX512-BF16, else for oneDNN); the prompt's and each decoding step's logits are exactly
-    those of the plain model."""
-    config = small_config()
+    the CPU has AVX512-BF16, else for oneDNN), and single-query attention goes through our kernel where
+    it can (heads of 32 values here); the prompt's and each decoding step's logits are exactly those of
+    the plain model."""
+    config = small_config(hidden_size=128)
     plain = build_model(config, dtype=torch.bfloat16).eval()
     packed = build_model(config, dtype=torch.bfloat16)
     state = ParallelState.single()
@@ -55,6 +56,7 @@ def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
         pytest.skip("this torch build has no oneDNN linear packing")
     assert sum(isinstance(module, (KernelLinear, PackedLinear)) for module in packed.modules()) == \
         4 * config.num_layers + 1
+    assert packed.transformer.h[0].self_attention.cpu_decode_kernel == cpu_kernels.kernels_available()
     torch.manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (2, 9))
     logits = {}
@@ -130,8 +132,9 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
 @pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")
 def test_compiled_decoding_runs_the_packed_bf16_weights():
     """On CPUs in bf16 the linears are packed before compiling (the prompt's eager step uses them too): the
-    compiled steps stay within bf16 rounding of the eager packed model."""
-    config = dataclasses.replace(small_config(), eos_token_id=None)
+    compiled steps (our CPU kernels, where there are, called from the graph) stay within bf16 rounding of
+    the eager packed model."""
+    config = dataclasses.replace(small_config(hidden_size=128), eos_token_id=None)
     state = ParallelState.single()
     eager, model = build_model(config, dtype=torch.bfloat16), build_model(config, dtype=torch.bfloat16)
     assert prepare_for_inference(eager, state, torch.bfloat16, batch_size=2) is None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_bloom.model import cpu_kernels
 from megatron_bloom.model.alibi import alibi_bias, alibi_slopes, fold_alibi_into_query_key
 from megatron_bloom.model.config import ModelConfig
 from megatron_bloom.model.kv_cache import LayerKVCache
@@ -58,6 +59,9 @@ class BloomAttention(nn.Module):
         # Float32 on purpose and not a buffer: `model.to(bfloat16)` must not round the slopes, and they are
         # derived from the head count, so they are not saved with the weights.
         self.alibi_slopes = alibi_slopes(config.num_heads)
+        # Decoding through our CPU kernel (cpu_kernels.decode_attention): switched on by generation's
+        # `prepare_for_inference` for bf16 on CPUs with AVX512-BF16.
+        self.cpu_decode_kernel = False
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
                 additive_mask: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
@@ -115,6 +119,9 @@ class BloomAttention(nn.Module):
         run over the whole (contiguous, zero-initialized) buffers instead: the extra scores are cut off,
         and the extra values meet probabilities of exactly 0."""
         batch_size, kv_length = query.shape[0], key.shape[2]
+        if self.cpu_decode_kernel and cache is not None:
+            return cpu_kernels.decode_attention(query, cache.keys, cache.values, bias, additive_mask,
+                                                self.inv_norm_factor, kv_length)
         whole_buffers = cache is not None and 3 * kv_length > cache.max_length and query.device.type == "cpu"
         keys, values = (cache.keys, cache.values) if whole_buffers else (key, value)
         scores = torch.matmul(keys, query.transpose(-1, -2)).transpose(-1, -2)[..., :kv_length]  # [b, heads, 1, kv]

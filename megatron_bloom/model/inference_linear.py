@@ -6,7 +6,7 @@ few rows at a time, so that extra pass over the weights is most of a step's time
 `torch.compile`'s CPU backend does when it freezes a model, with the same `mkldnn` operators) made one
 decoding step of bloom-small in bf16 about 1.7x faster per linear and 2x for the LM head, with outputs
 bit-identical to `F.linear` in bf16 (float32 rounds differently, so it is left as it is). On CPUs with
-AVX512-BF16 our own kernel (`bf16_linear_kernel.py`: a contiguous stream of weights per block of outputs)
+AVX512-BF16 our own kernel (`cpu_kernels.py`: a contiguous stream of weights per block of outputs)
 replaces oneDNN's, 1.55x faster again for a decoding step's 8 rows and as fast for a prompt's hundreds, with
 the same results up to the last bit of a few outputs. Weights are frozen by packing: for generation and evaluation, never training.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_bloom.model import bf16_linear_kernel
+from megatron_bloom.model import cpu_kernels
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -49,18 +49,18 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """`F.linear(x, weight, bias)` in bf16 through `bf16_linear_kernel` (weight packed in its layout)."""
+    """`F.linear(x, weight, bias)` in bf16 through `cpu_kernels` (weight packed in its layout)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         super().__init__()
-        if not bf16_linear_kernel.kernel_available():
+        if not cpu_kernels.kernels_available():
             raise RuntimeError("the bf16 linear kernel needs a CPU with AVX512-BF16 and a C++ compiler")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("packed_weight", bf16_linear_kernel.pack_weight(weight), persistent=False)
+        self.register_buffer("packed_weight", cpu_kernels.pack_weight(weight), persistent=False)
         self.register_buffer("bias", bias.detach().float() if bias is not None else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bf16_linear_kernel.bf16_linear(x, self.packed_weight, self.bias)
+        return cpu_kernels.bf16_linear(x, self.packed_weight, self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -96,7 +96,7 @@ def inference_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: i
     kernel where the CPU and the weight's shape allow it, else packed for oneDNN."""
     if quantize == "int8":
         return Int8Linear(weight, bias)
-    if weight.dtype == torch.bfloat16 and bf16_linear_kernel.fits(weight) and bf16_linear_kernel.kernel_available():
+    if weight.dtype == torch.bfloat16 and cpu_kernels.fits(weight) and cpu_kernels.kernels_available():
         return KernelLinear(weight, bias)
     return PackedLinear(weight, bias, rows)
 

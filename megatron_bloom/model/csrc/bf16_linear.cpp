@@ -94,7 +94,7 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& packed, const c
 }
 
 // An operator of the dispatcher, so that eager calls and torch.compile's graphs reach it without Python.
-TORCH_LIBRARY(mbloom, m) {
+TORCH_LIBRARY_FRAGMENT(mbloom, m) {
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
 }
 

@@ -1,0 +1,97 @@
+"""Our two kernels for decoding on CPUs with AVX512-BF16 (csrc/), as the operators `mbloom::bf16_linear`
+and `mbloom::decode_attention`.
+
+A decoding step multiplies a handful of rows by every weight, so its speed is the speed at which the
+weights stream from memory. At 8 rows oneDNN's bf16 kernel reads its blocked weights at 14-18 GB/s on the
+2-core benchmark machine, where a plain read runs at 29 GB/s; `bf16_linear` reads each block of 32 outputs
+once, contiguously, and reaches 28.6 GB/s (bloom-small's 33 linears: 2.9 ms a step against 4.5 ms). Its
+results are torch's bf16 `F.linear`'s: float32 products of bf16 pairs summed along K in order, the bias
+added in float32, one rounding to bf16. Torch splits a long K into blocks whose sums it adds, which can
+round a few outputs to the neighbouring bf16 value (0.07% of them at K = 2048; none at K = 512).
+`decode_attention` does BloomAttention's single-query step (scores, softmax, values) for each sequence
+and head in one pass over its cached keys and values, instead of two one-column `bmm`s.
+
+The operators are compiled at first use with the C++ compiler and ninja that `torch.utils.cpp_extension`
+uses (about 30 s, once a machine: the build is cached under TORCH_EXTENSIONS_DIR). Where the CPU lacks
+AVX512-BF16 or the build fails, `kernels_available()` says so (with a warning for a failed build) and
+callers keep torch's own operators.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_attention.cpp")]
+BLOCK = 32  # outputs per packed block of a linear's weight (csrc/bf16_linear.cpp's kBlock)
+COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_available() -> bool:
+    """Builds (once a machine) and loads (once a process) the operators; False where they cannot run."""
+    if not cpu_has_avx512_bf16():
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name="mbloom_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=COMPILER_FLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as error:  # no compiler, no ninja, an old compiler without AVX512-BF16 intrinsics
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"megatron_bloom: the CPU decoding kernels could not be built ({first_line}); torch's "
+                      "operators are used instead (about 1.5x slower per decoding step).")
+        return False
+    # Output shapes, for torch.compile's tracing.
+    torch.library.register_fake("mbloom::bf16_linear")(
+        lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK))
+    torch.library.register_fake("mbloom::decode_attention")(
+        lambda query, keys, values, bias, mask, scale, kv_length: torch.empty_like(query, memory_format=torch.contiguous_format))
+    return True
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether `bf16_linear` takes this [N, K] weight: N a multiple of the block, K even."""
+    return weight.dim() == 2 and weight.shape[0] % BLOCK == 0 and weight.shape[1] % 2 == 0
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N / 32, K / 2, 32, 2] in bf16: per block of outputs, the inputs in pairs."""
+    outputs, inputs = weight.shape
+    blocks = weight.detach().to(torch.bfloat16).reshape(outputs // BLOCK, BLOCK, inputs // 2, 2)
+    return blocks.permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for bf16 `x` [..., K], `packed = pack_weight(weight)` and a float32 bias
+    (once `kernels_available()`)."""
+    return torch.ops.mbloom.bf16_linear(x, packed, bias)
+
+
+def attention_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` takes heads of this size (a whole number of 32-value bf16 vectors)."""
+    return head_dim % 32 == 0
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                     mask: torch.Tensor, scale: float, kv_length: int) -> torch.Tensor:
+    """Context `[batch, heads, 1, head_dim]` of one query per sequence (bf16) against the first `kv_length`
+    positions of the cache buffers `keys`, `values` `[batch, heads, capacity, head_dim]`, with the ALiBi
+    `bias` `[batch * heads, 1, kv]` and the additive `mask` `[batch or 1, 1, 1, kv]` (once
+    `kernels_available()`)."""
+    return torch.ops.mbloom.decode_attention(query, keys, values, bias, mask, scale, kv_length)

@@ -1,0 +1,86 @@
+"""The CPU decoding kernels (model/csrc/): the linear gives torch's bf16 `F.linear` results for any number
+of rows, the single-query attention the eager decoding step's; where they cannot run, oneDNN's packing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_bloom.model import ModelConfig, cpu_kernels
+from megatron_bloom.model.alibi import alibi_bias, alibi_positions
+from megatron_bloom.model.attention import BloomAttention, causal_additive_mask
+from megatron_bloom.model.inference_linear import KernelLinear, PackedLinear, inference_linear, packing_available
+from megatron_bloom.model.kv_cache import LayerKVCache
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.kernels_available(),
+                                  reason="the CPU lacks AVX512-BF16, or the kernel could not be built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("outputs,inputs", [(1536, 512), (512, 2048), (96, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 100])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_gives_torchs_bf16_linear(outputs, inputs, rows, with_bias):
+    generator = torch.Generator().manual_seed(rows + outputs)
+    weight = (0.05 * torch.randn(outputs, inputs, generator=generator)).bfloat16()
+    bias = torch.randn(outputs, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(rows, inputs, generator=generator).bfloat16()
+    expected = F.linear(x, weight, bias)
+    actual = KernelLinear(weight, bias)(x)
+    assert actual.dtype == torch.bfloat16 and actual.shape == expected.shape
+    # Both sum float32 products of bf16 pairs along K; torch's kernel splits a long K (or many rows) into
+    # blocks whose sums it adds, so the float32 sum can round to the neighbouring bf16 value on a few
+    # outputs (0.07% at K = 2048); with K = 512 and a decoding step's rows the results are the same bits.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2 ** -8 * scale)
+    differing = (actual != expected).float().mean().item()
+    assert differing == 0.0 if inputs <= 512 and rows <= 8 else differing < 0.005
+
+
+@needs_kernel
+def test_kernel_keeps_leading_dimensions_and_strided_inputs():
+    weight = torch.randn(64, 32).bfloat16()
+    x = torch.randn(2, 5, 64).bfloat16()[..., ::2]  # [2, 5, 32], not contiguous
+    torch.testing.assert_close(KernelLinear(weight, None)(x), F.linear(x, weight), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")
+def test_weights_the_kernel_cannot_take_keep_onednn_packing(monkeypatch):
+    odd_outputs = torch.randn(100, 64).bfloat16()  # not a multiple of the 32-output block
+    assert not cpu_kernels.fits(odd_outputs)
+    assert isinstance(inference_linear(odd_outputs, None, rows=8), PackedLinear)
+    monkeypatch.setattr(cpu_kernels, "kernels_available", lambda: False)  # a CPU without AVX512-BF16
+    assert isinstance(inference_linear(torch.randn(64, 64).bfloat16(), None, rows=8), PackedLinear)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden_size,num_heads", [(512, 8), (1536, 16)])  # heads of 64 and 96 values
+@pytest.mark.parametrize("padded", [True, False])
+def test_decode_attention_kernel_gives_the_eager_steps_results(hidden_size, num_heads, padded):
+    """One query per sequence against a partly filled cache, left padding or none (a batch-1 mask): the
+    kernel repeats every bf16 rounding of BloomAttention's eager decoding step."""
+    config = ModelConfig(num_layers=1, hidden_size=hidden_size, num_heads=num_heads, vocab_size=1024, seq_length=64)
+    attention = BloomAttention(config).to(torch.bfloat16)
+    batch, capacity, kv_length, head_dim = 4, 40, 29, config.head_dim
+    generator = torch.Generator().manual_seed(hidden_size)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).bfloat16()
+
+    cache = LayerKVCache(capacity)
+    cache.append(random(batch, num_heads, kv_length - 1, head_dim), random(batch, num_heads, kv_length - 1, head_dim))
+    keys, values = cache.append(random(batch, num_heads, 1, head_dim), random(batch, num_heads, 1, head_dim))
+    query = random(batch, num_heads, 1, head_dim)
+    attention_mask = None
+    if padded:
+        attention_mask = torch.ones(batch, kv_length, dtype=torch.long)
+        attention_mask[1, :5] = 0
+        attention_mask[2, :20] = 0
+    bias = alibi_bias(attention.alibi_slopes, alibi_positions(attention_mask, batch, kv_length, query.device),
+                      torch.bfloat16)
+    mask = causal_additive_mask(attention_mask, batch, 1, kv_length, torch.bfloat16, query.device)
+    expected = attention._decode_attention(query, keys, values, bias, mask, cache)
+    attention.cpu_decode_kernel = True
+    actual = attention._decode_attention(query, keys, values, bias, mask, cache)
+    assert actual.shape == expected.shape == (batch, num_heads, 1, head_dim)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2 ** -7 * expected.abs().max().item())
+    assert (actual == expected).float().mean().item() >= 0.99  # the same bits, but for a rare tie of roundings
