@@ -35,8 +35,7 @@ from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, exit_on_user_error
-from megatron_bloom.model import KVCache, ModelConfig
-from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model import KVCache, ModelConfig, cpu_kernels
 from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.heads import TiedLMHead
 from megatron_bloom.model.inference_linear import pack_linears, packing_available

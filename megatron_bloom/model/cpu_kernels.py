@@ -61,7 +61,7 @@ def kernels_available() -> bool:
     torch.library.register_fake("mbloom::bf16_linear")(
         lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK))
     torch.library.register_fake("mbloom::decode_attention")(
-        lambda query, keys, values, bias, mask, scale, kv_length: torch.empty_like(query, memory_format=torch.contiguous_format))
+        lambda query, keys, values, bias, mask, scale, kv_length: query.new_empty(query.shape))
     return True
 
 

@@ -7,8 +7,9 @@ few rows at a time, so that extra pass over the weights is most of a step's time
 decoding step of bloom-small in bf16 about 1.7x faster per linear and 2x for the LM head, with outputs
 bit-identical to `F.linear` in bf16 (float32 rounds differently, so it is left as it is). On CPUs with
 AVX512-BF16 our own kernel (`cpu_kernels.py`: a contiguous stream of weights per block of outputs)
-replaces oneDNN's, 1.55x faster again for a decoding step's 8 rows and as fast for a prompt's hundreds, with
-the same results up to the last bit of a few outputs. Weights are frozen by packing: for generation and evaluation, never training.
+replaces oneDNN's: 1.55x faster again for a decoding step's 8 rows, as fast for a prompt's hundreds, and
+the same results up to the last bit of a few outputs. Weights are frozen by packing: for generation and
+evaluation, never training.
 
 `generate.quantize=int8` stores each weight as int8 with one scale per output channel (symmetric,
 round-to-nearest: the weight-only scheme of LLM.int8's baseline and of torchao's `int8_weight_only`) and

@@ -29,8 +29,10 @@ inline __m512 round_bf16(__m512 x) {  // to the nearest bf16 (even on ties), kep
 }
 
 // exp for float32 (Cephes' method: 2^n times a degree-5 polynomial of the rest; within 2 ulp). Inputs are
-// scores minus their maximum, so at most 0; below -87 the result is 0 (or a denormal that bf16 flushes).
+// scores minus their maximum, so at most 0; below -87.3 (masked positions among them) the result is 0,
+// where torch's exp gives 0 or a denormal (a probability of no weight against the maximum's 1).
 inline __m512 exp_ps(__m512 x) {
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -43,7 +45,7 @@ inline __m512 exp_ps(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(y, n));
 }
 
 }  // namespace
@@ -122,7 +124,8 @@ at::Tensor decode_attention(const at::Tensor& query_in, const at::Tensor& keys, 
       for (int64_t j = 0; j < kv_length; ++j) {
         if (scores[j] == 0.f) continue;  // masked positions
         const __m512 p = _mm512_set1_ps(scores[j]);
-        for (int64_t c = 0; c < value_chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load_bf16(v + j * head_dim + c * 16), acc[c]);
+        for (int64_t c = 0; c < value_chunks; ++c)
+          acc[c] = _mm512_fmadd_ps(p, load_bf16(v + j * head_dim + c * 16), acc[c]);
       }
       for (int64_t c = 0; c < value_chunks; ++c)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_data + task * head_dim + c * 16),
