@@ -12,7 +12,7 @@ round a few outputs to the neighbouring bf16 value (0.07% of them at K = 2048; n
 and head in one pass over its cached keys and values, instead of two one-column `bmm`s.
 
 The operators are compiled at first use with the C++ compiler and ninja that `torch.utils.cpp_extension`
-uses (about 30 s, once a machine: the build is cached under TORCH_EXTENSIONS_DIR). Where the CPU lacks
+uses (about 10 s, once a machine: the build is cached under TORCH_EXTENSIONS_DIR). Where the CPU lacks
 AVX512-BF16 or the build fails, `kernels_available()` says so (with a warning for a failed build) and
 callers keep torch's own operators.
 """
