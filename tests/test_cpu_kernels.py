@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from megatron_bloom.model import ModelConfig, cpu_kernels
 from megatron_bloom.model.alibi import alibi_bias, alibi_positions
 from megatron_bloom.model.attention import BloomAttention, causal_additive_mask
-from megatron_bloom.model.inference_linear import KernelLinear, PackedLinear, inference_linear, packing_available
+from megatron_bloom.model.inference_linear import (Int8Linear, KernelInt8Linear, KernelLinear, PackedLinear,
+                                                   inference_linear, packing_available)
 from megatron_bloom.model.kv_cache import LayerKVCache
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.kernels_available(),
@@ -41,6 +42,25 @@ def test_kernel_keeps_leading_dimensions_and_strided_inputs():
     weight = torch.randn(64, 32).bfloat16()
     x = torch.randn(2, 5, 64).bfloat16()[..., ::2]  # [2, 5, 32], not contiguous
     torch.testing.assert_close(KernelLinear(weight, None)(x), F.linear(x, weight), rtol=0, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 8, 100])
+def test_int8_kernel_multiplies_by_the_dequantized_weights(rows):
+    """`generate.quantize=int8` in bf16: the kernel's product is x times the int8 weights times their
+    scales (plus the bias), within one bf16 rounding of that product computed in float32."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = (0.05 * torch.randn(512, 1024, generator=generator)).bfloat16()
+    bias = torch.randn(512, generator=generator).bfloat16()
+    x = torch.randn(rows, 1024, generator=generator).bfloat16()
+    layer = inference_linear(weight, bias, rows=8, quantize="int8")
+    assert isinstance(layer, KernelInt8Linear) and layer.weight_int8.dtype == torch.int8
+    plain = Int8Linear(weight, bias)  # the same quantization, in the weight's own layout
+    dequantized = plain.weight_int8.float() * plain.scales.float()[:, None]
+    expected = x.float() @ dequantized.t() + bias.float()
+    actual = layer(x)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, rtol=2 ** -7, atol=1e-3 * expected.abs().max().item())
 
 
 @pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")

@@ -14,7 +14,8 @@ evaluation, never training.
 `generate.quantize=int8` stores each weight as int8 with one scale per output channel (symmetric,
 round-to-nearest: the weight-only scheme of LLM.int8's baseline and of torchao's `int8_weight_only`) and
 multiplies with torch's int8-weight kernel: half the weights' memory of bf16; its accuracy cost is
-measured by `benchmarks/generate.py --quantize int8`.
+measured by `benchmarks/generate.py --quantize int8`. In bf16 models on CPUs with AVX512-BF16 the int8
+weights go to our kernel instead (`cpu_kernels.int8_linear`), which streams them at half bf16's bytes.
 """
 
 from __future__ import annotations
@@ -91,15 +92,30 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class KernelInt8Linear(Int8Linear):
+    """`Int8Linear`'s weights (packed in the kernel's layout) through `cpu_kernels.int8_linear`, for every
+    number of rows: bf16 activations only."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__(weight, bias)
+        if not cpu_kernels.kernels_available():
+            raise RuntimeError("the int8 linear kernel needs a CPU with AVX512-BF16 and a C++ compiler")
+        self.weight_int8 = cpu_kernels.pack_weight(self.weight_int8)
+        self.scales = self.scales.float()
+        self.bias = self.bias.float() if self.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.int8_linear(x, self.weight_int8, self.scales, self.bias)
+
+
 def inference_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int,
                      quantize: Optional[str] = None) -> nn.Module:
-    """The frozen stand-in for a linear layer: int8 when `quantize` is "int8", else packed for our bf16
-    kernel where the CPU and the weight's shape allow it, else packed for oneDNN."""
+    """The frozen stand-in for a linear layer: int8 when `quantize` is "int8", else bf16 packed; through our
+    kernels where the CPU, the dtype (bf16) and the weight's shape allow it, else through torch's."""
+    kernel = weight.dtype == torch.bfloat16 and cpu_kernels.fits(weight) and cpu_kernels.kernels_available()
     if quantize == "int8":
-        return Int8Linear(weight, bias)
-    if weight.dtype == torch.bfloat16 and cpu_kernels.fits(weight) and cpu_kernels.kernels_available():
-        return KernelLinear(weight, bias)
-    return PackedLinear(weight, bias, rows)
+        return KernelInt8Linear(weight, bias) if kernel else Int8Linear(weight, bias)
+    return KernelLinear(weight, bias) if kernel else PackedLinear(weight, bias, rows)
 
 
 def pack_linears(model: nn.Module, rows: int, quantize: Optional[str] = None) -> int:
