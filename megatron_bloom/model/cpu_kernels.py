@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_attention.cpp")]
-BLOCK = 32  # outputs per packed block of a linear's weight (csrc/bf16_linear.cpp's kBlock)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear.cpp", "decode_attention.cpp")]
+BLOCK = 32  # outputs per packed block of a linear's weight (csrc/linear.cpp's kBlock)
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 

@@ -1,4 +1,5 @@
-// y = x W^T + b in bf16 for CPUs with AVX512-BF16, written for the few rows of a decoding step.
+// y = x W^T + b in bf16 for CPUs with AVX512-BF16, written for the few rows of a decoding step; W in bf16
+// (mbloom::bf16_linear) or in int8 with a scale per output (mbloom::int8_linear).
 //
 // W is packed as [N / 32, K / 2, 32, 2]: for each block of 32 outputs, the K inputs in pairs, which is the
 // operand layout of vdpbf16ps (it multiplies bf16 pairs and adds both products to a float32 lane). Each
@@ -24,10 +25,12 @@ inline void load_pairs(const uint16_t* w, int64_t kp, __m512bh& low, __m512bh& h
   high = (__m512bh)_mm512_loadu_si512(w + kp * 2 * kBlock + kBlock);
 }
 
+inline __m512 int8_to_float(const int8_t* w) {  // 16 int8 values
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
 inline __m512bh int8_to_bf16(const int8_t* w) {  // 32 int8 values, exactly (|v| <= 127 fits bf16's 8 bits)
-  const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-  const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
-  return _mm512_cvtne2ps_pbh(second, first);
+  return _mm512_cvtne2ps_pbh(int8_to_float(w + 16), int8_to_float(w));
 }
 
 inline void load_pairs(const int8_t* w, int64_t kp, __m512bh& low, __m512bh& high) {
@@ -121,7 +124,9 @@ const float* float_vector(const c10::optional<at::Tensor>& vector, int64_t n, co
   return vector->data_ptr<float>();
 }
 
-inline const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+inline const uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
 
 }  // namespace
 
