@@ -9,8 +9,8 @@ results are torch's bf16 `F.linear`'s: float32 products of bf16 pairs summed alo
 added in float32, one rounding to bf16. Torch splits a long K into blocks whose sums it adds, which can
 round a few outputs to the neighbouring bf16 value (0.07% of them at K = 2048; none at K = 512).
 `int8_linear` is the same product with int8 weights and a scale per output. `decode_attention` does
-BloomAttention's single-query step (scores, softmax, values) for each sequence
-and head in one pass over its cached keys and values, instead of two one-column `bmm`s.
+BloomAttention's single-query step (scores, softmax, values) for each sequence and head in one pass over
+its cached keys and values, instead of two one-column `bmm`s.
 
 The operators are compiled at first use with the C++ compiler and ninja that `torch.utils.cpp_extension`
 uses (about 10 s, once a machine: the build is cached under TORCH_EXTENSIONS_DIR). Where the CPU lacks
