@@ -107,7 +107,7 @@ def test_freed_host_memory_stays_for_reuse_only_when_asked(mode):
 
 def test_whole_tensor_cross_entropy_functions_match_the_chunked_passes():
     """The functions `model.fused_kernels` compiles on GPUs compute what the chunked passes do (run eagerly
-    here; the compiled kernels themselves are checked on a GPU by benchmarks/gpu_checks.py)."""
+    here; the compiled kernels themselves are checked on a GPU by benchmarks/gpu_train.py)."""
     generator = torch.Generator().manual_seed(1)
     real_columns = 1000
     rows = (torch.randn(300, 1024, generator=generator) * 4).bfloat16()
@@ -122,13 +122,26 @@ def test_whole_tensor_cross_entropy_functions_match_the_chunked_passes():
     on_this_rank = target >= 0
     local_target = target.clamp(min=0)
     target_grad = -on_this_rank.float() * grad_loss
-    grad = cross_entropy._logits_grad(rows, log_sum_exp, grad_loss, local_target, target_grad, real_columns)
+    grad = torch.full_like(rows, float("nan"))
+    for chunk in (slice(0, 150), slice(150, 300)):  # written chunk by chunk, as on a GPU
+        cross_entropy._write_logits_grad(grad[chunk], rows[chunk], log_sum_exp[chunk], grad_loss[chunk],
+                                         local_target[chunk], target_grad[chunk], real_columns)
     probs = torch.softmax(rows[:, :real_columns].float(), -1)
     one_hot = F.one_hot(local_target, real_columns).float() * on_this_rank[:, None]
     expected = ((probs - one_hot) * grad_loss[:, None])
     assert grad.dtype == torch.bfloat16
     assert (grad[:, :real_columns].float() - expected).abs().max().item() <= 2 ** -9
     assert grad[:, real_columns:].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("rows, columns", [(16384, 250880), (8, 250880), (4096, 524288), (7, 2**31 - 1)])
+def test_compiled_cross_entropy_chunks_index_in_32_bits(rows, columns):
+    """Row chunks for the compiled kernels: fewer than 2^31 elements each, covering every row once."""
+    chunks = list(cross_entropy._compiled_row_chunks(torch.empty(rows, columns, device="meta")))
+    assert all((chunk.stop - chunk.start) * columns < 2**31 for chunk in chunks)
+    assert [chunk.start for chunk in chunks] == [0] + [chunk.stop for chunk in chunks[:-1]]
+    assert chunks[-1].stop == rows
+    assert len({chunk.stop - chunk.start for chunk in chunks[:-1]}) <= 1  # equal sizes: one compilation
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -184,11 +184,12 @@ def poisoned_worker(rank, world_size, args, poisoned_iterations):
         return {"losses": None, "snapshots": snapshots, "error": str(error)}
 
 
-@pytest.mark.parametrize("zero", [0, 1])  # ZeRO-1: DeepSpeed skips the step; ZeRO-0: our optimizer does
-def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero):
+# fp32 ZeRO-1: DeepSpeed skips the step; ZeRO-0 and bf16 (no separate overflow pass): our optimizer does.
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (1, "bf16")])
+def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero, precision):
     import json
 
-    args = overrides(shard, tmp_path / "run", 1, 1, 2, zero=zero, iters=6)
+    args = overrides(shard, tmp_path / "run", 1, 1, 2, zero=zero, iters=6, precision=precision)
     results = run_distributed(poisoned_worker, 2, args, {3})
     for result in results:
         losses = result["losses"]

@@ -79,6 +79,9 @@ class TrainingConfig:
     iters: int = 1000
     seed: int = 1234
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (torchtitan's per-block compile): LayerNorms, residual adds, GeLU
+    # and attention's reshapes fuse into fewer kernels. For GPUs; compilation costs time at the start.
+    compile: bool = False
     eval_interval: Optional[int] = None  # iterations between validation passes; None: no validation
     eval_iters: int = 10
     # A NaN/inf loss or gradient skips the step; this many in a row stop the run (the model has diverged).

@@ -72,7 +72,9 @@ class BloomAttention(nn.Module):
         # Shapes come from the QKV output: with sequence parallelism the input holds part of the sequence.
         batch_size, q_length, _ = fused_qkv.shape
         fused_qkv = fused_qkv.view(batch_size, q_length, self.num_heads, 3, self.head_dim)
-        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))  # [batch, heads, seq, hd]
+        # unbind, not three indexings: its backward stacks the three gradients in one pass, where each
+        # index's backward fills a zero tensor of the whole QKV size and autograd then adds the three.
+        query, key, value = (part.transpose(1, 2) for part in fused_qkv.unbind(dim=3))  # [batch, heads, seq, hd]
         if cache is not None:
             key, value = cache.append(key, value)
         if self.alibi_slopes.device != hidden_states.device:

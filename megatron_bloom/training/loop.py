@@ -30,6 +30,7 @@ from megatron_bloom.data.sampler import build_data_loader
 from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
+from megatron_bloom.pipeline.layers import BlockPipe
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
 from megatron_bloom.training.batch_schedule import global_batch_size_at
@@ -74,6 +75,9 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
         model = build_pipeline(config.model, state, seed, checkpointing, task)
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
+    if config.train.compile:
+        for block in (module for module in model.modules() if isinstance(module, BlockPipe)):
+            block.compile()  # compiles its forward in place: parameter names and hooks stay as they are
     carried_state = None
     if start is not None and start.universal:
         carried_state = load_universal_weights(model, start.directory, start.metadata, state)
