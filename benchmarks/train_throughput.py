@@ -1,6 +1,6 @@
 """Training tokens/s of `mbloom-train` against `transformers.BloomForCausalLM`, in one invocation.
 
-    python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4]
+    python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4] [overrides ...]
 
 Both train the same shape (default bloom-small: hidden 512, 8 layers, seq 512) on batches of
 `--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed, bf16
@@ -35,14 +35,14 @@ def run(*args: str) -> str:
     return result.stdout
 
 
-def ours(model: str, iters: int, micro: int, work: Path) -> tuple:
+def ours(model: str, iters: int, micro: int, work: Path, overrides=()) -> tuple:
     corpus = REPO / "data_prep" / "sample_corpus.jsonl"
     run("data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output", str(work / "tok"))
     run("data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
         str(work / "corpus"), "--append-eod")
     run("megatron_bloom.train", f"model={model}", f"data.paths=[{work / 'corpus'}]", "precision=bf16",
         f"train.iters={iters}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
-        "logging.interval=1", f"run.dir={work / 'run'}", "data.num_workers=1")
+        "logging.interval=1", f"run.dir={work / 'run'}", "data.num_workers=1", *overrides)
     lines = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median(line["step_s"] for line in lines[WARMUP:])
     return step_s, statistics.median(line["tflops_per_rank"] for line in lines[WARMUP:])
@@ -78,13 +78,14 @@ def main() -> None:
     parser.add_argument("--model", default="bloom-small")
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("overrides", nargs="*", help="more mbloom-train overrides (train.compile=true, ...)")
     args = parser.parse_args()
     from megatron_bloom.config import load_config
 
     seq_length = load_config([f"model={args.model}"]).model.seq_length
     tokens = args.micro_batch * seq_length
     work = Path(tempfile.mkdtemp(prefix="mbloom-bench-train-"))
-    ours_s, tflops = ours(args.model, args.iters, args.micro_batch, work)
+    ours_s, tflops = ours(args.model, args.iters, args.micro_batch, work, args.overrides)
     theirs_s = theirs(args.model, args.iters, args.micro_batch)
     import torch
 

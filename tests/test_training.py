@@ -303,3 +303,22 @@ def test_activation_checkpointing_changes_nothing_but_memory(shard, reference, t
     args = overrides(shard, tmp_path / "run", tp, pp, dp) + ["train.activation_checkpointing=true"]
     results = run_distributed(train_worker, tp * pp * dp, args)
     np.testing.assert_allclose(results[0]["losses"], reference[0], rtol=1e-4)
+
+
+def compiled_train_worker(rank, world_size, args):
+    import torch._dynamo.utils
+
+    result = train_worker(rank, world_size, args)
+    return {**result, "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1)], ids=["stacked", "pipeline"])
+def test_compiled_blocks_train_like_eager_ones(shard, reference, tmp_path, tp, pp, dp):
+    """train.compile: every block through torch.compile (inductor's C++ kernels here), the same losses and
+    weights as the eager reference run, within float32 rounding."""
+    args = overrides(shard, tmp_path / "run", tp, pp, dp) + ["train.compile=true"]
+    results = run_distributed(compiled_train_worker, tp * pp * dp, args)
+    assert all(result["compiled_graphs"] >= 1 for result in results)
+    np.testing.assert_allclose(results[0]["losses"], reference[0], rtol=1e-5)
+    weights = full_weights(results, load_config(args))
+    assert max((weights[name] - value).abs().max().item() for name, value in reference[1].items()) < 1e-5

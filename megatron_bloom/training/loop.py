@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 import time
@@ -76,6 +77,10 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
     if config.train.compile:
+        if state.device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("train.compile=true needs triton, which torch.compile generates GPU kernels with, "
+                              "and it is not installed here. Install the triton that matches your torch, or set "
+                              "train.compile=false.")
         for block in (module for module in model.modules() if isinstance(module, BlockPipe)):
             block.compile()  # compiles its forward in place: parameter names and hooks stay as they are
     carried_state = None
