@@ -184,8 +184,9 @@ def poisoned_worker(rank, world_size, args, poisoned_iterations):
         return {"losses": None, "snapshots": snapshots, "error": str(error)}
 
 
-# fp32 ZeRO-1: DeepSpeed skips the step; ZeRO-0 and bf16 (no separate overflow pass): our optimizer does.
-@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (1, "bf16")])
+# ZeRO 1: DeepSpeed skips the step (its ZeRO optimizer in fp32, its BF16 optimizer in bf16); ZeRO 0, and ZeRO 2
+# in bf16 (no separate overflow pass): our optimizer does.
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (1, "bf16"), (2, "bf16")])
 def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero, precision):
     import json
 
@@ -322,3 +323,44 @@ def test_compiled_blocks_train_like_eager_ones(shard, reference, tmp_path, tp, p
     np.testing.assert_allclose(results[0]["losses"], reference[0], rtol=1e-5)
     weights = full_weights(results, load_config(args))
     assert max((weights[name] - value).abs().max().item() for name, value in reference[1].items()) < 1e-5
+
+
+def accumulated_gradients_worker(rank, world_size, args, micro_batches):
+    """The float32 gradients of `micro_batches` different micro-batches accumulated in one step, and each
+    micro-batch's on its own (a fresh engine each time: the same initial weights)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from megatron_bloom.training.loop import build_engine
+
+    config = load_config(args + [f"train.global_batch_size={micro_batches}", "train.micro_batch_size=1"])
+    tokens = torch.randint(0, config.model.vocab_size, (micro_batches, config.model.seq_length + 1),
+                           generator=torch.Generator().manual_seed(0))
+
+    def gradients(rows, accumulation):
+        run_config = load_config(args + [f"train.global_batch_size={accumulation}", "train.micro_batch_size=1"])
+        engine, _, _ = build_engine(run_config, ParallelState.create(tp=1, pp=1, dp=1))
+        for step, row in enumerate(rows):
+            engine.set_gradient_accumulation_boundary(step == len(rows) - 1)
+            engine.backward(engine(tokens[row:row + 1, :-1], tokens[row:row + 1, 1:]))
+        return {name: safe_get_full_grad(param).clone() for name, param in engine.module.named_parameters()}
+
+    del config
+    accumulated = gradients(range(micro_batches), micro_batches)
+    singles = [gradients([row], 1) for row in range(micro_batches)]
+    return accumulated, singles
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_bf16_gradients_accumulate_in_fp32(shard, tmp_path, zero):
+    """bf16 gradients are summed over micro-batches in float32, as Megatron-LM requires for bf16. DeepSpeed
+    divides each of the 4 micro-batches' loss by 4, a power of two, so micro-batch i adds exactly g_i / 4 in
+    bf16: the accumulated gradient is their exact sum (within float32 rounding), where a bf16 sum would
+    round at each micro-batch (about 2^-9 relative)."""
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, zero=zero, precision="bf16")
+    ((accumulated, singles),) = run_distributed(accumulated_gradients_worker, 1, args, 4)
+    worst = 0.0
+    for name, grad in accumulated.items():
+        assert grad.dtype == torch.float32
+        exact = sum(single[name].double() for single in singles) / 4
+        worst = max(worst, ((grad.double() - exact).abs().max() / exact.abs().max()).item())
+    assert worst < 1e-6

@@ -24,6 +24,11 @@ def deepspeed_config(config: TrainConfig, state: ParallelState) -> dict:
         # Dynamic loss scaling for fp16 (Micikevicius et al. 2018): overflowing steps are skipped.
         "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # bf16 gradients are summed over the micro-batches and reduced over the data-parallel replicas in
+        # float32, as Megatron-LM does for bf16 (a bf16 sum rounds at every micro-batch). DeepSpeed can do
+        # it from ZeRO 1 on (at ZeRO 1 through its BF16 optimizer); without ZeRO it has no such mode.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+           if config.precision == "bf16" and config.zero.stage >= 1 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,

@@ -220,6 +220,10 @@ def train(config: TrainConfig, state: ParallelState,
     if on_engine is not None:
         on_engine(engine)
     accumulation = gradient_accumulation_steps(config, state.dp)
+    if config.precision == "bf16" and config.zero.stage == 0 and (accumulation > 1 or state.dp > 1) and is_logger:
+        print(f"warning: zero.stage=0 in bf16 sums the gradients of {accumulation} micro-batches and "
+              f"{state.dp} data-parallel replicas in bf16 (DeepSpeed has no float32 accumulation without ZeRO); "
+              "zero.stage=1 sums them in float32.", flush=True)
     batches = batch_reader(train_set, progress.consumed_samples, config, state, config.data.num_workers)
     valid_batches = None
     if valid_set is not None:  # validation resumes where it was too: each evaluation reads the next batches
