@@ -13,7 +13,9 @@ Memory per rank, P = this rank's parameters, d = dp, DeepSpeed's mixed-precision
     weights     P * w            (w = 2 bytes in bf16/fp16, 4 in fp32); ZeRO 3: / d
     gradients   P * 2 + P * 4    16-bit runs: the weights' own gradients, then DeepSpeed accumulates in fp32
                                  (its BF16 optimizer, ZeRO, the fp16/bf16 wrapper); fp32 runs: P * 4;
-                                 ZeRO 2/3 partition the fp32 part: / d
+                                 ZeRO 2/3 partition the fp32 part: / d. bf16 at ZeRO 1 with d > 1 adds
+                                 the float32 all-reduce bucket of DeepSpeed's BF16 optimizer,
+                                 4 * min(P, 5e8) (its default bucket of 5e8 elements)
     optimizer   P * (8 + 4 m)    Adam's two fp32 moments, plus the fp32 master (m = 1) unless a plain fp32
                                  run without ZeRO (m = 0); ZeRO 1-3: / d
     activations per micro-batch and transformer layer (Korthikanti et al. 2022, "Reducing Activation
@@ -131,14 +133,20 @@ def activation_bytes(config: TrainConfig, stage: StagePlan) -> float:
     return total
 
 
+ALLREDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default allreduce_bucket_size
+
+
 def rank_memory(config: TrainConfig, stage: StagePlan) -> Memory:
     params, dp, zero = stage.params_per_rank, config.parallel.dp, config.zero.stage
     w = WEIGHT_BYTES[config.precision]
     master = 0 if config.precision == "fp32" and zero == 0 else 4
     low_precision_grads = params * 2 if w == 2 else 0
+    # bf16 gradients are reduced in float32 (training/deepspeed_config.py), at ZeRO 1 through one flat bucket
+    reduction_bucket = 4 * min(params, ALLREDUCE_BUCKET_ELEMENTS) if (
+        config.precision == "bf16" and zero == 1 and dp > 1) else 0
     return Memory(
         weights=params * w / (dp if zero >= 3 else 1),
-        grads=low_precision_grads + params * 4 / (dp if zero >= 2 else 1),
+        grads=low_precision_grads + params * 4 / (dp if zero >= 2 else 1) + reduction_bucket,
         optimizer=params * (8 + master) / (dp if zero >= 1 else 1),
         activations=activation_bytes(config, stage))
 
