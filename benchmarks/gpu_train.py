@@ -56,7 +56,8 @@ def check_cross_entropy() -> None:
                       "max_loss_diff": (fused_loss - loss).abs().max().item(),
                       "max_grad_diff": (fused_grad.float() - grad.float()).abs().max().item(),
                       "padding_grad_max": fused_grad[..., 250000:].abs().max().item(),
-                      "chunked_ms": round(times[0] * 1e3, 2), "compiled_ms": round(times[1] * 1e3, 2)}), flush=True)
+                      "chunked_ms": round(times[0] * 1e3, 2), "compiled_ms": round(times[1] * 1e3, 2)}),
+          flush=True)
 
 
 def check_attention(model_name: str) -> None:
@@ -125,7 +126,8 @@ def main() -> None:
         runs.append(("reference", max(1, args.micro_batch // 2),
                      ("model.attention_impl=eager", "model.fused_kernels=false")))
     for name, micro, overrides in runs:
-        result = train(args.model, args.data, micro, batch, args.iters, args.warmup, work, name, *overrides, *args.overrides)
+        result = train(args.model, args.data, micro, batch, args.iters, args.warmup, work, name, *overrides,
+                       *args.overrides)
         mfu = result["tflops_per_rank"] / preset.peak_tflops_16bit if preset else float("nan")
         print(f"{card}, {args.model}, micro batch {micro}, global batch {batch} {' '.join(args.overrides)}, "
               f"{name} paths: "

@@ -17,9 +17,10 @@ def deepspeed_config(config: TrainConfig, state: ParallelState) -> dict:
         "gradient_accumulation_steps": gradient_accumulation_steps(config, state.dp),
         "gradient_clipping": config.optim.clip_grad,
         "zero_optimization": {"stage": config.zero.stage},
-        # No separate per-tensor inf/NaN pass in bf16 (hundreds of small kernels and a host sync per step):
-        # a non-finite gradient makes the global norm, so the clipped gradients, non-finite, and
-        # SkippingAdamW skips that step on every rank (training/optimizer.py).
+        # No separate per-tensor inf/NaN pass of ZeRO 2 in bf16 (hundreds of small kernels and a host sync a
+        # step): a non-finite gradient makes the global norm, so the clipped gradients, non-finite, and
+        # SkippingAdamW skips that step on every rank (training/optimizer.py). At ZeRO 1 DeepSpeed's BF16
+        # optimizer skips on a non-finite norm itself.
         "bf16": {"enabled": config.precision == "bf16", "check_grad_overflow": False},
         # Dynamic loss scaling for fp16 (Micikevicius et al. 2018): overflowing steps are skipped.
         "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
