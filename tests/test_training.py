@@ -332,8 +332,8 @@ def accumulated_gradients_worker(rank, world_size, args, micro_batches):
 
     from megatron_bloom.training.loop import build_engine
 
-    config = load_config(args + [f"train.global_batch_size={micro_batches}", "train.micro_batch_size=1"])
-    tokens = torch.randint(0, config.model.vocab_size, (micro_batches, config.model.seq_length + 1),
+    config = load_config(args).model
+    tokens = torch.randint(0, config.vocab_size, (micro_batches, config.seq_length + 1),
                            generator=torch.Generator().manual_seed(0))
 
     def gradients(rows, accumulation):
@@ -344,7 +344,6 @@ def accumulated_gradients_worker(rank, world_size, args, micro_batches):
             engine.backward(engine(tokens[row:row + 1, :-1], tokens[row:row + 1, 1:]))
         return {name: safe_get_full_grad(param).clone() for name, param in engine.module.named_parameters()}
 
-    del config
     accumulated = gradients(range(micro_batches), micro_batches)
     singles = [gradients([row], 1) for row in range(micro_batches)]
     return accumulated, singles
