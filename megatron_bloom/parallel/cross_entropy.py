@@ -137,18 +137,21 @@ def _compiled(function):
     return torch.compile(function, dynamic=False)
 
 
+def _row_slices(num_rows: int, step: int) -> Iterator[slice]:
+    return (slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step))
+
+
 def _row_chunks(rows: torch.Tensor) -> Iterator[slice]:
     num_rows, columns = rows.shape
-    step = max(1, _CHUNK_ELEMENTS.get(rows.device.type, _CHUNK_ELEMENTS["cuda"]) // max(columns, 1))
-    return (slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step))
+    return _row_slices(num_rows, max(1, _CHUNK_ELEMENTS.get(rows.device.type, _CHUNK_ELEMENTS["cuda"])
+                                     // max(columns, 1)))
 
 
 def _compiled_row_chunks(rows: torch.Tensor) -> Iterator[slice]:
     """Equal row chunks of fewer than 2^31 elements each (the last one may be shorter)."""
     num_rows, columns = rows.shape
     pieces = max(1, -(-num_rows * columns // _INT32_ELEMENTS))
-    step = max(1, min(-(-num_rows // pieces), _INT32_ELEMENTS // max(columns, 1)))
-    return (slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step))
+    return _row_slices(num_rows, max(1, min(-(-num_rows // pieces), _INT32_ELEMENTS // max(columns, 1))))
 
 
 def _all_reduce(x: torch.Tensor, op, group) -> None:

@@ -42,6 +42,7 @@ from megatron_bloom.pipeline.model import stage_layers
 
 GB = 1e9
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ALLREDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default allreduce_bucket_size
 
 
 @dataclass
@@ -131,9 +132,6 @@ def activation_bytes(config: TrainConfig, stage: StagePlan) -> float:
     if stage.stage == parallel.pp - 1 and not config.fine_tuning:  # the LM head's logits and their gradient
         total += s * b * model.padded_vocab_size(t) / t * 2 * w
     return total
-
-
-ALLREDUCE_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default allreduce_bucket_size
 
 
 def rank_memory(config: TrainConfig, stage: StagePlan) -> Memory:
