@@ -24,12 +24,30 @@ def test_bloom_176b_as_it_was_trained():
     assert abs(report["tflops_per_gpu"] - 150.0) <= 0.05 * 150.0
     assert 0 < report["memory_per_rank_gb"]["total"] < 80.0 and report["hardware"]["fits"]
     assert report["bubble_fraction"] == pytest.approx(11 / 128)
-    assert report["mfu"] == pytest.approx(report["tflops_per_gpu"] * 3 / 4 / 312.0)  # recomputation is not model work
+    # Recomputation is not model work: MFU counts the layers 3 times, not 4 (the LM head is never recomputed).
+    h, layers, tokens, vocab = 14336, 70, 2048 * 2048, 250880
+    model_flops = 72 * tokens * layers * h * h * (1 + 2048 / (6 * h)) + 6 * tokens * h * vocab
+    assert report["mfu"] == pytest.approx(model_flops / 104.7 / 384 / 1e12 / 312.0)
     memory = report["memory_per_rank_gb"]
     assert memory["total"] == pytest.approx(sum(memory[k] for k in ("weights", "grads", "optimizer", "activations")),
                                             abs=0.01)
     table = run_cli(["megatron_bloom.plan", *BLOOM_176B, "--iter-time", "104.7"]).stdout
     assert "176.2 B" in table and "fits" in table and "MFU" in table
+
+
+def test_model_flops_are_six_per_matmul_parameter_and_token_plus_attention():
+    """Without recomputation the count is torchtitan's 6 N + 12 L h s a token, N the parameters in matrix
+    products (the tied embedding counted once, as the LM head); recomputation adds one forward of the layers."""
+    from megatron_bloom.training.flops import iteration_flops
+
+    model = load_config(["model=bloom-1b1"]).model
+    h, layers, seq, vocab = model.hidden_size, model.num_layers, 2048, model.padded_vocab_size()
+    matmul_params = layers * 12 * h * h + vocab * h
+    tokens = 8 * seq
+    expected = (6 * matmul_params + 12 * layers * h * seq) * tokens
+    assert iteration_flops(model, 8, seq) == pytest.approx(expected, rel=1e-12)
+    layers_forward = (2 * layers * 12 * h * h + 4 * layers * h * seq) * tokens
+    assert iteration_flops(model, 8, seq, recompute=True) == pytest.approx(expected + layers_forward, rel=1e-12)
 
 
 def test_parameters_per_stage_and_rank_add_up():

@@ -22,7 +22,8 @@ SHAPES = [
     # 12 heads: 6 or 3 per rank (3 is not a power of two); vocabulary 1000 padded to 1024, so the last tp=4
     # rank holds 232 real rows and 24 padding rows.
     ModelConfig(num_layers=2, hidden_size=96, num_heads=12, vocab_size=1000, seq_length=16),
-    # 4 heads of 32: one head per rank at tp = 4
+    # 4 heads of 32: one head per rank at tp = 4; vocabulary 700 padded to 1024, so the last tp=4 rank's
+    # slice is padding only (its cross-entropy max is -inf, its sum of exponentials 0).
     ModelConfig(num_layers=3, hidden_size=128, num_heads=4, vocab_size=700, seq_length=16),
 ]
 

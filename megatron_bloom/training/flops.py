@@ -1,11 +1,15 @@
-"""Model FLOPs of a training iteration, by Megatron-LM's formula (Narayanan et al. 2021, eq. 3).
+"""Model FLOPs of a training iteration, as Megatron-LM counts them (Narayanan et al. 2021, appendix).
 
-    FLOPs = 24 * c * B * s * L * h^2 * (1 + s / (6 h) + V / (16 L h))
+    FLOPs = 24 * c * B * s * L * h^2 * (1 + s / (6 h))  +  6 * B * s * h * V
 
-B sequences of s tokens, L layers, hidden size h, vocabulary V (the last term is the LM head's logits: a
-fine-tuning head's few outputs are left out, `lm_head=False`). A forward pass costs 1 unit and a backward
-pass 2, so c = 3; full activation recomputation adds a second forward, c = 4. These are model FLOPs
-(MFU counts the recomputation's extra work as overhead, not as useful FLOPs: pass recompute=False for MFU).
+B sequences of s tokens, L layers, hidden size h, vocabulary V. Per layer and token a forward pass costs
+24 h^2 in its GEMMs and 4 s h in attention's two s x s products (counted whole, causal or not, as
+Megatron-LM and torchtitan do); a backward pass costs twice a forward, so c = 3, and full activation
+recomputation adds a second forward of the layers, c = 4. The LM head's logits, 2 h V a token forward, are
+never recomputed: they count 3 times in either case. (The paper's eq. 3, 24 c ... (1 + s/6h + V/16Lh), has
+the head folded in for c = 4 only; with c = 3 it would count the head at 3/4.) A fine-tuning head's few
+outputs are left out (`lm_head=False`). These are model FLOPs: MFU counts the recomputation's extra work as
+overhead, not as useful FLOPs, so pass recompute=False for MFU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from megatron_bloom.model import ModelConfig
 def iteration_flops(model: ModelConfig, global_batch_size: int, seq_length: int, recompute: bool = False,
                     lm_head: bool = True) -> float:
     h, layers = model.hidden_size, model.num_layers
-    vocab = model.padded_vocab_size() if lm_head else 0
-    c = 4 if recompute else 3
-    return 24.0 * c * global_batch_size * seq_length * layers * h * h * (
-        1.0 + seq_length / (6.0 * h) + vocab / (16.0 * layers * h))
+    tokens = global_batch_size * seq_length
+    passes = 4 if recompute else 3
+    transformer = 24.0 * passes * tokens * layers * h * h * (1.0 + seq_length / (6.0 * h))
+    logits = 6.0 * tokens * h * model.padded_vocab_size() if lm_head else 0.0
+    return transformer + logits
