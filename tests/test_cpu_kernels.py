@@ -1,5 +1,6 @@
-"""The CPU decoding kernels (model/csrc/): the linear gives torch's bf16 `F.linear` results for any number
-of rows, the single-query attention the eager decoding step's; where they cannot run, oneDNN's packing."""
+"""The CPU kernels (model/csrc/): the linear gives torch's bf16 `F.linear` results for any number of rows,
+the single-query attention the eager decoding step's, the cross-entropy passes the chunked torch passes'
+results; where they cannot run, oneDNN's packing."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from megatron_bloom.model.attention import BloomAttention, causal_additive_mask
 from megatron_bloom.model.inference_linear import (Int8Linear, KernelInt8Linear, KernelLinear, PackedLinear,
                                                    inference_linear, packing_available)
 from megatron_bloom.model.kv_cache import LayerKVCache
+from megatron_bloom.parallel import cross_entropy
+from megatron_bloom.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.kernels_available(),
                                   reason="the CPU lacks AVX512-BF16, or the kernel could not be built")
@@ -104,3 +107,26 @@ def test_decode_attention_kernel_gives_the_eager_steps_results(hidden_size, num_
     assert actual.shape == expected.shape == (batch, num_heads, 1, head_dim)
     torch.testing.assert_close(actual, expected, rtol=0, atol=2 ** -7 * expected.abs().max().item())
     assert (actual == expected).float().mean().item() >= 0.99  # the same bits, but for a rare tie of roundings
+
+
+@needs_kernel
+@pytest.mark.parametrize("real_columns, columns", [(1000, 1024), (1024, 1024), (7, 128)])
+def test_cross_entropy_kernel_gives_the_chunked_passes_results(real_columns, columns):
+    """`model.fused_kernels` on a CPU: loss and logits gradient of the kernel against torch's chunked passes,
+    with a ragged last vector of columns, vocabulary padding and targets on another rank's slice."""
+    generator = torch.Generator().manual_seed(real_columns)
+    logits = (4 * torch.randn(3, 100, columns, generator=generator)).bfloat16().requires_grad_()
+    target = torch.randint(-5, real_columns, (3, 100), generator=generator)  # < 0: on another rank
+    weights = torch.rand(3, 100, generator=generator)
+    results = []
+    for fused in (False, True):
+        loss = vocab_parallel_cross_entropy(logits, target, 0, real_columns, None, fused=fused)
+        results.append((loss, *torch.autograd.grad((loss * weights).sum(), logits)))
+    (loss, grad), (kernel_loss, kernel_grad) = results
+    torch.testing.assert_close(kernel_loss, loss, rtol=1e-6, atol=1e-6)
+    # The same float32 values up to exp's last bits, rounded once to bf16: at most a neighbouring bf16 value.
+    torch.testing.assert_close(kernel_grad.float(), grad.float(), rtol=2 ** -7, atol=1e-7)
+    assert (kernel_grad != grad).float().mean().item() < 0.001
+    if real_columns < columns:
+        assert kernel_grad[..., real_columns:].abs().max().item() == 0  # padding: never predicted
+    assert cross_entropy._path(logits.detach().reshape(-1, columns)[:, :real_columns], True) == "cpu_kernel"

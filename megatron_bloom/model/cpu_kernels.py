@@ -1,5 +1,6 @@
-"""Our kernels for decoding on CPUs with AVX512-BF16 (csrc/), as the operators `mbloom::bf16_linear`,
-`mbloom::int8_linear` and `mbloom::decode_attention`.
+"""Our kernels for CPUs with AVX512-BF16 (csrc/): for decoding the operators `mbloom::bf16_linear`,
+`mbloom::int8_linear` and `mbloom::decode_attention`; for training the cross-entropy's two passes over the
+logits, `mbloom::cross_entropy_max_sum_exp` and `mbloom::cross_entropy_logits_grad` (csrc/cross_entropy.cpp).
 
 A decoding step multiplies a handful of rows by every weight, so its speed is the speed at which the
 weights stream from memory. At 8 rows oneDNN's bf16 kernel reads its blocked weights at 14-18 GB/s on the
@@ -28,7 +29,8 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("linear.cpp", "decode_attention.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("linear.cpp", "decode_attention.cpp", "cross_entropy.cpp")]
 BLOCK = 32  # outputs per packed block of a linear's weight (csrc/linear.cpp's kBlock)
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
@@ -55,8 +57,8 @@ def kernels_available() -> bool:
              extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # no compiler, no ninja, an old compiler without AVX512-BF16 intrinsics
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"megatron_bloom: the CPU decoding kernels could not be built ({first_line}); torch's "
-                      "operators are used instead (about 1.5x slower per decoding step).")
+        warnings.warn(f"megatron_bloom: the CPU kernels could not be built ({first_line}); torch's operators "
+                      "are used instead (about 1.5x slower per decoding step, 5% slower training steps).")
         return False
     # Output shapes, for torch.compile's tracing.
     torch.library.register_fake("mbloom::bf16_linear")(
@@ -65,6 +67,8 @@ def kernels_available() -> bool:
         lambda x, packed, scales, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK))
     torch.library.register_fake("mbloom::decode_attention")(
         lambda query, keys, values, bias, mask, scale, kv_length: query.new_empty(query.shape))
+    torch.library.register_fake("mbloom::cross_entropy_max_sum_exp")(
+        lambda rows, real_columns: tuple(rows.new_empty(rows.shape[0], dtype=torch.float32) for _ in range(2)))
     return True
 
 
@@ -107,3 +111,19 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     `bias` `[batch * heads, 1, kv]` and the additive `mask` `[batch or 1, 1, 1, kv]` (once
     `kernels_available()`)."""
     return torch.ops.mbloom.decode_attention(query, keys, values, bias, mask, scale, kv_length)
+
+
+def cross_entropy_max_sum_exp(rows: torch.Tensor) -> tuple:
+    """Each row's max and sum of e^(x - max), float32 `[rows]`, of bf16 logits `[rows, columns]` whose rows
+    are contiguous (a column slice of a wider tensor is fine), once `kernels_available()`."""
+    return torch.ops.mbloom.cross_entropy_max_sum_exp(rows, rows.shape[1])
+
+
+def cross_entropy_logits_grad(grad: torch.Tensor, rows: torch.Tensor, log_sum_exp: torch.Tensor,
+                              grad_loss: torch.Tensor, local_target: torch.Tensor, target_grad: torch.Tensor,
+                              real_columns: int) -> None:
+    """Writes into the contiguous bf16 `grad` (shaped like `rows`) the cross-entropy's logits gradient:
+    e^(x - log_sum_exp) * grad_loss in the first `real_columns` columns plus `target_grad` at `local_target`,
+    0 in the rest (once `kernels_available()`)."""
+    torch.ops.mbloom.cross_entropy_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad,
+                                               real_columns)

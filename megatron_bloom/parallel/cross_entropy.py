@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_bloom.model import cpu_kernels
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.parallel.mappings import (
     copy_to_tp_region,
@@ -47,21 +48,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, real_columns, group, fused):
         columns = logits.shape[-1]
         rows = logits.reshape(-1, columns)[:, :real_columns]  # padding columns never count
-        if real_columns:
-            row_max = rows.amax(dim=-1).float()  # exact in the logits' own dtype
-        else:  # a rank whose slice is all padding (a small vocabulary at a large tp)
-            row_max = rows.new_full(rows.shape[:1], float("-inf"), dtype=torch.float32)
-        _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        ctx.compiled = fused and rows.is_cuda and _compiled(_sum_exp) is not None
-        sum_exp = torch.empty_like(row_max)
-        if ctx.compiled:
-            for chunk in _compiled_row_chunks(rows):
-                sum_exp[chunk] = _compiled(_sum_exp)(rows[chunk], row_max[chunk])
-        else:
-            for chunk in _row_chunks(rows):
-                # bf16 - fp32 promotes to one fresh float32 chunk: no in-place update of the caller's logits
-                sum_exp[chunk] = torch.sub(rows[chunk], row_max[chunk, None]).exp_().sum(dim=-1)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        ctx.path = _path(rows, fused)
+        row_max, sum_exp = _local_max_and_sum_exp(rows, ctx.path)
+        if group_size(group) > 1:
+            # Each rank summed against its own max m; rescaled to the global max M, the sums add up:
+            # sum_k e^(x_k - M) = e^(m - M) sum_k e^(x_k - m). (A slice of padding only has m = -inf, sum 0.)
+            local_max = row_max.clone()
+            _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            sum_exp.mul_(local_max.sub_(row_max).exp_())
+            _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
         log_sum_exp = sum_exp.log_().add_(row_max)
         local_target = target.reshape(-1) - vocab_start
         on_this_rank = (local_target >= 0) & (local_target < real_columns)
@@ -83,7 +78,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad_loss = grad_loss.reshape(-1).float()
         target_grad = -on_this_rank.float().mul_(grad_loss)
         grad = torch.empty_like(rows)
-        if ctx.compiled:
+        if ctx.path == "cpu_kernel":
+            cpu_kernels.cross_entropy_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad,
+                                                  real_columns)
+            return grad.view(logits.shape), None, None, None, None, None
+        if ctx.path == "compiled":
             for chunk in _compiled_row_chunks(rows):
                 _compiled(_write_logits_grad)(grad[chunk], rows[chunk], log_sum_exp[chunk], grad_loss[chunk],
                                               local_target[chunk], target_grad[chunk], real_columns)
@@ -96,6 +95,36 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(-1, local_target[chunk, None], target_grad[chunk, None])
             grad[chunk, :real_columns] = probs
         return grad.view(logits.shape), None, None, None, None, None
+
+
+def _path(rows: torch.Tensor, fused: bool) -> str:
+    """How the passes over the logits run: `model.fused_kernels` picks our CPU kernel for bf16 logits where
+    the CPU has AVX512-BF16, and compiled kernels on GPUs; otherwise torch's ops on chunks."""
+    if fused and rows.shape[1] > 0:
+        if rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and cpu_kernels.kernels_available():
+            return "cpu_kernel"
+        if rows.is_cuda and _compiled(_sum_exp) is not None:
+            return "compiled"
+    return "chunked"
+
+
+def _local_max_and_sum_exp(rows: torch.Tensor, path: str) -> tuple:
+    """Each row's max over this rank's columns and the sum of e^(x - max) there, both float32 `[rows]`."""
+    if path == "cpu_kernel":
+        return cpu_kernels.cross_entropy_max_sum_exp(rows)
+    if rows.shape[1] == 0:  # a rank whose slice is all padding (a small vocabulary at a large tp)
+        nothing = rows.new_zeros(rows.shape[:1], dtype=torch.float32)
+        return nothing - float("inf"), nothing
+    row_max = rows.amax(dim=-1).float()  # exact in the logits' own dtype
+    sum_exp = torch.empty_like(row_max)
+    if path == "compiled":
+        for chunk in _compiled_row_chunks(rows):
+            sum_exp[chunk] = _compiled(_sum_exp)(rows[chunk], row_max[chunk])
+        return row_max, sum_exp
+    for chunk in _row_chunks(rows):
+        # bf16 - fp32 promotes to one fresh float32 chunk: no in-place update of the caller's logits
+        sum_exp[chunk] = torch.sub(rows[chunk], row_max[chunk, None]).exp_().sum(dim=-1)
+    return row_max, sum_exp
 
 
 # The same two computations as whole-tensor functions, for torch.compile: on a GPU each becomes one

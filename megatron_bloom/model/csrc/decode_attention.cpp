@@ -11,44 +11,15 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "avx512_math.h"
+
 #include <cmath>
 #include <vector>
 
-namespace {
-
-inline __m512 widen(__m256i bf16) {  // 16 bf16 values to float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
-}
-
-inline __m512 load_bf16(const uint16_t* data) {
-  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(data)));
-}
-
-inline __m512 round_bf16(__m512 x) {  // to the nearest bf16 (even on ties), kept as float32
-  return widen((__m256i)_mm512_cvtneps_pbh(x));
-}
-
-// exp for float32 (Cephes' method: 2^n times a degree-5 polynomial of the rest; within 2 ulp). Inputs are
-// scores minus their maximum, so at most 0; below -87.3 (masked positions among them) the result is 0,
-// where torch's exp gives 0 or a denormal (a probability of no weight against the maximum's 1).
-inline __m512 exp_ps(__m512 x) {
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(y, n));
-}
-
-}  // namespace
+using mbloom_simd::exp_ps;
+using mbloom_simd::load_bf16;
+using mbloom_simd::round_bf16;
+using mbloom_simd::widen;
 
 // query: [B, H, 1, D]; keys, values: the cache buffers [B, H, capacity, D]; bias: ALiBi [B * H, 1, kv];
 // mask: [B or 1, 1, 1, kv] (0 or the dtype's minimum); all bf16, D a multiple of 32. Returns [B, H, 1, D].
