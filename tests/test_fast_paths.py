@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bloom.model import build_model
-from megatron_bloom.model.attention import CAUSAL_SPLIT_MIN_LENGTH
+from megatron_bloom.model.alibi import alibi_bias, alibi_positions
+from megatron_bloom.model.attention import CAUSAL_BLOCK_ROWS, BloomAttention, causal_additive_mask
 from megatron_bloom.model.block import bloom_gelu, fused_bloom_gelu
 from megatron_bloom.parallel import cross_entropy
 from megatron_bloom.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -33,10 +34,10 @@ def test_fused_gelu_matches_bloom_formula_to_float32_rounding():
     assert fused_error.max().item() <= (bloom_gelu(xb).float() - exact).abs().max().item()
 
 
-def test_fast_model_matches_transformers_at_a_length_that_splits_causal_attention():
-    """sdpa with the causal split (no padding, >= CAUSAL_SPLIT_MIN_LENGTH tokens) and the fused GeLU give
-    transformers' logits, loss and gradients within float32 rounding."""
-    config = small_config(vocab_size=1000, seq_length=CAUSAL_SPLIT_MIN_LENGTH + 44)
+def test_fast_model_matches_transformers_with_causal_attention_blocks():
+    """sdpa on a CPU, no padding: attention in causal blocks (two whole ones and a ragged third), with the fused
+    GeLU, gives transformers' logits, loss and gradients within float32 rounding."""
+    config = small_config(vocab_size=1000, seq_length=2 * CAUSAL_BLOCK_ROWS + 44)
     reference = hf_model(config)
     ours = build_model(dataclasses.replace(config, attention_impl="sdpa", fused_kernels=True))
     load_hf_weights_into(ours, reference)
@@ -51,6 +52,30 @@ def test_fast_model_matches_transformers_at_a_length_that_splits_causal_attentio
     for name, param in ours.named_parameters():
         grad = param.grad[: config.vocab_size] if name == "transformer.word_embeddings.weight" else param.grad
         assert (grad - reference_grads[name].grad).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("q_length, kv_length", [(300, 300), (100, 250)], ids=["prompt", "after-a-cache"])
+def test_causal_blocks_give_the_eager_attention_in_bf16(q_length, kv_length):
+    """The CPU's causal blocks against the eager (transformers) computation in bf16: the same scores and
+    probabilities, so outputs equal but for a rare last-bit difference of a longer or shorter sum; gradients
+    within bf16 rounding (the blocks' softmax backward reads its bf16 output, the eager one float32)."""
+    config = small_config(num_heads=4, hidden_size=128)
+    attention = BloomAttention(dataclasses.replace(config, attention_impl="sdpa")).bfloat16()
+    generator = torch.Generator().manual_seed(q_length)
+    query = torch.randn(2, 4, q_length, 32, generator=generator).bfloat16().requires_grad_()
+    key, value = (torch.randn(2, 4, kv_length, 32, generator=generator).bfloat16().requires_grad_() for _ in range(2))
+    positions = alibi_positions(None, 2, kv_length, query.device)
+    bias = alibi_bias(attention.alibi_slopes, positions, torch.bfloat16)
+    mask = causal_additive_mask(None, 2, q_length, kv_length, torch.bfloat16, query.device)
+    grad_output = torch.randn(2, 4, q_length, 32, generator=generator).bfloat16()
+    results = []
+    for attend in (attention._eager_attention, attention._fused_attention):
+        output = attend(query, key, value, bias, mask)
+        results.append((output, *torch.autograd.grad(output, (query, key, value), grad_output)))
+    for expected, actual in zip(*results):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=2 ** -6 * scale)
+    assert (results[1][0] != results[0][0]).float().mean().item() < 0.001
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
