@@ -21,11 +21,13 @@ def deepspeed_config(config: TrainConfig, state: ParallelState) -> dict:
         # step): a non-finite gradient makes the global norm, so the clipped gradients, non-finite, and
         # SkippingAdamW skips that step on every rank (training/optimizer.py). At ZeRO 1 DeepSpeed's BF16
         # optimizer skips on a non-finite norm itself.
-        # immediate_grad_update: the BF16 optimizer (ZeRO 1) adds each bf16 gradient into its float32 sum as
-        # soon as backward makes it and drops it, instead of keeping it, zeroing it before the next
-        # micro-batch and having autograd add into the zeros (fewer passes over every gradient a micro-batch).
+        # immediate_grad_update (GPUs): the BF16 optimizer (ZeRO 1) adds each bf16 gradient into its float32
+        # sum as soon as backward makes it and drops it, instead of keeping it, zeroing it before the next
+        # micro-batch and having autograd add into the zeros (bloom-1b1 on an H100: 1% faster micro-batches,
+        # 2 GiB less at the peak). On CPUs the float32 copies it makes of each gradient during backward land
+        # at the activation peak and malloc keeps them: 136 MB more resident memory at bloom-small.
         "bf16": {"enabled": config.precision == "bf16", "check_grad_overflow": False,
-                 "immediate_grad_update": True},
+                 "immediate_grad_update": state.device.type == "cuda"},
         # Dynamic loss scaling for fp16 (Micikevicius et al. 2018): overflowing steps are skipped.
         "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
