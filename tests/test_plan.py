@@ -112,4 +112,6 @@ def test_memory_prediction_matches_a_real_run_on_this_machine():
     assert [row["zero"] for row in rows] == [0, 1]
     for row in rows:
         assert 0.85 <= row["predicted_over_measured"] <= 1.15, row
-    assert rows[1]["measured_gb"] < rows[0]["measured_gb"]  # ZeRO 1 partitions the optimizer state
+    # Not asserted: that ZeRO 1 takes less. In bf16 its BF16 optimizer keeps float32 gradients and a float32
+    # all-reduce bucket, which use up most of what halving the optimizer state saves at dp 2 (the planner:
+    # 83 MB less in all), and resident memory moves by more than that from run to run (1.43 to 1.51 GB).

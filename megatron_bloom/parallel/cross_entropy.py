@@ -101,7 +101,8 @@ def _path(rows: torch.Tensor, fused: bool) -> str:
     """How the passes over the logits run: `model.fused_kernels` picks our CPU kernel for bf16 logits where
     the CPU has AVX512-BF16, and compiled kernels on GPUs; otherwise torch's ops on chunks."""
     if fused and rows.shape[1] > 0:
-        if rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and cpu_kernels.kernels_available():
+        if (rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and rows.stride(1) == 1
+                and cpu_kernels.kernels_available()):
             return "cpu_kernel"
         if rows.is_cuda and _compiled(_sum_exp) is not None:
             return "compiled"
