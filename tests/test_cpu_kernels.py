@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron_bloom.model import ModelConfig, cpu_kernels
 from megatron_bloom.model.alibi import alibi_bias, alibi_positions
 from megatron_bloom.model.attention import BloomAttention, causal_additive_mask
+from megatron_bloom.model.block import fused_bloom_gelu
 from megatron_bloom.model.inference_linear import (Int8Linear, KernelInt8Linear, KernelLinear, PackedLinear,
                                                    inference_linear, packing_available)
 from megatron_bloom.model.kv_cache import LayerKVCache
@@ -130,3 +131,26 @@ def test_cross_entropy_kernel_gives_the_chunked_passes_results(real_columns, col
     if real_columns < columns:
         assert kernel_grad[..., real_columns:].abs().max().item() == 0  # padding: never predicted
     assert cross_entropy._path(logits.detach().reshape(-1, columns)[:, :real_columns], True) == "cpu_kernel"
+
+
+@needs_kernel
+def test_gelu_kernel_gives_torchs_tanh_gelu_and_its_gradient():
+    """Training's GeLU on a CPU in bf16 (`fused_bloom_gelu`): the kernel against torch's tanh-GeLU (both in
+    float32, rounded once to bf16) and against float64. Below x = -4 torch's 1 + tanh(u) cancels in float32;
+    the kernel stays within bf16 rounding there too (checked down to -6, where float64 itself starts to)."""
+    x = torch.linspace(-12, 12, 2 ** 16 + 5, dtype=torch.float64).bfloat16().requires_grad_()
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    y = fused_bloom_gelu(x)
+    assert "Kernel" in type(y.grad_fn).__name__
+    (grad,) = torch.autograd.grad(y, x, grad_output)
+    body = x.detach() >= -4
+    expected = F.gelu(x.detach(), approximate="tanh")
+    expected_grad = torch.ops.aten.gelu_backward(grad_output, x.detach(), approximate="tanh")
+    assert (y[body] != expected[body]).float().mean().item() < 0.001
+    torch.testing.assert_close(grad[body].float(), expected_grad[body].float(), rtol=2 ** -7, atol=1e-6)
+    exact_x = x.detach().double().requires_grad_()
+    exact = F.gelu(exact_x, approximate="tanh")
+    (exact_grad,) = torch.autograd.grad(exact, exact_x, grad_output.double())
+    near = x.detach() >= -6  # below, float64's own 1 + tanh(u) cancels (u < -12.5)
+    assert ((y.double() - exact).abs() <= 2 ** -8 * exact.abs())[near].all()
+    assert ((grad.double() - exact_grad).abs() <= 2 ** -7 * exact_grad.abs() + 1e-30)[near].all()

@@ -1,6 +1,7 @@
 """Our kernels for CPUs with AVX512-BF16 (csrc/): for decoding the operators `mbloom::bf16_linear`,
 `mbloom::int8_linear` and `mbloom::decode_attention`; for training the cross-entropy's two passes over the
-logits, `mbloom::cross_entropy_max_sum_exp` and `mbloom::cross_entropy_logits_grad` (csrc/cross_entropy.cpp).
+logits, `mbloom::cross_entropy_max_sum_exp` and `mbloom::cross_entropy_logits_grad` (csrc/cross_entropy.cpp), and the
+MLP's GeLU, `mbloom::gelu_tanh` and its backward (csrc/gelu.cpp).
 
 A decoding step multiplies a handful of rows by every weight, so its speed is the speed at which the
 weights stream from memory. At 8 rows oneDNN's bf16 kernel reads its blocked weights at 14-18 GB/s on the
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("linear.cpp", "decode_attention.cpp", "cross_entropy.cpp")]
+           for name in ("linear.cpp", "decode_attention.cpp", "cross_entropy.cpp", "gelu.cpp")]
 BLOCK = 32  # outputs per packed block of a linear's weight (csrc/linear.cpp's kBlock)
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
@@ -67,6 +68,8 @@ def kernels_available() -> bool:
         lambda x, packed, scales, bias: x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK))
     torch.library.register_fake("mbloom::decode_attention")(
         lambda query, keys, values, bias, mask, scale, kv_length: query.new_empty(query.shape))
+    torch.library.register_fake("mbloom::gelu_tanh")(lambda x: torch.empty_like(x))
+    torch.library.register_fake("mbloom::gelu_tanh_backward")(lambda grad, x: torch.empty_like(x))
     torch.library.register_fake("mbloom::cross_entropy_max_sum_exp")(
         lambda rows, real_columns: tuple(rows.new_empty(rows.shape[0], dtype=torch.float32) for _ in range(2)))
     return True
@@ -127,3 +130,13 @@ def cross_entropy_logits_grad(grad: torch.Tensor, rows: torch.Tensor, log_sum_ex
     0 in the rest (once `kernels_available()`)."""
     torch.ops.mbloom.cross_entropy_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad,
                                                real_columns)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`F.gelu(x, approximate="tanh")` of a contiguous bf16 `x` (once `kernels_available()`)."""
+    return torch.ops.mbloom.gelu_tanh(x)
+
+
+def gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`grad` times the tanh-GeLU's derivative at `x`, both contiguous bf16 (once `kernels_available()`)."""
+    return torch.ops.mbloom.gelu_tanh_backward(grad, x)
