@@ -49,6 +49,14 @@ inline void store(uint16_t* data, __mmask16 live, __m512 value) {
   _mm256_mask_storeu_epi16(data, live, (__m256i)_mm512_cvtneps_pbh(value));
 }
 
+// body(i, live) for every 16 values from i on (the last vector's lanes past n masked off), in parallel.
+template <typename Body>
+void for_each_vector(int64_t n, const Body& body) {
+  at::parallel_for(0, (n + 15) / 16, kGrain / 16, [&](int64_t first, int64_t last) {
+    for (int64_t i = first * 16; i < std::min(last * 16, n); i += 16) body(i, live_lanes(i, n));
+  });
+}
+
 void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), name, ": contiguous bf16 tensors only");
 }
@@ -60,20 +68,16 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
   at::Tensor out = at::empty_like(x);
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t n = x.numel();
-  at::parallel_for(0, (n + 15) / 16, kGrain / 16, [&](int64_t first, int64_t last) {
-    for (int64_t i = first * 16; i < std::min(last * 16, n); i += 16) {
-      const __mmask16 live = live_lanes(i, n);
-      const __m512 v = load(in + i, live);
-      __m512 plus, minus;
-      one_plus_minus_tanh(inner(v), plus, minus);
-      store(result + i, live, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), plus));
-    }
+  for_each_vector(x.numel(), [&](int64_t i, __mmask16 live) {
+    const __m512 v = load(in + i, live);
+    __m512 plus, minus;
+    one_plus_minus_tanh(inner(v), plus, minus);
+    store(result + i, live, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), plus));
   });
   return out;
 }
 
-// d gelu / dx = x/2 (1 + tanh)(1 - tanh) du/dx + (1 + tanh)/2, du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2); times grad.
+// grad times d gelu / dx = x/2 (1 + tanh)(1 - tanh) du/dx + (1 + tanh)/2, du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 at::Tensor gelu_tanh_backward(const at::Tensor& grad, const at::Tensor& x) {
   check(grad, "mbloom::gelu_tanh_backward");
   check(x, "mbloom::gelu_tanh_backward");
@@ -82,21 +86,17 @@ at::Tensor gelu_tanh_backward(const at::Tensor& grad, const at::Tensor& x) {
   const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t n = x.numel();
-  at::parallel_for(0, (n + 15) / 16, kGrain / 16, [&](int64_t first, int64_t last) {
-    for (int64_t i = first * 16; i < std::min(last * 16, n); i += 16) {
-      const __mmask16 live = live_lanes(i, n);
-      const __m512 v = load(in + i, live);
-      __m512 plus, minus;
-      one_plus_minus_tanh(inner(v), plus, minus);
-      const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi),
-                                      _mm512_fmadd_ps(_mm512_set1_ps(3.0f * kCubic), _mm512_mul_ps(v, v),
-                                                      _mm512_set1_ps(1.0f)));
-      const __m512 half = _mm512_set1_ps(0.5f);
-      const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, half), _mm512_mul_ps(plus, minus)), du,
-                                           _mm512_mul_ps(plus, half));
-      store(result + i, live, _mm512_mul_ps(slope, load(g + i, live)));
-    }
+  for_each_vector(x.numel(), [&](int64_t i, __mmask16 live) {
+    const __m512 v = load(in + i, live);
+    __m512 plus, minus;
+    one_plus_minus_tanh(inner(v), plus, minus);
+    const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi),
+                                    _mm512_fmadd_ps(_mm512_set1_ps(3.0f * kCubic), _mm512_mul_ps(v, v),
+                                                    _mm512_set1_ps(1.0f)));
+    const __m512 half = _mm512_set1_ps(0.5f);
+    const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, half), _mm512_mul_ps(plus, minus)), du,
+                                         _mm512_mul_ps(plus, half));
+    store(result + i, live, _mm512_mul_ps(slope, load(g + i, live)));
   });
   return out;
 }
