@@ -77,11 +77,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.reshape(-1, columns)
         grad_loss = grad_loss.reshape(-1).float()
         target_grad = -on_this_rank.float().mul_(grad_loss)
-        grad = torch.empty_like(rows)
         if ctx.path == "cpu_kernel":
+            grad = rows.new_empty(rows.shape)  # contiguous, as the kernel writes it
             cpu_kernels.cross_entropy_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad,
                                                   real_columns)
             return grad.view(logits.shape), None, None, None, None, None
+        grad = torch.empty_like(rows)
         if ctx.path == "compiled":
             for chunk in _compiled_row_chunks(rows):
                 _compiled(_write_logits_grad)(grad[chunk], rows[chunk], log_sum_exp[chunk], grad_loss[chunk],
