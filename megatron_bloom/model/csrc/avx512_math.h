@@ -15,6 +15,19 @@ inline __m512 load_bf16(const uint16_t* data) {
   return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(data)));
 }
 
+// The lanes of the 16 values from position i on that lie before n (all of them but at the end).
+inline __mmask16 live_lanes(int64_t i, int64_t n) {
+  return i + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
+inline __m512 load_bf16_masked(const uint16_t* data, __mmask16 live) {  // 0 in the other lanes
+  return widen(_mm256_maskz_loadu_epi16(live, data));
+}
+
+inline void store_bf16_masked(uint16_t* data, __mmask16 live, __m512 value) {  // rounded to nearest even
+  _mm256_mask_storeu_epi16(data, live, (__m256i)_mm512_cvtneps_pbh(value));
+}
+
 inline __m512 round_bf16(__m512 x) {  // to the nearest bf16 (even on ties), kept as float32
   return widen((__m256i)_mm512_cvtneps_pbh(x));
 }

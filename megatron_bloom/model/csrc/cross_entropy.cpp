@@ -16,19 +16,16 @@
 #include <tuple>
 
 using mbloom_simd::exp_ps;
-using mbloom_simd::widen;
+using mbloom_simd::live_lanes;
+using mbloom_simd::load_bf16_masked;
+using mbloom_simd::store_bf16_masked;
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
-inline __mmask16 live_lanes(int64_t column, int64_t columns) {  // the lanes of 16 from `column` on that exist
-  return column + 16 <= columns ? static_cast<__mmask16>(0xFFFF)
-                                : static_cast<__mmask16>((1u << (columns - column)) - 1);
-}
-
-inline __m512 load_bf16_masked(const uint16_t* data, __mmask16 live, float missing) {
-  return _mm512_mask_blend_ps(live, _mm512_set1_ps(missing), widen(_mm256_maskz_loadu_epi16(live, data)));
+inline __m512 load_or(const uint16_t* data, __mmask16 live, float missing) {  // `missing` in the other lanes
+  return _mm512_mask_blend_ps(live, _mm512_set1_ps(missing), load_bf16_masked(data, live));
 }
 
 void check_rows(const at::Tensor& rows, int64_t real_columns, const char* name) {
@@ -53,13 +50,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_max_sum_exp(const at::Tensor& r
       const uint16_t* row = data + r * stride;
       __m512 best = _mm512_set1_ps(-INFINITY);
       for (int64_t j = 0; j < real_columns; j += 16)
-        best = _mm512_max_ps(best, load_bf16_masked(row + j, live_lanes(j, real_columns), -INFINITY));
+        best = _mm512_max_ps(best, load_or(row + j, live_lanes(j, real_columns), -INFINITY));
       const float top = _mm512_reduce_max_ps(best);
       const __m512 top_v = _mm512_set1_ps(top);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < real_columns; j += 16) {
         const __mmask16 live = live_lanes(j, real_columns);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(load_bf16_masked(row + j, live, top),
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(load_or(row + j, live, top),
                                                                                   top_v))));
       }
       max_out[r] = top;
@@ -97,12 +94,12 @@ void cross_entropy_logits_grad(at::Tensor grad, const at::Tensor& rows, const at
       const int64_t t = target_data[r];
       for (int64_t j = 0; j < real_columns; j += 16) {
         const __mmask16 live = live_lanes(j, real_columns);
-        __m512 g = _mm512_mul_ps(exp_ps(_mm512_sub_ps(load_bf16_masked(row + j, live, 0.f), lse_v)), scale_v);
+        __m512 g = _mm512_mul_ps(exp_ps(_mm512_sub_ps(load_bf16_masked(row + j, live), lse_v)), scale_v);
         if (t >= j && t < j + 16) {  // the target's column: its one-hot term, added in float32
           const __mmask16 at_target = static_cast<__mmask16>(1u << (t - j));
           g = _mm512_mask_add_ps(g, at_target, g, _mm512_set1_ps(extra_data[r]));
         }
-        _mm256_mask_storeu_epi16(out_row + j, live, (__m256i)_mm512_cvtneps_pbh(g));
+        store_bf16_masked(out_row + j, live, g);
       }
       for (int64_t j = real_columns; j < columns; ++j) out_row[j] = 0;
     }

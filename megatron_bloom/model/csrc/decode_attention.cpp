@@ -17,9 +17,10 @@
 #include <vector>
 
 using mbloom_simd::exp_ps;
+using mbloom_simd::live_lanes;
+using mbloom_simd::load_bf16_masked;
 using mbloom_simd::load_bf16;
 using mbloom_simd::round_bf16;
-using mbloom_simd::widen;
 
 // query: [B, H, 1, D]; keys, values: the cache buffers [B, H, capacity, D]; bias: ALiBi [B * H, 1, kv];
 // mask: [B or 1, 1, 1, kv] (0 or the dtype's minimum); all bf16, D a multiple of 32. Returns [B, H, 1, D].
@@ -70,11 +71,11 @@ at::Tensor decode_attention(const at::Tensor& query_in, const at::Tensor& keys, 
       // (((q.k) * scale + bias) + mask), each rounded to bf16 as the eager bf16 ops are
       __m512 best = _mm512_set1_ps(-INFINITY);
       for (int64_t j = 0; j < padded; j += 16) {
-        const __mmask16 live = j + 16 <= kv_length ? 0xFFFF : (__mmask16)((1u << (kv_length - j)) - 1);
+        const __mmask16 live = live_lanes(j, kv_length);
         __m512 s = round_bf16(_mm512_maskz_loadu_ps(live, scores.data() + j));
         s = round_bf16(_mm512_mul_ps(s, scale_v));
-        s = round_bf16(_mm512_add_ps(s, widen(_mm256_maskz_loadu_epi16(live, bias_row + j))));
-        s = round_bf16(_mm512_add_ps(s, widen(_mm256_maskz_loadu_epi16(live, mask_row + j))));
+        s = round_bf16(_mm512_add_ps(s, load_bf16_masked(bias_row + j, live)));
+        s = round_bf16(_mm512_add_ps(s, load_bf16_masked(mask_row + j, live)));
         s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s);
         _mm512_storeu_ps(scores.data() + j, s);
         best = _mm512_max_ps(best, s);

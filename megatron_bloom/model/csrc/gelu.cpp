@@ -13,7 +13,9 @@
 #include <algorithm>
 
 using mbloom_simd::exp_ps;
-using mbloom_simd::widen;
+using mbloom_simd::live_lanes;
+using mbloom_simd::load_bf16_masked;
+using mbloom_simd::store_bf16_masked;
 
 namespace {
 
@@ -39,16 +41,6 @@ inline __m512 inner(__m512 x) {  // u = sqrt(2/pi) x (1 + 0.044715 x^2)
                        _mm512_fmadd_ps(_mm512_set1_ps(kCubic), x2, _mm512_set1_ps(1.0f)));
 }
 
-inline __mmask16 live_lanes(int64_t i, int64_t n) {
-  return i + 16 <= n ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-}
-
-inline __m512 load(const uint16_t* data, __mmask16 live) { return widen(_mm256_maskz_loadu_epi16(live, data)); }
-
-inline void store(uint16_t* data, __mmask16 live, __m512 value) {
-  _mm256_mask_storeu_epi16(data, live, (__m256i)_mm512_cvtneps_pbh(value));
-}
-
 // body(i, live) for every 16 values from i on (the last vector's lanes past n masked off), in parallel.
 template <typename Body>
 void for_each_vector(int64_t n, const Body& body) {
@@ -69,10 +61,10 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   for_each_vector(x.numel(), [&](int64_t i, __mmask16 live) {
-    const __m512 v = load(in + i, live);
+    const __m512 v = load_bf16_masked(in + i, live);
     __m512 plus, minus;
     one_plus_minus_tanh(inner(v), plus, minus);
-    store(result + i, live, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), plus));
+    store_bf16_masked(result + i, live, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), plus));
   });
   return out;
 }
@@ -87,7 +79,7 @@ at::Tensor gelu_tanh_backward(const at::Tensor& grad, const at::Tensor& x) {
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   for_each_vector(x.numel(), [&](int64_t i, __mmask16 live) {
-    const __m512 v = load(in + i, live);
+    const __m512 v = load_bf16_masked(in + i, live);
     __m512 plus, minus;
     one_plus_minus_tanh(inner(v), plus, minus);
     const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi),
@@ -96,7 +88,7 @@ at::Tensor gelu_tanh_backward(const at::Tensor& grad, const at::Tensor& x) {
     const __m512 half = _mm512_set1_ps(0.5f);
     const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, half), _mm512_mul_ps(plus, minus)), du,
                                          _mm512_mul_ps(plus, half));
-    store(result + i, live, _mm512_mul_ps(slope, load(g + i, live)));
+    store_bf16_masked(result + i, live, _mm512_mul_ps(slope, load_bf16_masked(g + i, live)));
   });
   return out;
 }
