@@ -114,16 +114,18 @@ def test_training_continues_after_a_reshape_with_the_optimizer_state(trained, sh
 
 def test_the_optimizer_state_of_every_zero_stage_and_precision_reads_back(shard, tmp_path):
     """The readers of ZeRO 3's per-parameter partitions, of the torch optimizer without ZeRO (pipeline
-    stages included), and of both bf16 optimizers: fp32 runs of the same training agree with each other,
-    and a bf16 run's masters round to exactly the bf16 weights DeepSpeed saved."""
+    stages included, split by blocks where the `trained` fixture's are split by FLOPs), and of both bf16
+    optimizers: fp32 runs of the same training agree with each other, and a bf16 run's masters round to
+    exactly the bf16 weights DeepSpeed saved."""
     states = {}
     for name, (tp, pp, dp, zero, precision) in {"zero3": (1, 1, 2, 3, "fp32"), "pipeline-zero0": (1, 2, 1, 0, "fp32"),
                                                 "bf16-zero1": (1, 1, 2, 1, "bf16"),
                                                 "bf16-zero0": (1, 1, 1, 0, "bf16")}.items():
         run_torchrun(tp * pp * dp, "megatron_bloom.train", overrides(
             shard, tmp_path / name, tp, pp, dp, zero=zero, iters=3, precision=precision) + [
-            f"checkpoint.dir={tmp_path / name / 'ckpt'}"])
+            f"checkpoint.dir={tmp_path / name / 'ckpt'}", "parallel.pipeline_partition=blocks"])
         directory = resolve_checkpoint(tmp_path / name / "ckpt")
+        assert read_metadata(directory).pipeline_partition == "blocks"
         states[name] = full_optimizer_state(directory)
         weights = load_model_state_dict(directory)[1]
         masters = states[name][0][MASTER]

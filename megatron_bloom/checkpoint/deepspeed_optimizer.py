@@ -33,7 +33,7 @@ from megatron_bloom.checkpoint.layout import CheckpointMetadata, model_states_fi
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.sharding import full_shapes, shard_shape
 from megatron_bloom.pipeline.layers import layer_canonical_prefixes, pipeline_canonical_name, stacked_canonical_name
-from megatron_bloom.pipeline.model import stage_layers
+from megatron_bloom.pipeline.partition import stage_layers
 
 # Per parameter: the fp32 master weight and Adam's first and second moments (DeepSpeed's key names).
 MASTER, MOMENTS = "fp32", ("exp_avg", "exp_avg_sq")
@@ -185,7 +185,7 @@ def _stage_parameters(directory: Path, metadata: CheckpointMetadata, stage: int,
     if metadata.pp == 1:
         module = _load(directory / model_states_file(tp_rank))["module"]
         return [(stacked_canonical_name(name), tensor) for name, tensor in module.items()]
-    layers = stage_layers(metadata.model, metadata.pp)[stage]
+    layers = stage_layers(metadata.model, metadata.pp, metadata.task.name, metadata.pipeline_partition)[stage]
     prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
     order = list(layers)
     if metadata.task.name == "causal_lm":  # the last layer is the tied embedding (layer 0), listed first

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_bloom.config.schema import PIPELINE_PARTITIONS
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.model.config import RUNTIME_FIELDS
@@ -69,6 +70,9 @@ class CheckpointMetadata:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # how the pp stages split the layers (`pipeline/partition.py`), which decides what each stage's
+    # optimizer file holds; checkpoints from before the choice existed were split by blocks
+    pipeline_partition: str = "blocks"
     contents: str = WEIGHTS
     zero_stage: int = 0
     precision: str = "fp32"
@@ -95,6 +99,8 @@ class CheckpointMetadata:
                                 f"megatron_bloom reads format {FORMAT_VERSION}.")
             raw["model"] = ModelConfig(**{k: v for k, v in raw["model"].items() if k not in RUNTIME_FIELDS})
             raw["task"] = TaskConfig(**raw["task"])
+            if raw.get("pipeline_partition", "blocks") not in PIPELINE_PARTITIONS:
+                raise TypeError(f"unknown pipeline_partition {raw['pipeline_partition']!r}")
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise UserError(f"{source} is not a valid checkpoint description: {error}.") from None

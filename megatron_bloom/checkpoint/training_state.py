@@ -45,6 +45,7 @@ from megatron_bloom.parallel import ParallelState
 from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.parallel.sharding import shard_tensor
 from megatron_bloom.pipeline.layers import canonical_parameters
+from megatron_bloom.pipeline.partition import stage_layers
 
 
 @dataclass
@@ -79,7 +80,7 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     if rank == 0:
         metadata = CheckpointMetadata(
             model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp,
-            contents=TRAINING, zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
+            pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING, zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
             data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
                          "global_batch_size": config.train.global_batch_size},
@@ -146,7 +147,8 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
     exact = resumes_exactly(metadata, config, state)
     if metadata.contents == TRAINING and not exact and not new_head and dist.get_rank() == 0:
         print(f"warning: {directory} was trained at tp={metadata.tp} pp={metadata.pp} dp={metadata.dp} "
-              f"zero.stage={metadata.zero_stage} precision={metadata.precision}; this run differs, so it starts "
+              f"zero.stage={metadata.zero_stage} precision={metadata.precision} (pipeline stages split by "
+              f"{metadata.pipeline_partition}); this run differs, so it starts "
               "from the weights only: the iteration count, data position and LR schedule continue, the "
               "optimizer state starts fresh. To keep the optimizer state, convert it first: mbloom-convert "
               "reshape --checkpoint CKPT --output NEW --tp N --pp N, then load NEW.", file=sys.stderr, flush=True)
@@ -154,12 +156,22 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
 
 
 def resumes_exactly(metadata: CheckpointMetadata, config: TrainConfig, state: ParallelState) -> bool:
-    """Whether DeepSpeed can load everything: a training checkpoint of this task, tp/pp, ZeRO stage and
-    precision (and dp when ZeRO partitions the optimizer state)."""
+    """Whether DeepSpeed can load everything: a training checkpoint of this task, tp/pp, pipeline split,
+    ZeRO stage and precision (and dp when ZeRO partitions the optimizer state)."""
     same_dp = metadata.dp == state.dp or config.zero.stage == 0
     return (metadata.contents == TRAINING and metadata.task.name == config.task.name
-            and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp
+            and (metadata.tp, metadata.pp) == (state.tp, state.pp) and same_dp and same_stages(metadata, config)
             and metadata.zero_stage == config.zero.stage and metadata.precision == config.precision)
+
+
+def same_stages(metadata: CheckpointMetadata, config: TrainConfig) -> bool:
+    """Whether the run's pipeline stages hold the layers the checkpoint's did (its per-stage optimizer
+    files hold those layers' state)."""
+    pp = config.parallel.pp
+    if pp == 1:
+        return True
+    saved = stage_layers(metadata.model, pp, metadata.task.name, metadata.pipeline_partition)
+    return saved == stage_layers(config.model, pp, config.task.name, config.parallel.pipeline_partition)
 
 
 # The fields that decide the weights' shapes; the rest (sequence length, dropout, ...) are the run's choice.

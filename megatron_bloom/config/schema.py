@@ -18,6 +18,9 @@ HARDWARE_NAMES = ("a100-80gb", "h100-80gb", "h200", "cpu")  # the presets of meg
 DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
 LAUNCHERS = ("local", "deepspeed", "slurm")
+# How pipeline stages split the layers (megatron_bloom/pipeline/partition.py): balanced by each layer's
+# training FLOPs (the LM head counted), or by transformer blocks alone (DeepSpeed's `type:` method)
+PIPELINE_PARTITIONS = ("flops", "blocks")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -58,9 +61,11 @@ class ParallelConfig:
     pp: int = 1
     dp: Optional[int] = None  # None: world_size / (tp * pp)
     sequence_parallel: bool = False
+    pipeline_partition: str = "flops"
 
     def __post_init__(self) -> None:
         _check_positive("parallel", self, "tp", "pp", "dp")
+        _check_choice("parallel.pipeline_partition", self.pipeline_partition, PIPELINE_PARTITIONS)
 
 
 @dataclass

@@ -8,7 +8,6 @@ from typing import List, Optional
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,10 +22,10 @@ from megatron_bloom.pipeline.layers import (
     LayerNormPipe,
     lm_head_forward,
 )
+from megatron_bloom.pipeline.partition import stage_layers
 from megatron_bloom.pipeline.task_head import TaskHeadPipe, TaskLoss
 
 TIED_EMBEDDING = "embed"
-PARTITION_METHOD = "type:BlockPipe"  # `stage_layers` computes the same partition offline
 
 
 def layer_specs(config: ModelConfig, state: ParallelState, seed: int, task: TaskConfig) -> List[LayerSpec]:
@@ -53,28 +52,30 @@ def task_loss(config: ModelConfig, state: ParallelState, task: TaskConfig) -> to
     return LanguageModelLoss(config, state) if task.name == "causal_lm" else TaskLoss(task)
 
 
-def stage_layers(config: ModelConfig, pp: int) -> List[range]:
-    """The `layer_specs` indices each pipeline stage holds: DeepSpeed's `type:BlockPipe` partition (blocks
-    balanced over the stages), computed without building the module."""
-    is_block = [0, 0] + [1] * config.num_layers + [0, 0]
-    bounds = [int(bound) for bound in partition_balanced(weights=is_block, num_parts=pp)]
-    return [range(bounds[stage], bounds[stage + 1]) for stage in range(pp)]
-
-
 class BloomPipeline(PipelineModule):
-    """DeepSpeed's pipeline module, recomputing transformer blocks only (not the embedding or the norms)."""
+    """DeepSpeed's pipeline module, split as `stage_layers` says and recomputing transformer blocks only
+    (not the embedding or the norms)."""
+
+    def __init__(self, *args, stages: List[range], **kwargs) -> None:
+        self.stages = stages  # read by `_partition_layers`, which DeepSpeed's __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "") -> None:
+        self.parts = [stage.start for stage in self.stages] + [self.stages[-1].stop]
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
     def _is_checkpointable(self, funcs) -> bool:
         return all(isinstance(f, BlockPipe) for f in funcs)
 
 
 def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
-                   task: Optional[TaskConfig] = None) -> PipelineModule:
-    """This rank's pipeline stage; stages are balanced by transformer blocks (DeepSpeed's `type:` method)."""
+                   task: Optional[TaskConfig] = None, partition: str = "flops") -> PipelineModule:
+    """This rank's pipeline stage; `partition` is how the stages split the layers (`pipeline.partition`)."""
     task = task or TaskConfig()
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     return BloomPipeline(layers=layer_specs(config, state, seed, task), loss_fn=task_loss(config, state, task),
-                         topology=topology, partition_method=PARTITION_METHOD,
+                         topology=topology, stages=stage_layers(config, state.pp, task.name, partition),
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=partial(checkpoint, use_reentrant=False))
 

@@ -7,7 +7,7 @@ Parameters (exact; BLOOM's layout, the LM head tied to the embedding):
     block              12h^2/t + 7h/t + 6h             (QKV, attention output, 4h MLP split over t ranks;
                                                         LayerNorms and row-parallel biases replicated)
     final norm         2h                               last stage
-Stages hold the blocks DeepSpeed's `type:BlockPipe` partition gives them (`pipeline.model.stage_layers`).
+Stages hold the layers `parallel.pipeline_partition` gives them (`pipeline/partition.py`).
 
 Memory per rank, P = this rank's parameters, d = dp, DeepSpeed's mixed-precision optimizers:
     weights     P * w            (w = 2 bytes in bf16/fp16, 4 in fp32); ZeRO 3: / d
@@ -39,7 +39,7 @@ from typing import List
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.model.attention import CAUSAL_BLOCK_ROWS
-from megatron_bloom.pipeline.model import stage_layers
+from megatron_bloom.pipeline.partition import stage_layers
 
 GB = 1e9
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -87,7 +87,8 @@ def stage_parameters(config: TrainConfig) -> List[StagePlan]:
     # embedding) or a fine-tuning head (a few outputs per position: left out)
     lm_head = model.num_layers + 3 if not config.fine_tuning else None
     plans = []
-    for stage, layers in enumerate(stage_layers(model, pp)):
+    partition = config.parallel.pipeline_partition
+    for stage, layers in enumerate(stage_layers(model, pp, config.task.name, partition)):
         blocks = sum(1 for layer in layers if 2 <= layer < model.num_layers + 2)
         params = blocks * block_parameters_per_rank(h, tp)
         params += embedding if (0 in layers or lm_head in layers) else 0

@@ -17,11 +17,20 @@ from __future__ import annotations
 from megatron_bloom.model import ModelConfig
 
 
+def layer_flops_per_token(model: ModelConfig, seq_length: int, recompute: bool = False) -> float:
+    """One transformer layer's FLOPs per token of an iteration: 24 c h^2 (1 + s / 6h)."""
+    h = model.hidden_size
+    return 24.0 * (4 if recompute else 3) * h * h * (1.0 + seq_length / (6.0 * h))
+
+
+def lm_head_flops_per_token(model: ModelConfig) -> float:
+    """The LM head's FLOPs per token of an iteration (forward and backward): 6 h V."""
+    return 6.0 * model.hidden_size * model.padded_vocab_size()
+
+
 def iteration_flops(model: ModelConfig, global_batch_size: int, seq_length: int, recompute: bool = False,
                     lm_head: bool = True) -> float:
-    h, layers = model.hidden_size, model.num_layers
-    tokens = global_batch_size * seq_length
-    passes = 4 if recompute else 3
-    transformer = 24.0 * passes * tokens * layers * h * h * (1.0 + seq_length / (6.0 * h))
-    logits = 6.0 * tokens * h * model.padded_vocab_size() if lm_head else 0.0
-    return transformer + logits
+    per_token = model.num_layers * layer_flops_per_token(model, seq_length, recompute)
+    if lm_head:
+        per_token += lm_head_flops_per_token(model)
+    return global_batch_size * seq_length * per_token

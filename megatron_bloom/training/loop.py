@@ -74,7 +74,7 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
-        model = build_pipeline(config.model, state, seed, checkpointing, task)
+        model = build_pipeline(config.model, state, seed, checkpointing, task, config.parallel.pipeline_partition)
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
     if config.train.compile:
