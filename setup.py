@@ -28,8 +28,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bloom", "megatron_bloom.*", "data_prep", "data_prep.*"]),
     package_data={"data_prep": ["sample_corpus.jsonl"], "megatron_bloom.launcher": ["train.sbatch"],
-                  # the CPU decoding kernel's source, compiled at first use (model/cpu_kernels.py)
-                  "megatron_bloom.model": ["csrc/*.cpp"]},
+                  # C++ sources compiled at first use (model/cpu_kernels.py, parallel/host_group.py)
+                  "megatron_bloom.model": ["csrc/*.cpp", "csrc/*.h"], "megatron_bloom.parallel": ["csrc/*.cpp"]},
     data_files=config_files(),
     install_requires=[
         "torch>=2.1",

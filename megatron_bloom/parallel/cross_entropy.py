@@ -22,6 +22,7 @@ from torch import nn
 from megatron_bloom.model import cpu_kernels
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.parallel.mappings import (
+    all_reduce_,
     copy_to_tp_region,
     gather_from_sequence_region,
     gather_from_tp_region,
@@ -54,9 +55,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # Each rank summed against its own max m; rescaled to the global max M, the sums add up:
             # sum_k e^(x_k - M) = e^(m - M) sum_k e^(x_k - m). (A slice of padding only has m = -inf, sum 0.)
             local_max = row_max.clone()
-            _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            all_reduce_(row_max, group, dist.ReduceOp.MAX)
             sum_exp.mul_(local_max.sub_(row_max).exp_())
-            _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+            all_reduce_(sum_exp, group)
         log_sum_exp = sum_exp.log_().add_(row_max)
         local_target = target.reshape(-1) - vocab_start
         on_this_rank = (local_target >= 0) & (local_target < real_columns)
@@ -65,7 +66,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if real_columns:
             target_logit = rows.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).float()
             target_logit.masked_fill_(~on_this_rank, 0.0)
-        _all_reduce(target_logit, dist.ReduceOp.SUM, group)
+        all_reduce_(target_logit, group)
         ctx.real_columns = real_columns
         ctx.save_for_backward(logits, log_sum_exp, on_this_rank, local_target)
         return (log_sum_exp - target_logit).view(target.shape)
@@ -183,11 +184,6 @@ def _compiled_row_chunks(rows: torch.Tensor) -> Iterator[slice]:
     num_rows, columns = rows.shape
     pieces = max(1, -(-num_rows * columns // _INT32_ELEMENTS))
     return _row_slices(num_rows, max(1, min(-(-num_rows // pieces), _INT32_ELEMENTS // max(columns, 1))))
-
-
-def _all_reduce(x: torch.Tensor, op, group) -> None:
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,

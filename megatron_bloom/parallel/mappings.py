@@ -2,7 +2,8 @@
 
 Tensors are `[batch, seq, hidden]`: "last dim" regions split the hidden/vocab features across tp ranks,
 "sequence" regions (sequence parallelism, Korthikanti et al. 2022) split dim 1. `group=None` or a group of
-one rank makes every function the identity, so the same code runs in a single process.
+one rank makes every function the identity, so the same code runs in a single process. A group is a torch
+process group, or a `SharedMemoryGroup` (CPU ranks of one host), whose all-reduces go through shared memory.
 
     copy_to_tp_region            forward: identity          backward: all-reduce
     reduce_from_tp_region        forward: all-reduce        backward: identity
@@ -14,29 +15,40 @@ one rank makes every function the identity, so the same code runs in a single pr
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.parallel.host_group import process_group_of, supports
+
 SEQUENCE_DIM = 1
 
 
-def group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(process_group_of(group))
 
 
-def group_rank(group: Optional[dist.ProcessGroup]) -> int:
-    return 0 if group is None else dist.get_rank(group)
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(process_group_of(group))
 
 
 # --- the raw collectives (no autograd) ---------------------------------------------------------------
 
+def all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    """Reduce `x` over the group in place (through shared memory where the group has it)."""
+    if group_size(group) == 1:
+        return
+    if supports(group, x, op):
+        group.all_reduce_(x, op)
+    else:
+        dist.all_reduce(x, op=op, group=process_group_of(group))
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
-    x = x.clone()  # never modify an input that autograd may have saved
-    dist.all_reduce(x, group=group)
+    x = x.clone(memory_format=torch.contiguous_format)  # never modify an input that autograd may have saved
+    all_reduce_(x, group)
     return x
 
 
@@ -54,7 +66,7 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    dist.all_gather(parts, x.contiguous(), group=process_group_of(group))
     return torch.cat(parts, dim=dim)
 
 
@@ -66,7 +78,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {size} tensor-parallel ranks")
     parts = [part.contiguous() for part in x.chunk(size, dim=dim)]
     output = torch.empty_like(parts[0])
-    dist.reduce_scatter(output, parts, group=group)
+    dist.reduce_scatter(output, parts, group=process_group_of(group))
     return output
 
 

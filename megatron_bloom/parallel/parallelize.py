@@ -45,7 +45,7 @@ def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel:
     (as `build_parallel_model` does).
     """
     config: ModelConfig = model.config
-    tp, group = state.tp, state.tp_group
+    tp, group = state.tp, state.tp_comm
     check_tensor_parallel(config, tp, sequence_parallel)
     if tp == 1:
         return model
@@ -68,7 +68,7 @@ def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel:
 def parallel_embedding(config: ModelConfig, state: ParallelState, sequence_parallel: bool = False
                        ) -> VocabParallelEmbedding:
     """The vocab-parallel embedding that replaces `word_embeddings` (vocabulary padded for this tp)."""
-    return VocabParallelEmbedding(config.padded_vocab_size(state.tp), config.hidden_size, state.tp_group,
+    return VocabParallelEmbedding(config.padded_vocab_size(state.tp), config.hidden_size, state.tp_comm,
                                   sequence_parallel=sequence_parallel)
 
 
@@ -82,7 +82,7 @@ def vocab_slice(config: ModelConfig, state: ParallelState) -> tuple:
 def parallelize_block(block: nn.Module, config: ModelConfig, state: ParallelState,
                       sequence_parallel: bool = False) -> nn.Module:
     """Swap one transformer block's linears for column/row-parallel ones and narrow it to its heads."""
-    h, group, sp = config.hidden_size, state.tp_group, sequence_parallel
+    h, group, sp = config.hidden_size, state.tp_comm, sequence_parallel
     attention = block.self_attention
     attention.query_key_value = ColumnParallelLinear(h, 3 * h, group, sequence_parallel=sp)
     attention.dense = RowParallelLinear(h, h, group, sequence_parallel=sp)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.errors import ConfigError
+from megatron_bloom.parallel.host_group import SharedMemoryGroup
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,13 @@ class ParallelState:
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     device: torch.device = torch.device("cpu")
+    tp_shared_memory: Optional[SharedMemoryGroup] = None  # CPU ranks of one host: the tp group's buffer
+
+    @property
+    def tp_comm(self):
+        """What the tensor-parallel layers communicate through: the tp group with its shared-memory
+        all-reduce where it has one (`host_group.py`), else the tp group."""
+        return self.tp_shared_memory or self.tp_group
 
     @property
     def world_size(self) -> int:
@@ -73,8 +81,12 @@ class ParallelState:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     groups[kind] = group
+        device = device or default_device()
+        shared_memory = None
+        if tp > 1 and device.type == "cpu" and dist.get_backend(groups["tp"]) == "gloo":
+            shared_memory = SharedMemoryGroup.create(groups["tp"])
         return ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, tp_group=groups["tp"], dp_group=groups["dp"],
-                             pp_group=groups["pp"], device=device or default_device())
+                             pp_group=groups["pp"], device=device, tp_shared_memory=shared_memory)
 
 
 def tp_groups(tp: int, pp: int, dp: int) -> List[List[int]]:

@@ -48,7 +48,7 @@ class EmbeddingPipe(nn.Module):
         with torch.device("meta"):
             self.word_embeddings = parallel_embedding(config, state)
         materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
-        self.lm_head = VocabParallelLMHead(state.tp_group)
+        self.lm_head = VocabParallelLMHead(state.tp_comm)
 
     def forward(self, inputs: Activations) -> Activations:
         """Token ids, or (token ids, attention mask) -> embeddings (with the mask)."""
@@ -104,7 +104,7 @@ class LanguageModelLoss(nn.Module):
 
     def __init__(self, config: ModelConfig, state: ParallelState) -> None:
         super().__init__()
-        self.group = state.tp_group
+        self.group = state.tp_comm
         self.vocab_start, self.real_columns = vocab_slice(config, state)
         self.fused = config.fused_kernels
 
