@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from megatron_bloom.model import build_model
 from megatron_bloom.model.alibi import alibi_bias, alibi_positions
-from megatron_bloom.model.attention import CAUSAL_BLOCK_ROWS, BloomAttention, causal_additive_mask
+from megatron_bloom.model.attention import BloomAttention, causal_additive_mask
+from megatron_bloom.model.causal_blocks import CAUSAL_BLOCK_ROWS
 from megatron_bloom.model.block import bloom_gelu, fused_bloom_gelu
 from megatron_bloom.parallel import cross_entropy
 from megatron_bloom.parallel.cross_entropy import vocab_parallel_cross_entropy

@@ -80,7 +80,8 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     if rank == 0:
         metadata = CheckpointMetadata(
             model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp,
-            pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING, zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
+            pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING,
+            zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
             data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
                          "global_batch_size": config.train.global_batch_size},

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from megatron_bloom.config import TrainConfig
-from megatron_bloom.model.attention import CAUSAL_BLOCK_ROWS
+from megatron_bloom.model.causal_blocks import CAUSAL_BLOCK_ROWS
 from megatron_bloom.pipeline.partition import stage_layers
 
 GB = 1e9
