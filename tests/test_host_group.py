@@ -4,19 +4,22 @@ gloo's results, the same bits on every rank, nothing left in /dev/shm, a clear e
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.parallel.host_group import SLOT_BYTES, SharedMemoryGroup
+from megatron_bloom.parallel.host_group import SharedMemoryGroup
 from megatron_bloom.parallel.mappings import all_reduce_
 from megatron_bloom.parallel.state import ParallelState
 from tests.distributed import run_distributed
 
-# a few elements; a bloom-small activation (2 x 512 x 512); more than one slot, so it goes in 3 chunks
-SIZES = [7, 2 * 512 * 512, 5 * SLOT_BYTES // 4 + 3]
+SLOT_BYTES = 256 * 1024  # small slots (8 MB by default), so that tensors of a few hundred KB take several
+# a few elements (one chunk); a bloom-small activation at micro-batch 1, 512 x 512 (2 chunks in bf16, 4 in
+# float32); a size that leaves a ragged last chunk (2 chunks in bf16, 3 in float32)
+SIZES = [7, 512 * 512, 5 * SLOT_BYTES // 8 + 3]
 
 
 def compare_with_gloo(rank, world_size):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     pair = pairs[rank // 2]
-    groups = {"world": SharedMemoryGroup.create(dist.group.WORLD), "pair": SharedMemoryGroup.create(pair)}
+    groups = {"world": SharedMemoryGroup.create(dist.group.WORLD, slot_bytes=SLOT_BYTES),
+              "pair": SharedMemoryGroup.create(pair, slot_bytes=SLOT_BYTES)}
     buffers = [line for line in open("/proc/self/maps") if "/dev/shm/mbloom-tp-" in line]
     report = {"created": {name: group is not None for name, group in groups.items()},
               "buffers_unlinked": len(buffers) == 2 and all(line.rstrip().endswith("(deleted)") for line in buffers),
@@ -45,7 +48,7 @@ def compare_with_gloo(rank, world_size):
 
 
 def test_shared_memory_all_reduce_gives_gloo_s_results_on_every_rank():
-    """4 ranks: the whole world and two pairs, bf16 and float32, SUM and MAX, 7 elements to 3 slots' worth."""
+    """4 ranks: the whole world and two pairs, bf16 and float32, SUM and MAX, in one chunk and in several."""
     for report in run_distributed(compare_with_gloo, 4):
         assert report["created"] == {"world": True, "pair": True}
         assert report["buffers_unlinked"]  # mapped, and already gone from /dev/shm

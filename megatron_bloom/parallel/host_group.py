@@ -60,19 +60,23 @@ class SharedMemoryGroup:
     `parallel.mappings`, which all-reduces CPU tensors through the buffer and does the rest through
     `process_group`."""
 
-    def __init__(self, process_group: dist.ProcessGroup, buffer: torch.Tensor, timeout_s: float) -> None:
+    def __init__(self, process_group: dist.ProcessGroup, buffer: torch.Tensor, slot_bytes: int,
+                 timeout_s: float) -> None:
         self.process_group = process_group
         self.world, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self.counters = buffer[: self.world * COUNTER_BYTES]
         data = buffer[self.world * COUNTER_BYTES:]
-        self.slots = data[: self.world * SLOT_BYTES].view(self.world, SLOT_BYTES)
-        self.result = data[self.world * SLOT_BYTES:]
+        self.slot_bytes = slot_bytes
+        self.slots = data[: self.world * slot_bytes].view(self.world, slot_bytes)
+        self.result = data[self.world * slot_bytes:]
         self.timeout_s = timeout_s
         self.generation = 0  # barriers passed; every rank counts the same
 
     @staticmethod
-    def create(process_group: dist.ProcessGroup, timeout_s: float = 1800.0) -> Optional["SharedMemoryGroup"]:
-        """Collective over `process_group`: a SharedMemoryGroup on every rank, or None on every rank."""
+    def create(process_group: dist.ProcessGroup, timeout_s: float = 1800.0,
+               slot_bytes: int = SLOT_BYTES) -> Optional["SharedMemoryGroup"]:
+        """Collective over `process_group`: a SharedMemoryGroup on every rank, or None on every rank.
+        `timeout_s`: how long a rank waits for the others at a barrier (as gloo's default timeout)."""
         ranks = dist.get_process_group_ranks(process_group)
         leader = ranks[0]
         usable = len(ranks) > 1 and SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK) and barrier_available()
@@ -82,7 +86,7 @@ class SharedMemoryGroup:
             return None
         path = [str(SHM_DIR / f"mbloom-tp-{uuid.uuid4().hex}") if dist.get_rank() == leader else None]
         dist.broadcast_object_list(path, src=leader, group=process_group)
-        size = len(ranks) * (COUNTER_BYTES + SLOT_BYTES) + SLOT_BYTES
+        size = len(ranks) * (COUNTER_BYTES + slot_bytes) + slot_bytes
         created = True
         if dist.get_rank() == leader:
             try:
@@ -100,7 +104,7 @@ class SharedMemoryGroup:
         if dist.get_rank() == leader:
             Path(path[0]).unlink(missing_ok=True)  # the mappings stay valid
         dist.barrier(group=process_group)  # on return, on every rank, the file is gone
-        return SharedMemoryGroup(process_group, buffer, timeout_s) if mapped else None
+        return SharedMemoryGroup(process_group, buffer, slot_bytes, timeout_s) if mapped else None
 
     def _barrier(self) -> None:
         self.generation += 1
@@ -111,7 +115,7 @@ class SharedMemoryGroup:
         """Reduce the contiguous CPU tensor `x` over the group, in place (SUM or MAX)."""
         reduce = REDUCE_OPS[op]
         flat = x.view(-1)
-        per_slot = SLOT_BYTES // x.element_size()
+        per_slot = self.slot_bytes // x.element_size()
         for start in range(0, flat.numel(), per_slot):
             chunk = flat[start: start + per_slot]
             count = chunk.numel()
