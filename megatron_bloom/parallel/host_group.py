@@ -2,7 +2,7 @@
 
 Tensor parallelism all-reduces activations twice a block each way. On CPU that goes through gloo, which
 sends over TCP even between processes on one machine. On the 2-core benchmark machine a 1 MB bf16
-all-reduce of 2 ranks takes 2.6 ms through gloo, and 0.15 ms here. For bloom-small at tp 2 that is 0.65
+all-reduce of 2 ranks takes 2.6 ms through gloo, and 0.15 ms here. For bloom-small at tp 2 that is 0.65 s
 of a 4.2 s step. DeepSpeed's CPU shared-memory all-reduce serves only the whole world, not a tp group.
 oneCCL is not on PyPI.
 
@@ -15,9 +15,10 @@ The next call's barrier 1 comes after every rank's step 3, so one result area is
 reduced by one rank only, so every rank gets the same bits. With 2 ranks that is gloo's own result,
 a + b rounded once.
 
-The buffer is a file in /dev/shm, removed once every rank has mapped it: nothing is left behind, even
-after a kill. `SharedMemoryGroup.create` decides together on all ranks. Where the ranks are on several
-hosts, there is no /dev/shm, or the barrier cannot be built, it returns None and gloo is used.
+The buffer is a file in /dev/shm, removed as soon as every rank has mapped it (within `create`), so a
+run killed later leaves nothing behind. `SharedMemoryGroup.create` decides together on all ranks. Where
+the ranks are on several hosts, there is no /dev/shm, or the barrier cannot be built, it returns None and
+gloo is used.
 """
 
 from __future__ import annotations
