@@ -1,12 +1,14 @@
 """Training tokens/s of `mbloom-train` against `transformers.BloomForCausalLM`, in one invocation.
 
-    python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4] [overrides ...]
+    python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4] [--repeats 3]
+                                          [overrides ...]
 
 Both train the same shape (default bloom-small: hidden 512, 8 layers, seq 512) on batches of
 `--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed, bf16
 weights with fp32 master weights in the optimizer) on token shards made from the sample corpus,
-transformers' in bf16 autocast. The median step time after two warm-up steps is compared; the ratio is
-what to read (absolute numbers drift with the machine's load).
+transformers' in bf16 autocast. Each run's median step time after two warm-up steps counts. The two
+alternate `--repeats` times (ours, theirs, ours, ...), so that a drift of the machine's speed meets both;
+the median of the pairs' ratios is what to read (absolute numbers drift with the machine's load).
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ def run(*args: str) -> str:
     return result.stdout
 
 
-def ours(model: str, iters: int, micro: int, work: Path, overrides=()) -> tuple:
+def make_corpus(work: Path) -> Path:
     corpus = REPO / "data_prep" / "sample_corpus.jsonl"
     run("data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output", str(work / "tok"))
     run("data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
         str(work / "corpus"), "--append-eod")
-    run("megatron_bloom.train", f"model={model}", f"data.paths=[{work / 'corpus'}]", "precision=bf16",
+    return work / "corpus"
+
+
+def ours(model: str, iters: int, micro: int, corpus: Path, run_dir: Path, overrides=()) -> tuple:
+    run("megatron_bloom.train", f"model={model}", f"data.paths=[{corpus}]", "precision=bf16",
         f"train.iters={iters}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
-        "logging.interval=1", f"run.dir={work / 'run'}", "data.num_workers=1", *overrides)
-    lines = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        "logging.interval=1", f"run.dir={run_dir}", "data.num_workers=1", *overrides)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median(line["step_s"] for line in lines[WARMUP:])
     return step_s, statistics.median(line["tflops_per_rank"] for line in lines[WARMUP:])
 
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--model", default="bloom-small")
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
     parser.add_argument("overrides", nargs="*", help="more mbloom-train overrides (train.compile=true, ...)")
     args = parser.parse_args()
     from megatron_bloom.config import load_config
@@ -85,23 +92,30 @@ def main() -> None:
     seq_length = load_config([f"model={args.model}"]).model.seq_length
     tokens = args.micro_batch * seq_length
     work = Path(tempfile.mkdtemp(prefix="mbloom-bench-train-"))
-    ours_s, tflops = ours(args.model, args.iters, args.micro_batch, work, args.overrides)
-    theirs_s = theirs(args.model, args.iters, args.micro_batch)
+    corpus = make_corpus(work)
+    runs = []
+    for repeat in range(args.repeats):
+        ours_s, tflops = ours(args.model, args.iters, args.micro_batch, corpus, work / f"run{repeat}", args.overrides)
+        runs.append((ours_s, tflops, theirs(args.model, args.iters, args.micro_batch)))
+    ratios = [theirs_s / ours_s for ours_s, _, theirs_s in runs]
+    ours_s, tflops, theirs_s = (statistics.median(column) for column in zip(*runs))
     import torch
 
     from benchmarks.gemm_peak import step_weighted_tflops
 
     gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, torch.bfloat16)
     print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, bf16, AdamW, one process, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores; medians of {args.repeats} alternating runs each")
     print(f"  mbloom-train:                 {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
           f"{tflops * 1000:.0f} GFLOP/s (model FLOPs)")
     print(f"  transformers (bf16 autocast): {theirs_s:.3f} s/step, {tokens / theirs_s:,.0f} tokens/s")
-    print(f"  ratio (mbloom-train / transformers tokens/s): {theirs_s / ours_s:.2f}")
+    print(f"  ratio (mbloom-train / transformers tokens/s): {statistics.median(ratios):.2f} "
+          f"(run by run: {', '.join(f'{ratio:.2f}' for ratio in ratios)})")
     print(f"  bf16 GEMM ceiling at these shapes (gemm_peak.py): {gemm_peak * 1000:.0f} GFLOP/s; mbloom-train "
           f"reaches {tflops / gemm_peak:.0%} of it")
     print(json.dumps({"ours_tokens_per_s": round(tokens / ours_s, 1), "transformers_tokens_per_s":
-                      round(tokens / theirs_s, 1), "ratio": round(theirs_s / ours_s, 3),
+                      round(tokens / theirs_s, 1), "ratio": round(statistics.median(ratios), 3),
+                      "ratios": [round(ratio, 3) for ratio in ratios],
                       "ours_gflops": round(tflops * 1000, 1), "gemm_peak_gflops": round(gemm_peak * 1000, 1),
                       "fraction_of_gemm_peak": round(tflops / gemm_peak, 3)}))
 
