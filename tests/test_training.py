@@ -149,6 +149,16 @@ def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, e
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_token_ids_beyond_the_vocabulary_stop_the_run_with_a_clear_message(shard, tmp_path):
+    """Shards made with a 1024-token tokenizer, a model of 512 and no data.tokenizer to check against: the
+    first batch stops the run with one paragraph, not an index error inside the embedding."""
+    from tests.conftest import assert_user_error
+
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=2) + ["model.vocab_size=512"]
+    result = run_cli(["megatron_bloom.train", *args], check=False, timeout=120)
+    assert_user_error(result, "the training data holds token id", "model.vocab_size is 512", "data.tokenizer")
+
+
 def poisoned_worker(rank, world_size, args, poisoned_iterations):
     """Train with the first block's output made NaN (on rank 0 only) during some iterations."""
     import math

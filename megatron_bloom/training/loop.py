@@ -42,9 +42,18 @@ from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
 
-def micro_batches(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one."""
+def micro_batches(loader, vocab_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one.
+    A token id the model has no embedding row for (shards made with a larger tokenizer, and no
+    `data.tokenizer` to check against before the start) is a clear error, not an index error deep in
+    the embedding."""
     for tokens in loader:
+        largest = int(tokens.max())
+        if largest >= vocab_size:
+            raise UserError(f"the training data holds token id {largest}, but model.vocab_size is {vocab_size}: "
+                            "the shards were made with a larger tokenizer. Raise model.vocab_size (or use a "
+                            "model preset that matches the tokenizer), and pass data.tokenizer so that this is "
+                            "checked before the run starts.")
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
@@ -56,7 +65,7 @@ def batch_reader(dataset, consumed_samples: int, config: TrainConfig, state: Par
     if isinstance(dataset, TaskSamples):
         return iter(build_task_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp))
     return micro_batches(build_data_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp,
-                                           num_workers=num_workers))
+                                           num_workers=num_workers), config.model.vocab_size)
 
 
 def to_device(batch, device: torch.device):
