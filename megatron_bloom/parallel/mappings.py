@@ -15,7 +15,6 @@ process group, or a `SharedMemoryGroup` (CPU ranks of one host), whose all-reduc
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 
