@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Dict, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_bloom.errors import ConfigError
@@ -24,6 +23,7 @@ from megatron_bloom.parallel.layers import (
     SequenceGatheredLinear,
     VocabParallelEmbedding,
 )
+from megatron_bloom.parallel.mappings import all_reduce_
 from megatron_bloom.parallel.sharding import StateDict, full_shapes, partition_dim, shard_tensor
 from megatron_bloom.parallel.state import ParallelState
 
@@ -115,7 +115,7 @@ def allreduce_sequence_parallel_grads(model: nn.Module, state: ParallelState) ->
     grads = [p.grad for p in sequence_parallel_parameters(model) if p.grad is not None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=state.tp_group)
+        all_reduce_(flat, state.tp_comm)
         for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(reduced.view_as(grad))
 
