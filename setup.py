@@ -51,14 +51,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mbloom-convert=megatron_bloom.convert:main",
-            "mbloom-eval=megatron_bloom.eval:main",
-            "mbloom-generate=megatron_bloom.generate:main",
-            "mbloom-launch=megatron_bloom.launch:main",
-            "mbloom-plan=megatron_bloom.plan:main",
-            "mbloom-train=megatron_bloom.train:main",
-            "mbloom-preprocess=data_prep.preprocess:main",
-            "mbloom-train-tokenizer=data_prep.train_tokenizer:main",
+            "mbloom-convert=megatron_bloom.cli.convert:main",
+            "mbloom-eval=megatron_bloom.cli.eval:main",
+            "mbloom-generate=megatron_bloom.cli.generate:main",
+            "mbloom-launch=megatron_bloom.cli.launch:main",
+            "mbloom-plan=megatron_bloom.cli.plan:main",
+            "mbloom-train=megatron_bloom.cli.train:main",
+            "mbloom-preprocess=megatron_bloom.cli.preprocess:main",
+            "mbloom-train-tokenizer=megatron_bloom.cli.train_tokenizer:main",
         ],
     },
 )

@@ -29,7 +29,7 @@ from megatron_bloom.checkpoint.hf import hf_to_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.generate import generate_batch, prepare_for_inference
+from megatron_bloom.inference.generation import generate_batch, prepare_for_inference
 from megatron_bloom.model import TaskConfig, build_model
 from megatron_bloom.parallel import ParallelState
 

@@ -85,7 +85,7 @@ def check_attention(model_name: str) -> None:
 def train(model: str, data: str, micro: int, batch: int, iters: int, warmup: int, work: Path, name: str,
           *overrides: str) -> dict:
     run_dir = work / name
-    command = [sys.executable, "-m", "megatron_bloom.train", f"model={model}", f"data.paths=[{data}]",
+    command = [sys.executable, "-m", "megatron_bloom.cli.train", f"model={model}", f"data.paths=[{data}]",
                "precision=bf16", f"train.iters={iters}", f"train.micro_batch_size={micro}",
                f"train.global_batch_size={batch}", "logging.interval=1", f"run.dir={run_dir}",
                "data.num_workers=2", *overrides]

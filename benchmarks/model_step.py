@@ -18,7 +18,7 @@ import torch
 from megatron_bloom.checkpoint.hf import hf_to_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.model import TaskConfig, build_model
-from megatron_bloom.training.flops import iteration_flops
+from megatron_bloom.model.flops import iteration_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

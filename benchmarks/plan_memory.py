@@ -35,7 +35,8 @@ def worker(overrides, output: Path) -> None:
     from megatron_bloom.training.loop import train
 
     config = load_config(overrides)
-    state = state_for_run(config.parallel, init_distributed(always=True), require_groups=True)
+    layout = config.parallel
+    state = state_for_run(layout.tp, layout.pp, layout.dp, init_distributed(always=True), require_groups=True)
     baseline = psutil.Process().memory_info().rss
     train(config, state)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -77,9 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = REPO / "data_prep" / "sample_corpus.jsonl"
-        run("-m", "data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output",
+        run("-m", "megatron_bloom.cli.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output",
             str(work / "tok"))
-        run("-m", "data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"),
+        run("-m", "megatron_bloom.cli.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"),
             "--output-prefix", str(work / "corpus"), "--append-eod")
         for zero in args.zero:
             overrides = [f"model={args.model}", f"data.paths=[{work / 'corpus'}]", f"precision={args.precision}",

@@ -52,7 +52,7 @@ def main() -> None:
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = work / "tokenizer"
-        subprocess.run([sys.executable, "-m", "data_prep.train_tokenizer", "--input",
+        subprocess.run([sys.executable, "-m", "megatron_bloom.cli.train_tokenizer", "--input",
                         str(REPO / "data_prep" / "sample_corpus.jsonl"), "--vocab-size", "8000", "--output",
                         str(tokenizer)], check=True, env=env, capture_output=True)
     documents = generate_documents(args.documents, seed=7, max_sentences=5)
@@ -66,7 +66,7 @@ def main() -> None:
     runs = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "data_prep.preprocess", "--input", str(work / "corpus.jsonl"),
+        subprocess.run([sys.executable, "-m", "megatron_bloom.cli.preprocess", "--input", str(work / "corpus.jsonl"),
                         "--tokenizer", str(tokenizer), "--output-prefix", str(work / "out"),
                         "--workers", str(args.workers)], check=True, env=env, capture_output=True)
         wall = time.perf_counter() - start

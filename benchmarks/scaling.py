@@ -40,7 +40,7 @@ def step_time(model: str, tp: int, pp: int, zero: int, args, work: Path) -> floa
                  f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp=1", f"train.iters={args.iters}",
                  f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.global_batch}",
                  "logging.interval=1", f"run.dir={run_dir}", "data.num_workers=0"]
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "megatron_bloom.train",
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "megatron_bloom.cli.train",
          *overrides], env=env)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(line["step_s"] for line in lines[WARMUP:])
@@ -60,9 +60,9 @@ def main() -> None:
     micro_batches = args.global_batch // args.micro_batch
     work = Path(tempfile.mkdtemp(prefix="mbloom-bench-scaling-"))
     corpus = REPO / "data_prep" / "sample_corpus.jsonl"
-    run(["-m", "data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output",
+    run(["-m", "megatron_bloom.cli.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output",
          str(work / "tok")])
-    run(["-m", "data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
+    run(["-m", "megatron_bloom.cli.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
          str(work / "corpus"), "--append-eod"])
     print(f"{args.model}, global batch {args.global_batch} = {micro_batches} micro-batches of {args.micro_batch} x "
           f"{seq_length} tokens, bf16, {os.cpu_count()} cores shared by the ranks")

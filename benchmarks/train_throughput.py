@@ -39,14 +39,14 @@ def run(*args: str) -> str:
 
 def make_corpus(work: Path) -> Path:
     corpus = REPO / "data_prep" / "sample_corpus.jsonl"
-    run("data_prep.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output", str(work / "tok"))
-    run("data_prep.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
+    run("megatron_bloom.cli.train_tokenizer", "--input", str(corpus), "--vocab-size", "4000", "--output", str(work / "tok"))
+    run("megatron_bloom.cli.preprocess", "--input", str(corpus), "--tokenizer", str(work / "tok"), "--output-prefix",
         str(work / "corpus"), "--append-eod")
     return work / "corpus"
 
 
 def ours(model: str, iters: int, micro: int, corpus: Path, run_dir: Path, overrides=()) -> tuple:
-    run("megatron_bloom.train", f"model={model}", f"data.paths=[{corpus}]", "precision=bf16",
+    run("megatron_bloom.cli.train", f"model={model}", f"data.paths=[{corpus}]", "precision=bf16",
         f"train.iters={iters}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
         "logging.interval=1", f"run.dir={run_dir}", "data.num_workers=1", *overrides)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

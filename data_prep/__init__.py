@@ -1,5 +1,5 @@
 """Offline data preparation: corpora -> trained tokenizer -> memory-mapped token shards (MMIDIDX format).
 
-Importable as a package so that its tools run as `python -m data_prep.<tool>` and are tested like the
-library. The tools (`mbloom-train-tokenizer`, `mbloom-preprocess`) land with the data-pipeline work.
+The library of `mbloom-train-tokenizer` and `mbloom-preprocess`, whose command lines are in
+`megatron_bloom/cli/`; each also runs as `python -m data_prep.<tool>`.
 """

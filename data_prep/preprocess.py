@@ -1,7 +1,4 @@
-"""`mbloom-preprocess`: corpora -> token shards in Megatron's MMIDIDX format (`PREFIX.bin` + `PREFIX.idx`).
-
-    mbloom-preprocess --input PATH [PATH ...] --tokenizer TOK --output-prefix PREFIX [--workers N]
-        [--text-key text] [--lang-key lang] [--split-by-lang] [--append-eod] [--strict]
+"""Corpora -> token shards in Megatron's MMIDIDX format (`PREFIX.bin` + `PREFIX.idx`): `mbloom-preprocess`.
 
 The main process reads the inputs in order and writes the shards; `--workers` processes parse and
 tokenize chunks of records with the Rust batch encoder. Results are written in input order whatever the
@@ -11,7 +8,6 @@ Shards are written under temporary names and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -19,6 +15,7 @@ import re
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,25 +25,24 @@ from data_prep.sources import check_inputs, iter_chunks
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from megatron_bloom.data.tokenizer import load_tokenizer, tokenizer_file
-from megatron_bloom.errors import UserError, exit_on_user_error
+from megatron_bloom.errors import UserError
 
 EOD_TOKEN = "</s>"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mbloom-preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path,
-                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="a tokenizer.json or a directory holding one")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
-    parser.add_argument("--text-key", default="text")
-    parser.add_argument("--lang-key", default="lang")
-    parser.add_argument("--split-by-lang", action="store_true", help="one PREFIX_<lang> shard per language")
-    parser.add_argument("--append-eod", action="store_true", help=f"end every document with {EOD_TOKEN}")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    return parser
+@dataclass
+class PreprocessOptions:
+    """What `mbloom-preprocess` is asked to do (its flags)."""
+
+    input: List[Path]  # jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order
+    tokenizer: Path  # a tokenizer.json or a directory holding one
+    output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json
+    workers: int = 1
+    text_key: str = "text"
+    lang_key: str = "lang"
+    split_by_lang: bool = False  # one PREFIX_<lang> shard per language
+    append_eod: bool = False  # end every document with EOD_TOKEN
+    strict: bool = False  # stop at the first bad record
 
 
 class ShardSet:
@@ -81,30 +77,31 @@ def safe_name(language: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", language)
 
 
-def preprocess(args: argparse.Namespace) -> dict:
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}.")
-    check_inputs(args.input)
-    tokenizer = load_tokenizer(args.tokenizer)
-    eod_id = tokenizer.token_to_id(EOD_TOKEN) if args.append_eod else None
-    if args.append_eod and eod_id is None:
-        raise UserError(f"--append-eod: the tokenizer {args.tokenizer} has no {EOD_TOKEN} token.")
+def preprocess(options: PreprocessOptions) -> dict:
+    """Tokenize the inputs into shards; returns the summary also written to PREFIX.stats.json."""
+    if options.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {options.workers}.")
+    check_inputs(options.input)
+    tokenizer = load_tokenizer(options.tokenizer)
+    eod_id = tokenizer.token_to_id(EOD_TOKEN) if options.append_eod else None
+    if options.append_eod and eod_id is None:
+        raise UserError(f"--append-eod: the tokenizer {options.tokenizer} has no {EOD_TOKEN} token.")
     dtype = token_dtype(tokenizer.get_vocab_size())
-    settings = EncoderSettings(tokenizer=str(tokenizer_file(args.tokenizer)), text_key=args.text_key,
-                               lang_key=args.lang_key if args.split_by_lang else None, eod_id=eod_id,
+    settings = EncoderSettings(tokenizer=str(tokenizer_file(options.tokenizer)), text_key=options.text_key,
+                               lang_key=options.lang_key if options.split_by_lang else None, eod_id=eod_id,
                                dtype=dtype.__name__)
-    shards = ShardSet(args.output_prefix, dtype, args.split_by_lang)
+    shards = ShardSet(options.output_prefix, dtype, options.split_by_lang)
     report = SkipReport()
     start = time.perf_counter()
     documents = tokens = 0
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     try:
-        with context.Pool(args.workers) as pool, Progress() as progress:
+        with context.Pool(options.workers) as pool, Progress() as progress:
             in_flight: deque = deque()
-            chunks = iter_chunks(args.input, args.text_key, settings.lang_key)
+            chunks = iter_chunks(options.input, options.text_key, settings.lang_key)
             while True:
                 # Keep a few chunks per worker queued: enough to stay busy, bounded for inputs larger than memory.
-                while len(in_flight) < 3 * args.workers:
+                while len(in_flight) < 3 * options.workers:
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
@@ -113,7 +110,7 @@ def preprocess(args: argparse.Namespace) -> dict:
                     break
                 result: EncodedChunk = in_flight.popleft().get()
                 for reason, where in result.skipped:
-                    if args.strict:
+                    if options.strict:
                         raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
                     report.skip(reason, where)
                 shards.add(result)
@@ -131,14 +128,14 @@ def preprocess(args: argparse.Namespace) -> dict:
     stats = {
         "documents": documents, "tokens": tokens, "skipped_total": report.total, "skipped": report.as_dict(),
         "seconds": round(seconds, 3), "documents_per_s": round(documents / seconds, 1),
-        "tokens_per_s": round(tokens / seconds, 1), "dtype": dtype.__name__, "workers": args.workers,
-        "append_eod": bool(args.append_eod), "inputs": [str(p) for p in args.input],
+        "tokens_per_s": round(tokens / seconds, 1), "dtype": dtype.__name__, "workers": options.workers,
+        "append_eod": bool(options.append_eod), "inputs": [str(p) for p in options.input],
         "tokenizer": settings.tokenizer,
         "outputs": {(language or "all"): {"prefix": writer.prefix, "documents": writer.documents,
                                           "tokens": writer.tokens}
                     for language, writer in shards.writers.items()},
     }
-    stats_path = Path(args.output_prefix + ".stats.json")
+    stats_path = Path(options.output_prefix + ".stats.json")
     temporary = stats_path.with_name(stats_path.name + ".tmp")
     temporary.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     os.replace(temporary, stats_path)
@@ -154,10 +151,7 @@ def print_summary(stats: dict) -> None:
         print(f"wrote {output['prefix']}.bin/.idx: {output['documents']:,} documents, {output['tokens']:,} tokens")
 
 
-@exit_on_user_error("mbloom-preprocess")
-def main(argv: Optional[List[str]] = None) -> None:
-    print_summary(preprocess(build_parser().parse_args(argv)))
+if __name__ == "__main__":  # `python -m data_prep.preprocess` is mbloom-preprocess
+    from megatron_bloom.cli.preprocess import main
 
-
-if __name__ == "__main__":
     main()

@@ -1,6 +1,4 @@
-"""`mbloom-train-tokenizer`: a byte-level BPE tokenizer with BLOOM's special tokens, trained from corpora.
-
-    mbloom-train-tokenizer --input PATH [PATH ...] --vocab-size N --output DIR [--text-key text]
+"""A byte-level BPE tokenizer with BLOOM's special tokens, trained from corpora: `mbloom-train-tokenizer`.
 
 Texts are streamed to the `tokenizers` trainer, so inputs larger than memory work (the trainer keeps only
 its word counts). Writes DIR/tokenizer.json plus the files `transformers.AutoTokenizer` reads.
@@ -8,18 +6,17 @@ its word counts). Writes DIR/tokenizer.json plus the files `transformers.AutoTok
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_prep.sources import checked_records, iter_chunks
 from megatron_bloom.data.documents import SkipReport
-from megatron_bloom.errors import UserError, exit_on_user_error
+from megatron_bloom.errors import UserError
 
 # BLOOM's special tokens, at these ids.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -76,26 +73,7 @@ def train_tokenizer(paths: Sequence[Path], vocab_size: int, output: Path, text_k
             "seconds": time.perf_counter() - start}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mbloom-train-tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path,
-                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories")
-    parser.add_argument("--vocab-size", required=True, type=int)
-    parser.add_argument("--output", required=True, type=Path, help="directory for tokenizer.json and its config")
-    parser.add_argument("--text-key", default="text")
-    return parser
+if __name__ == "__main__":  # `python -m data_prep.train_tokenizer` is mbloom-train-tokenizer
+    from megatron_bloom.cli.train_tokenizer import main
 
-
-@exit_on_user_error("mbloom-train-tokenizer")
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    result = train_tokenizer(args.input, args.vocab_size, args.output, args.text_key)
-    print(f"trained a {result['vocab_size']}-token byte-level BPE on {result['documents']:,} documents in "
-          f"{result['seconds']:.1f} s: {args.output / 'tokenizer.json'}")
-    if result["skipped"].total:
-        print(f"skipped {result['skipped'].total} records: {result['skipped'].summary()}")
-
-
-if __name__ == "__main__":
     main()

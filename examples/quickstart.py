@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from megatron_bloom.checkpoint.layout import load_model_state_dict
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.model import build_model
 
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
-MODULES = {"mbloom-convert": "megatron_bloom.convert", "mbloom-eval": "megatron_bloom.eval",
-           "mbloom-train-tokenizer": "data_prep.train_tokenizer", "mbloom-preprocess": "data_prep.preprocess"}
+MODULES = {"mbloom-convert": "megatron_bloom.cli.convert", "mbloom-eval": "megatron_bloom.cli.eval",
+           "mbloom-train-tokenizer": "megatron_bloom.cli.train_tokenizer", "mbloom-preprocess": "megatron_bloom.cli.preprocess"}
 TRAIN_ITERS = 100
 
 
@@ -119,7 +119,7 @@ def main() -> int:
                  f"run.dir={workdir / 'run'}", f"checkpoint.dir={workdir / 'trained'}"]
     print("$ torchrun --nproc-per-node 4 -m megatron_bloom.train " + " ".join(overrides))
     trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                              "-m", "megatron_bloom.train", *overrides], capture_output=True, text=True)
+                              "-m", "megatron_bloom.cli.train", *overrides], capture_output=True, text=True)
     if trained.returncode != 0:
         print(trained.stdout[-2000:] + trained.stderr[-4000:])
         return 1

@@ -24,4 +24,4 @@ ranks=${NPROC_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
 
 # --no_local_rank: each rank reads LOCAL_RANK from its environment; its arguments stay Hydra overrides.
-exec deepspeed "${args[@]}" --no_local_rank --module megatron_bloom.train "$@"
+exec deepspeed "${args[@]}" --no_local_rank --module megatron_bloom.cli.train "$@"

@@ -23,4 +23,4 @@ else
                 --master-port "${MASTER_PORT:-29500}")
 fi
 
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$ranks" -m megatron_bloom.train "$@"
+exec torchrun "${rendezvous[@]}" --nproc-per-node "$ranks" -m megatron_bloom.cli.train "$@"

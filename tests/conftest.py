@@ -145,10 +145,10 @@ CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 def corpus_shards(root: Path, vocab_size: int, *preprocess_args: str) -> Path:
     """A tokenizer (`root/tok`) and token shards (`root/<prefix>`) of the shipped sample corpus, made with
     the real commands; `preprocess_args` adds flags such as --split-by-lang."""
-    run_cli(["data_prep.train_tokenizer", "--input", str(CORPUS), "--vocab-size", str(vocab_size), "--output",
+    run_cli(["megatron_bloom.cli.train_tokenizer", "--input", str(CORPUS), "--vocab-size", str(vocab_size), "--output",
              str(root / "tok")])
     prefix = "ml" if "--split-by-lang" in preprocess_args else "corpus"
-    run_cli(["data_prep.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
+    run_cli(["megatron_bloom.cli.preprocess", "--input", str(CORPUS), "--tokenizer", str(root / "tok"), "--output-prefix",
              str(root / prefix), *preprocess_args])
     return root
 
@@ -181,5 +181,5 @@ def exported_task_model(root: Path, task_name: str, config: ModelConfig, seed: i
         reference.config.id2label = dict(enumerate(labels))
         reference.config.label2id = {name: index for index, name in enumerate(labels)}
     reference.save_pretrained(root / "hf")
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
     return reference, labels

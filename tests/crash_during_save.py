@@ -25,7 +25,7 @@ def main() -> None:
 
     torch.save, os.fsync, os.replace, shutil.rmtree = (counted(torch.save), counted(os.fsync),
                                                         counted(os.replace), counted(shutil.rmtree))
-    from megatron_bloom.train import main as train
+    from megatron_bloom.cli.train import main as train
 
     train(argv)
 

@@ -63,16 +63,16 @@ def killed_and_resumed(shard, tmp_path_factory):
     checkpoint.load=auto, next to the same run never interrupted."""
     root = tmp_path_factory.mktemp("killed")
     whole = root / "whole"
-    run_torchrun(4, "megatron_bloom.train", overrides(shard, whole, 2, 2, 1, iters=10))
+    run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, whole, 2, 2, 1, iters=10))
     args = overrides(shard, root / "run", 2, 2, 1, iters=10) + [
         f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4", "checkpoint.load=auto"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(torchrun_command(4, "megatron_bloom.train", args), cwd=root, env=env,
+    process = subprocess.Popen(torchrun_command(4, "megatron_bloom.cli.train", args), cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_iterations(root / "run", 6, process)
     kill_everything(process)
     latest_after_kill = (root / "ckpt" / LATEST_FILE).read_text().strip()
-    resumed = run_torchrun(4, "megatron_bloom.train", args)
+    resumed = run_torchrun(4, "megatron_bloom.cli.train", args)
     return root, whole, latest_after_kill, resumed
 
 
@@ -96,10 +96,10 @@ def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(killed_and_resumed, 
     import transformers
 
     root = killed_and_resumed[0]
-    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")])
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")])
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:40]]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    result = run_torchrun(2, "megatron_bloom.eval", [
+    result = run_torchrun(2, "megatron_bloom.cli.eval", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.input={tmp_path / 'docs.jsonl'}", f"eval.tokenizer={shard / 'tok'}",
         "precision=fp32", "parallel.tp=2", "eval.seq_length=64"])
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -137,8 +137,8 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
             assert iteration >= newest, (kill_at, iteration, newest)
             newest = iteration
     assert newest >= 2  # the crashes did not prevent progress
-    run_cli(["megatron_bloom.train", *args, "checkpoint.keep_last=2"])
-    run_cli(["megatron_bloom.train", *overrides(shard, tmp_path / "whole", 1, 1, 1, iters=12)])
+    run_cli(["megatron_bloom.cli.train", *args, "checkpoint.keep_last=2"])
+    run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "whole", 1, 1, 1, iters=12)])
     assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(tmp_path / "whole")
     # keep_last pruned old checkpoints and the leftovers of interrupted saves
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["global_step11", "global_step12"]
@@ -147,14 +147,14 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
 def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, capsys):
     args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=3) + [
         f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1"]
-    run_cli(["megatron_bloom.train", *args])
+    run_cli(["megatron_bloom.cli.train", *args])
     newest = tmp_path / "ckpt" / "global_step3"
     assert resolve_checkpoint(tmp_path / "ckpt") == newest
     victim = next(newest.glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])  # a disk that lost the end of a file
     assert resolve_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "global_step2"
     assert f"skipping checkpoint {newest}" in capsys.readouterr().err
-    resumed = run_cli(["megatron_bloom.train", *args[:-1], "train.iters=4", "checkpoint.load=auto"])
+    resumed = run_cli(["megatron_bloom.cli.train", *args[:-1], "train.iters=4", "checkpoint.load=auto"])
     assert "skipping checkpoint" in resumed.stderr and "iter      3/4" in resumed.stdout
 
 
@@ -169,13 +169,13 @@ def test_a_hugging_face_import_for_a_3d_layout_trains(shard, tmp_path):
     reference = transformers.BloomForCausalLM(transformers.BloomConfig(
         vocab_size=1024, hidden_size=64, n_layer=4, n_head=4)).eval()
     reference.save_pretrained(tmp_path / "hf")
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported"),
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported"),
              "--tp", "2", "--pp", "2"])
     metadata = read_metadata(tmp_path / "imported")
     assert (metadata.tp, metadata.pp, metadata.contents) == (2, 2, "weights")
     args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=1) + [
         f"checkpoint.load={tmp_path / 'imported'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
-    run_torchrun(4, "megatron_bloom.train", args)
+    run_torchrun(4, "megatron_bloom.cli.train", args)
 
     config = load_config(args)
     train_set, _, _ = build_datasets(config.data, config.model.seq_length, config.train.seed, (8, 0, 0))

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_bloom.checkpoint.hf import read_hf_config
-from megatron_bloom.checkpoint.layout import load_model_state_dict, read_metadata
+from megatron_bloom.checkpoint.layout import read_metadata
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.model import TaskConfig, build_model
 from tests.conftest import FIXTURES, assert_user_error, hf_model, run_cli, small_config
@@ -34,8 +35,8 @@ def hf_tensors(directory):
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
 def test_round_trip_hf_ours_hf_is_bit_exact(tmp_path, task):
     _, source = save_hf(tmp_path, task=task)
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "ckpt")])
-    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"),
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "ckpt")])
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"),
              "--output", str(tmp_path / "back")])
     original, exported = hf_tensors(source), hf_tensors(tmp_path / "back")
     assert sorted(original) == sorted(exported)
@@ -56,7 +57,7 @@ def test_exported_model_loads_in_transformers_and_matches_ours(tmp_path):
     from megatron_bloom.checkpoint.layout import CheckpointMetadata, save_model_checkpoint
 
     save_model_checkpoint(tmp_path / "ckpt", [ours.state_dict()], CheckpointMetadata(model=config))
-    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt" / "global_step0"),
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt" / "global_step0"),
              "--output", str(tmp_path / "hf")])
     reference = transformers.BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
     input_ids = torch.randint(0, 1000, (2, 11))
@@ -66,7 +67,7 @@ def test_exported_model_loads_in_transformers_and_matches_ours(tmp_path):
 
 def test_checkpoint_layout_and_metadata(tmp_path):
     _, source = save_hf(tmp_path)
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
     assert (tmp_path / "c" / "latest").read_text().strip() == "global_step0"
     tag = tmp_path / "c" / "global_step0"
     assert sorted(p.name for p in tag.iterdir()) == ["mbloom.json", "mp_rank_00_model_states.pt"]
@@ -85,7 +86,7 @@ def test_checkpoint_layout_and_metadata(tmp_path):
 def test_tensor_parallel_checkpoint_round_trip(tmp_path, tp):
     """from-hf --tp N writes one DeepSpeed model file per rank, holding that rank's slices; to-hf merges."""
     _, source = save_hf(tmp_path)
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
              "--tp", str(tp)])
     tag = tmp_path / "c" / "global_step0"
     assert sorted(p.name for p in tag.glob("mp_rank_*")) == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
@@ -93,7 +94,7 @@ def test_tensor_parallel_checkpoint_round_trip(tmp_path, tp):
     shard = torch.load(tag / "mp_rank_01_model_states.pt", weights_only=True)
     assert shard["mp_world_size"] == tp
     assert shard["module"]["transformer.h.0.mlp.dense_h_to_4h.weight"].shape == (4 * 64 // tp, 64)
-    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "back")])
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "back")])
     original, exported = hf_tensors(source), hf_tensors(tmp_path / "back")
     assert original.keys() == exported.keys()
     assert all(torch.equal(original[name], exported[name]) for name in original)
@@ -109,7 +110,7 @@ def test_sharded_safetensors_and_pytorch_bin_inputs(tmp_path):
     torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")  # the older format, lm_head included
     states = {}
     for name in ("single", "sharded", "bin"):
-        run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(tmp_path / name),
+        run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(tmp_path / name),
                  "--output", str(tmp_path / f"ckpt-{name}")])
         states[name] = load_model_state_dict(tmp_path / f"ckpt-{name}")[1]
     for name, tensor in states["single"].items():
@@ -131,7 +132,7 @@ def test_unknown_missing_and_mismatched_tensors_are_refused(tmp_path):
     del tensors["transformer.h.1.mlp.dense_h_to_4h.bias"]
     tensors["transformer.ln_f.weight"] = torch.ones(65)
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")],
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")],
                      check=False)
     assert_user_error(result, "unknown tensors: transformer.h.0.self_attention.rotary.weight",
                       "missing tensors: transformer.h.1.mlp.dense_h_to_4h.bias",
@@ -144,7 +145,7 @@ def test_config_that_disagrees_with_the_weights_is_refused(tmp_path):
     config = json.loads((source / "config.json").read_text())
     config["n_layer"] = 3
     (source / "config.json").write_text(json.dumps(config))
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")],
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")],
                      check=False)
     assert_user_error(result, "missing tensors: transformer.h.2.")
 
@@ -155,7 +156,7 @@ def test_untied_lm_head_is_refused(tmp_path):
     state["lm_head.weight"] = state["lm_head.weight"] + 1
     torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
     (tmp_path / "hf" / "model.safetensors").unlink()
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output",
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(tmp_path / "hf"), "--output",
                       str(tmp_path / "c")], check=False)
     assert_user_error(result, "lm_head.weight differs")
 
@@ -182,20 +183,20 @@ def test_bad_input_is_one_clear_error(tmp_path, problem):
         (source / "model.safetensors").write_bytes(data[: len(data) // 2])
     else:
         extra = ["--pp", "3"]
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c"),
                       *extra], check=False)
     assert_user_error(result, expected)
 
 
 def test_incomplete_checkpoint_is_never_loaded(tmp_path):
     _, source = save_hf(tmp_path)
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
     weights = tmp_path / "c" / "global_step0" / "mp_rank_00_model_states.pt"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "c"),
+    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "c"),
                       "--output", str(tmp_path / "back")], check=False)
     assert_user_error(result, "is incomplete", "mp_rank_00_model_states.pt is 1000 bytes")
-    result = run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "nothing"),
+    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "nothing"),
                       "--output", str(tmp_path / "back")], check=False)
     assert_user_error(result, "does not exist")
 

@@ -29,7 +29,7 @@ def workspace(tmp_path_factory):
     reference = hf_model(CONFIG, seed=5)
     reference.save_pretrained(root / "hf")
     for tp in (1, 2):
-        run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / f"tp{tp}"),
+        run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / f"tp{tp}"),
                  "--tp", str(tp)])
     return root, reference, texts + ["ka"]
 
@@ -54,11 +54,11 @@ def run_eval(root, checkpoint, nproc, *overrides):
             f"eval.tokenizer={root / 'tokenizer'}", "precision=fp32", "eval.micro_batch_size=4",
             f"eval.seq_length={SEQ_LENGTH}", *overrides]
     if nproc == 1:
-        result = run_cli(["megatron_bloom.eval", *args])
+        result = run_cli(["megatron_bloom.cli.eval", *args])
     else:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={nproc}", "-m", "megatron_bloom.eval", *args],
+                                 f"--nproc-per-node={nproc}", "-m", "megatron_bloom.cli.eval", *args],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
     return result, json.loads(result.stdout.strip().splitlines()[-1])
@@ -82,13 +82,13 @@ def test_eval_matches_transformers(workspace, checkpoint, nproc, overrides):
 
 def test_layout_errors_are_clear(workspace, tmp_path):
     root, _, _ = workspace
-    result = run_cli(["megatron_bloom.eval", f"checkpoint.load={root / 'tp2'}", f"eval.input={root / 'docs.jsonl'}",
+    result = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={root / 'tp2'}", f"eval.input={root / 'docs.jsonl'}",
                       f"eval.tokenizer={root / 'tokenizer'}", "parallel.tp=4"], check=False)
     assert_user_error(result, "model.num_heads (6)", "parallel.tp (4)")
-    result = run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(tmp_path / "c"),
+    result = run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(tmp_path / "c"),
                       "--tp", "4"], check=False)
     assert_user_error(result, "model.num_heads (6)", "parallel.tp (4)")
-    result = run_cli(["megatron_bloom.eval", f"checkpoint.load={root / 'tp2'}", f"eval.input={root / 'docs.jsonl'}",
+    result = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={root / 'tp2'}", f"eval.input={root / 'docs.jsonl'}",
                       f"eval.tokenizer={root / 'tokenizer'}", "parallel.tp=2"], check=False)
     assert_user_error(result, "must equal the number of processes (1)", "torchrun --nproc-per-node 2")
 
@@ -114,5 +114,5 @@ def test_bad_eval_input(workspace, tmp_path, problem, fragment):
         args["checkpoint.load"] = tmp_path / "ckpt"
     else:
         extra = ["--tp", "2"]
-    result = run_cli(["megatron_bloom.eval", *[f"{k}={v}" for k, v in args.items()], *extra], check=False)
+    result = run_cli(["megatron_bloom.cli.eval", *[f"{k}={v}" for k, v in args.items()], *extra], check=False)
     assert_user_error(result, fragment)

@@ -66,7 +66,7 @@ def first_micro_batch(config):
 
 def layout_worker(rank, world_size, imported, tokenizer_dir, run_root, tp, pp):
     """Per task, from the imported head: the logits and loss of the first micro-batch, then 20 steps."""
-    from megatron_bloom.checkpoint.training_state import start_point
+    from megatron_bloom.training.checkpointing import start_point
     from megatron_bloom.training.loop import build_engine, train
 
     results = {}
@@ -96,9 +96,9 @@ def layout_worker(rank, world_size, imported, tokenizer_dir, run_root, tp, pp):
 def new_head_check(imported, tokenizer_dir, run_root, state):
     """A run of another task than its checkpoint's: the trunk's weights are the checkpoint's, the head has
     its initial values, and the run starts at iteration 0."""
-    from megatron_bloom.checkpoint.layout import load_model_state_dict
-    from megatron_bloom.checkpoint.training_state import start_point
-    from megatron_bloom.pipeline.layers import canonical_parameters
+    from megatron_bloom.checkpoint.weights import load_model_state_dict
+    from megatron_bloom.training.checkpointing import start_point
+    from megatron_bloom.pipeline.names import named_model_parameters
     from megatron_bloom.training.loop import build_engine
 
     config = load_config(task_overrides("sequence_classification", tokenizer_dir, run_root / "new", 2, 2)
@@ -109,7 +109,7 @@ def new_head_check(imported, tokenizer_dir, run_root, state):
     metadata, full = load_model_state_dict(start.directory)
     shapes = full_shapes(config.model, task)
     checked = []
-    for name, param in canonical_parameters(engine.module):
+    for name, param in named_model_parameters(engine.module):
         value = full[name] if name.startswith("transformer.") else initial_value(name, shapes[name], config.model,
                                                                                 config.train.seed)
         torch.testing.assert_close(param.detach(), shard_tensor(name, value, metadata.model, 2, state.tp_rank),
@@ -172,12 +172,12 @@ def test_fine_tuned_checkpoints_of_both_layouts_hold_the_same_weights(layouts, t
     run's: the same fine-tuned weights and head. (Sequence classification: in question answering a bias
     added to every position's logit, `qa_outputs.bias` and `ln_f.bias`, gets a zero gradient, so Adam
     moves it by rounding noise alone, differently at each layout.)"""
-    from megatron_bloom.checkpoint.layout import load_model_state_dict
+    from megatron_bloom.checkpoint.weights import load_model_state_dict
 
     single, grid = layouts
     root = single["run_root"].parent
     source = root / "2x2" / "sequence_classification" / "ckpt"
-    run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source),
+    run_cli(["megatron_bloom.cli.convert", "reshape", "--checkpoint", str(source),
              "--output", str(tmp_path / "reshaped"), "--tp", "1", "--pp", "1"])
     metadata, reshaped = load_model_state_dict(tmp_path / "reshaped")
     _, pipeline_files = load_model_state_dict(source)  # what mbloom-eval and to-hf read: the layer files
@@ -229,10 +229,10 @@ def test_fine_tuned_bloom_tiny_beats_chance_and_exports_the_same_predictions(tmp
     """The real commands: mbloom-train (dp 2) from scratch, mbloom-eval, mbloom-convert to-hf."""
     import transformers
 
-    from megatron_bloom.checkpoint.model_loading import load_model
+    from megatron_bloom.checkpoint.weights import load_model
 
     train_file, valid_file = (TASK_DATA / f"sentiment.{split}.jsonl" for split in ("train", "valid"))
-    run_torchrun(2, "megatron_bloom.train", [
+    run_torchrun(2, "megatron_bloom.cli.train", [
         "model=bloom-tiny", "task=sequence_classification", f"task.train={train_file}", f"task.valid={valid_file}",
         f"data.tokenizer={tokenizer_dir}", "precision=fp32", "train.iters=30", "train.global_batch_size=16",
         "train.micro_batch_size=4", "optim.lr=1e-3", "train.eval_interval=30", "train.eval_iters=2",
@@ -241,12 +241,12 @@ def test_fine_tuned_bloom_tiny_beats_chance_and_exports_the_same_predictions(tmp
     assert [line["iter"] for line in lines] == list(range(1, 31))
     validation = json.loads((tmp_path / "run" / "validation.jsonl").read_text())
     assert set(validation) == {"iter", "valid_loss"}  # no perplexity for a classifier
-    evaluated = run_cli(["megatron_bloom.eval", f"checkpoint.load={tmp_path / 'ckpt'}", f"eval.input={valid_file}",
+    evaluated = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={tmp_path / 'ckpt'}", f"eval.input={valid_file}",
                          f"eval.tokenizer={tokenizer_dir}", "precision=fp32"])
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert metrics["examples"] == 100 and metrics["accuracy"] >= 0.6  # chance: 1/3 (35/35/30 in the data)
 
-    run_cli(["megatron_bloom.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
              str(tmp_path / "hf")])
     exported = transformers.BloomForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert exported.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
@@ -281,5 +281,5 @@ def test_bad_fine_tuning_configs_are_clear_errors(tmp_path, tokenizer_dir, impor
     regression = TaskConfig(name="sequence_classification", num_labels=3, problem_type="regression")
     with pytest.raises(UserError, match="regression"):
         build_task_data(load_config(base), (8, 0), regression, report_to_stderr=False)
-    refused = run_cli(["megatron_bloom.train", *base, "task.train=null"], check=False)
+    refused = run_cli(["megatron_bloom.cli.train", *base, "task.train=null"], check=False)
     assert_user_error(refused, "task=sequence_classification", "task.train=PATH.jsonl")

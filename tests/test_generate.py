@@ -10,7 +10,8 @@ import torch
 
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.errors import UserError
-from megatron_bloom.generate import choose_tokens, generate_batch, prepare_for_inference
+from megatron_bloom.inference.generation import generate_batch, prepare_for_inference
+from megatron_bloom.inference.sampling import choose_tokens
 from megatron_bloom.model import KVCache, build_model, cpu_kernels
 from megatron_bloom.model.inference_linear import Int8Linear, KernelLinear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
@@ -176,14 +177,14 @@ def exported(tmp_path_factory):
         vocab_size=1024, hidden_size=64, n_layer=4, n_head=4, initializer_range=0.3,
         bos_token_id=1, eos_token_id=2, pad_token_id=3)).eval()
     hf.save_pretrained(root / "hf")
-    run_cli(["megatron_bloom.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
+    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
     train_test_tokenizer(root / "tok", sample_texts(300), vocab_size=1000)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return root, hf
 
 
 def run_generate(root, tp, *overrides):
-    result = run_torchrun(tp, "megatron_bloom.generate", [
+    result = run_torchrun(tp, "megatron_bloom.cli.generate", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}",
         f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24",
         "precision=fp32", f"parallel.tp={tp}", *overrides])
@@ -230,7 +231,7 @@ def test_int8_generation_runs_from_the_command_line(exported):
     root, _ = exported
     results = run_generate(root, 1, "generate.quantize=int8")
     assert [r["prompt"] for r in results] == PROMPTS and all(r["token_ids"] for r in results)
-    refused = run_cli(["megatron_bloom.generate", f"checkpoint.load={root / 'ckpt'}",
+    refused = run_cli(["megatron_bloom.cli.generate", f"checkpoint.load={root / 'ckpt'}",
                        f"eval.tokenizer={root / 'tok'}", "generate.prompt=ka", "generate.quantize=int4"], check=False)
     assert_user_error(refused, "generate.quantize", "int4")
 
@@ -245,6 +246,6 @@ def test_sampling_is_the_same_at_any_tensor_parallel_size(exported):
 
 def test_generate_without_a_prompt_is_a_user_error(exported):
     root, _ = exported
-    result = run_cli(["megatron_bloom.generate", f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}"],
+    result = run_cli(["megatron_bloom.cli.generate", f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}"],
                      check=False)
     assert_user_error(result, "generate.prompt")

@@ -45,11 +45,11 @@ def test_torchrun_and_deepspeed_scripts_train_with_4_processes(shard, tmp_path):
 
 def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_path):
     args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", f"run.dir={tmp_path / 'run'}"]
-    result = run_cli(["megatron_bloom.launch", "--dry-run", *args])
+    result = run_cli(["megatron_bloom.cli.launch", "--dry-run", *args])
     command = result.stdout.strip().splitlines()[-1]
     assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_bloom.train" in command
     assert "parallel.dp=1" in command and f"run.dir={tmp_path / 'run'}" in command
-    script = run_cli(["megatron_bloom.launch", "--dry-run", "launcher=slurm", "slurm.nodes=2", "slurm.partition=gpu",
+    script = run_cli(["megatron_bloom.cli.launch", "--dry-run", "launcher=slurm", "slurm.nodes=2", "slurm.partition=gpu",
                       *args, "parallel.dp=2"]).stdout
     assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpu" in script
     assert "export NPROC_PER_TASK=4" in script and "sbatch " in script
@@ -60,14 +60,14 @@ def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_pat
            "optim.lr=1e-3,1e-4": ["optim.lr", "--multirun"],
            "train.global_batch_size=7": ["train.global_batch_size (7)"]}
     for override, fragments in bad.items():
-        result = run_cli(["megatron_bloom.launch", *args, override], check=False)
+        result = run_cli(["megatron_bloom.cli.launch", *args, override], check=False)
         assert_user_error(result, *fragments)
     assert not (tmp_path / "run").exists()  # nothing started
 
 
 def test_a_local_sweep_runs_every_point_in_its_own_dir(shard, tmp_path):
     root = tmp_path / "sweep"
-    result = run_cli(["megatron_bloom.launch", "--multirun", *TRAIN, *data_args(shard), "train.iters=2",
+    result = run_cli(["megatron_bloom.cli.launch", "--multirun", *TRAIN, *data_args(shard), "train.iters=2",
                       "optim.lr=1e-3,1e-4", "parallel.tp=1,2", f"run.dir={root}"], timeout=600)
     rows = [json.loads(line) for line in (root / "summary.jsonl").read_text().splitlines()]
     assert [row["status"] for row in rows] == ["completed"] * 4
@@ -127,7 +127,7 @@ def test_slurm_sbatch_trains_and_a_preempted_job_requeues_and_resumes(shard, tmp
     # 2. mbloom-launch writes and submits the script; SLURM's end-of-time warning (SIGUSR1 to the batch
     # script) makes the ranks save a checkpoint and the job requeue itself; it resumes and completes.
     run_dir, checkpoints = tmp_path / "launched", tmp_path / "ckpt"
-    result = subprocess.run([sys.executable, "-m", "megatron_bloom.launch", "launcher=slurm", *TRAIN, *data_args(shard),
+    result = subprocess.run([sys.executable, "-m", "megatron_bloom.cli.launch", "launcher=slurm", *TRAIN, *data_args(shard),
                              "parallel.tp=2", "train.iters=15", f"run.dir={run_dir}", f"checkpoint.dir={checkpoints}",
                              "checkpoint.save_interval=100"], env=slurm, cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)

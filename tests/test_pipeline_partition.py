@@ -7,11 +7,11 @@ import json
 import pytest
 
 from megatron_bloom.checkpoint.layout import CheckpointMetadata
-from megatron_bloom.checkpoint.training_state import same_stages
+from megatron_bloom.training.checkpointing import same_stages
 from megatron_bloom.config import load_config
 from megatron_bloom.errors import UserError
 from megatron_bloom.pipeline.partition import stage_layers
-from megatron_bloom.training.flops import layer_flops_per_token, lm_head_flops_per_token
+from megatron_bloom.model.flops import layer_flops_per_token, lm_head_flops_per_token
 
 
 def blocks_of(stages, num_layers):

@@ -18,7 +18,7 @@ BLOOM_176B = ["model=bloom-176b", "parallel.tp=4", "parallel.pp=12", "parallel.d
 def test_bloom_176b_as_it_was_trained():
     """Published: 176,247,271,424 parameters; about 150 TFLOPs per A100 at 104.7 s per iteration (BigScience's
     training logs); it ran, so it fit in 80 GB."""
-    result = run_cli(["megatron_bloom.plan", *BLOOM_176B, "--iter-time", "104.7", "--json"])
+    result = run_cli(["megatron_bloom.cli.plan", *BLOOM_176B, "--iter-time", "104.7", "--json"])
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["params"] == 176_247_271_424
     assert abs(report["tflops_per_gpu"] - 150.0) <= 0.05 * 150.0
@@ -31,14 +31,14 @@ def test_bloom_176b_as_it_was_trained():
     memory = report["memory_per_rank_gb"]
     assert memory["total"] == pytest.approx(sum(memory[k] for k in ("weights", "grads", "optimizer", "activations")),
                                             abs=0.01)
-    table = run_cli(["megatron_bloom.plan", *BLOOM_176B, "--iter-time", "104.7"]).stdout
+    table = run_cli(["megatron_bloom.cli.plan", *BLOOM_176B, "--iter-time", "104.7"]).stdout
     assert "176.2 B" in table and "fits" in table and "MFU" in table
 
 
 def test_model_flops_are_six_per_matmul_parameter_and_token_plus_attention():
     """Without recomputation the count is torchtitan's 6 N + 12 L h s a token, N the parameters in matrix
     products (the tied embedding counted once, as the LM head); recomputation adds one forward of the layers."""
-    from megatron_bloom.training.flops import iteration_flops
+    from megatron_bloom.model.flops import iteration_flops
 
     model = load_config(["model=bloom-1b1"]).model
     h, layers, seq, vocab = model.hidden_size, model.num_layers, 2048, model.padded_vocab_size()
@@ -97,11 +97,11 @@ def test_zero_stages_and_checkpointing_shrink_what_they_should():
 
 
 def test_bad_plans_are_user_errors():
-    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "--iter-time", "0"], check=False),
+    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "--iter-time", "0"], check=False),
                       "--iter-time")
-    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "hardware=tpu-v9"], check=False),
+    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "hardware=tpu-v9"], check=False),
                       "hardware", "tpu-v9")
-    assert_user_error(run_cli(["megatron_bloom.plan", "model=bloom-tiny", "parallel.tp=3"], check=False),
+    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "parallel.tp=3"], check=False),
                       "parallel.tp (3)")
 
 

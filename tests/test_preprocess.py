@@ -18,7 +18,7 @@ from tests.conftest import CORPUS, REPO, assert_user_error, run_cli
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tok") / "tokenizer"
-    result = run_cli(["data_prep.train_tokenizer", "--input", str(CORPUS), "--vocab-size", "1000",
+    result = run_cli(["megatron_bloom.cli.train_tokenizer", "--input", str(CORPUS), "--vocab-size", "1000",
                       "--output", str(directory)])
     assert "1000-token byte-level BPE on 1,200 documents" in result.stdout
     return directory
@@ -34,7 +34,7 @@ def corpus_records(path=CORPUS):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 def preprocess(*args, check=True):
-    return run_cli(["data_prep.preprocess", *map(str, args)], check=check)
+    return run_cli(["megatron_bloom.cli.preprocess", *map(str, args)], check=check)
 
 def test_tokenizer_loads_in_transformers_with_bloom_special_tokens(tokenizer_dir):
     from transformers import AutoTokenizer
@@ -183,7 +183,7 @@ def test_a_huge_document(tokenizer_dir, tmp_path):
 
 def test_killed_run_leaves_no_complete_looking_pair(tokenizer_dir, tmp_path):
     write_jsonl(generate_documents(300_000, seed=1), tmp_path / "big.jsonl")
-    process = subprocess.Popen([sys.executable, "-m", "data_prep.preprocess", "--input", str(tmp_path / "big.jsonl"),
+    process = subprocess.Popen([sys.executable, "-m", "megatron_bloom.cli.preprocess", "--input", str(tmp_path / "big.jsonl"),
                                 "--tokenizer", str(tokenizer_dir), "--output-prefix", str(tmp_path / "k"),
                                 "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, STATE_KEYS, read_optimizer_states
-from megatron_bloom.checkpoint.layout import load_model_state_dict, read_metadata, resolve_checkpoint
+from megatron_bloom.checkpoint.layout import read_metadata, resolve_checkpoint
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import read_layers
 from megatron_bloom.parallel.sharding import merge_state_dicts
-from megatron_bloom.pipeline.layers import layer_canonical_prefixes
+from megatron_bloom.pipeline.names import layer_prefixes
 from tests.conftest import CORPUS, assert_user_error, corpus_shards, run_cli, run_torchrun
 from tests.test_checkpoints import losses_by_iteration
 from tests.test_training import overrides
@@ -28,11 +29,11 @@ def trained(shard, tmp_path_factory):
     """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1, checkpointed at iteration 4, and that
     checkpoint reshaped to each of LAYOUTS."""
     root = tmp_path_factory.mktemp("reshape")
-    run_torchrun(4, "megatron_bloom.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
+    run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
         f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
     source = root / "ckpt" / "global_step4"
     for tp, pp in LAYOUTS:
-        run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source), "--output",
+        run_cli(["megatron_bloom.cli.convert", "reshape", "--checkpoint", str(source), "--output",
                  str(root / f"reshaped-{tp}-{pp}"), "--tp", str(tp), "--pp", str(pp)])
     return root, source
 
@@ -41,7 +42,7 @@ def full_optimizer_state(directory):
     """Every parameter's fp32 master and Adam moments, single-process names and shapes, and the step."""
     metadata = read_metadata(directory)
     if metadata.contents == "universal":
-        return read_layers(directory, metadata, range(len(layer_canonical_prefixes(metadata.model))))
+        return read_layers(directory, metadata, range(len(layer_prefixes(metadata.model))))
     full = {key: {} for key in STATE_KEYS}
     steps = set()
     for stage in range(metadata.pp):
@@ -81,7 +82,7 @@ def test_reshaped_checkpoints_evaluate_to_the_same_loss(trained, shard, tmp_path
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
     def eval_loss(checkpoint, tp):
-        result = run_torchrun(tp, "megatron_bloom.eval", [
+        result = run_torchrun(tp, "megatron_bloom.cli.eval", [
             f"checkpoint.load={checkpoint}", f"eval.input={tmp_path / 'docs.jsonl'}",
             f"eval.tokenizer={shard / 'tok'}", "precision=fp32", f"parallel.tp={tp}", "eval.seq_length=64"])
         return json.loads(result.stdout.strip().splitlines()[-1])["loss"]
@@ -100,13 +101,13 @@ def test_training_continues_after_a_reshape_with_the_optimizer_state(trained, sh
     tp, pp, dp, zero = layout
     reference = losses_by_iteration(root / "run")
     args = overrides(shard, tmp_path / "run", tp, pp, dp, zero=zero, iters=10)
-    run_torchrun(tp * pp * dp, "megatron_bloom.train", args + [f"checkpoint.load={root / f'reshaped-{tp}-{pp}'}"])
+    run_torchrun(tp * pp * dp, "megatron_bloom.cli.train", args + [f"checkpoint.load={root / f'reshaped-{tp}-{pp}'}"])
     continued = losses_by_iteration(tmp_path / "run")
     assert sorted(continued) == list(range(5, 11))
     for iteration, loss in continued.items():
         assert abs(loss - reference[iteration]) <= 1e-5 * reference[iteration], (iteration, loss, reference[iteration])
     if layout == (1, 1, 1, 1):
-        run_torchrun(1, "megatron_bloom.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=10) + [
+        run_torchrun(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=10) + [
             f"checkpoint.load={source}"])
         fresh = losses_by_iteration(tmp_path / "fresh")
         assert max(abs(fresh[i] - reference[i]) / reference[i] for i in fresh) > 2e-4
@@ -121,7 +122,7 @@ def test_the_optimizer_state_of_every_zero_stage_and_precision_reads_back(shard,
     for name, (tp, pp, dp, zero, precision) in {"zero3": (1, 1, 2, 3, "fp32"), "pipeline-zero0": (1, 2, 1, 0, "fp32"),
                                                 "bf16-zero1": (1, 1, 2, 1, "bf16"),
                                                 "bf16-zero0": (1, 1, 1, 0, "bf16")}.items():
-        run_torchrun(tp * pp * dp, "megatron_bloom.train", overrides(
+        run_torchrun(tp * pp * dp, "megatron_bloom.cli.train", overrides(
             shard, tmp_path / name, tp, pp, dp, zero=zero, iters=3, precision=precision) + [
             f"checkpoint.dir={tmp_path / name / 'ckpt'}", "parallel.pipeline_partition=blocks"])
         directory = resolve_checkpoint(tmp_path / name / "ckpt")
@@ -144,10 +145,10 @@ def test_the_optimizer_state_of_every_zero_stage_and_precision_reads_back(shard,
 
 def test_reshape_refuses_an_impossible_layout(trained, tmp_path):
     root, source = trained
-    result = run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source), "--output",
+    result = run_cli(["megatron_bloom.cli.convert", "reshape", "--checkpoint", str(source), "--output",
                       str(tmp_path / "bad"), "--tp", "3", "--pp", "1"], check=False)
     assert_user_error(result, "3")
-    result = run_cli(["megatron_bloom.convert", "reshape", "--checkpoint", str(source), "--output",
+    result = run_cli(["megatron_bloom.cli.convert", "reshape", "--checkpoint", str(source), "--output",
                       str(tmp_path / "bad"), "--tp", "1", "--pp", "5"], check=False)
     assert_user_error(result, "--pp 5", "4 layers")
     assert not (tmp_path / "bad").exists()

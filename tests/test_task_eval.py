@@ -72,7 +72,7 @@ def expected_metrics(reference, task_name: str, labels, tokenizer_dir) -> dict:
 ], ids=["sequence-tp2", "token-tp2", "qa-tp2", "sequence-dp2"])
 def test_task_metrics_match_transformers(tmp_path, tokenizer_dir, task_name, nproc, layout):
     reference, labels = exported(tmp_path, task_name)
-    result = run_torchrun(nproc, "megatron_bloom.eval", [
+    result = run_torchrun(nproc, "megatron_bloom.cli.eval", [
         f"checkpoint.load={tmp_path / 'ckpt'}", f"eval.input={TASK_DATA / FILES[task_name]}.valid.jsonl",
         f"eval.tokenizer={tokenizer_dir}", f"task={task_name}", "precision=fp32", "eval.micro_batch_size=16",
         *SETTINGS[task_name], *layout])
@@ -86,9 +86,9 @@ def test_task_metrics_match_transformers(tmp_path, tokenizer_dir, task_name, npr
 def test_task_mismatches_are_user_errors(tmp_path, tokenizer_dir):
     exported(tmp_path, "sequence_classification")
     common = [f"checkpoint.load={tmp_path / 'ckpt'}", f"eval.tokenizer={tokenizer_dir}"]
-    wrong_task = run_cli(["megatron_bloom.eval", *common, f"eval.input={TASK_DATA / 'entities.valid.jsonl'}",
+    wrong_task = run_cli(["megatron_bloom.cli.eval", *common, f"eval.input={TASK_DATA / 'entities.valid.jsonl'}",
                           "task=token_classification"], check=False)
     assert_user_error(wrong_task, "task=token_classification", "sequence_classification model")
-    wrong_labels = run_cli(["megatron_bloom.eval", *common, f"eval.input={TASK_DATA / 'sentiment.valid.jsonl'}",
+    wrong_labels = run_cli(["megatron_bloom.cli.eval", *common, f"eval.input={TASK_DATA / 'sentiment.valid.jsonl'}",
                             "task.labels=[good,bad]"], check=False)
     assert_user_error(wrong_labels, "3 outputs", "task.labels")

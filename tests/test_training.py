@@ -27,13 +27,13 @@ def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):
 
 
 def train_worker(rank, world_size, args):
-    from megatron_bloom.pipeline.layers import canonical_parameters
+    from megatron_bloom.pipeline.names import named_model_parameters
     from megatron_bloom.training.loop import train
 
     config = load_config(args)
     state = ParallelState.create(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
     result = train(config, state)
-    weights = {name: param.detach().float().clone() for name, param in canonical_parameters(result.engine.module)}
+    weights = {name: param.detach().float().clone() for name, param in named_model_parameters(result.engine.module)}
     return {"losses": result.losses, "weights": weights, "tp_rank": state.tp_rank, "dp_rank": state.dp_rank}
 
 
@@ -110,7 +110,7 @@ def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     args = overrides(shard, tmp_path / "run", 2, 2, 2, iters=50, precision="bf16")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8",
-                             "-m", "megatron_bloom.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                             "-m", "megatron_bloom.cli.train", *args], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +144,7 @@ def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, e
 
     args = overrides(shard, tmp_path / "run", 1, 1, 1) + [f"data.tokenizer={shard / 'tok'}"]
     args = [a for a in args if not a.startswith(("parallel.dp=", "parallel.tp=", "parallel.pp="))] + extra
-    result = run_cli(["megatron_bloom.train", *args], check=False, timeout=120)
+    result = run_cli(["megatron_bloom.cli.train", *args], check=False, timeout=120)
     assert_user_error(result, *fragments)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -155,7 +155,7 @@ def test_token_ids_beyond_the_vocabulary_stop_the_run_with_a_clear_message(shard
     from tests.conftest import assert_user_error
 
     args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=2) + ["model.vocab_size=512"]
-    result = run_cli(["megatron_bloom.train", *args], check=False, timeout=120)
+    result = run_cli(["megatron_bloom.cli.train", *args], check=False, timeout=120)
     assert_user_error(result, "the training data holds token id", "model.vocab_size is 512", "data.tokenizer")
 
 
@@ -163,7 +163,8 @@ def poisoned_worker(rank, world_size, args, poisoned_iterations):
     """Train with the first block's output made NaN (on rank 0 only) during some iterations."""
     import math
 
-    from megatron_bloom.pipeline.layers import BlockPipe, canonical_parameters
+    from megatron_bloom.pipeline.layers import BlockPipe
+    from megatron_bloom.pipeline.names import named_model_parameters
     from megatron_bloom.training.loop import TrainingDiverged, train
 
     config = load_config(args)
@@ -175,7 +176,7 @@ def poisoned_worker(rank, world_size, args, poisoned_iterations):
     def inject(engine):
         block = next(m for m in engine.module.modules() if isinstance(m, BlockPipe))
 
-        weight = dict(canonical_parameters(engine.module))["transformer.h.0.mlp.dense_4h_to_h.weight"]
+        weight = dict(named_model_parameters(engine.module))["transformer.h.0.mlp.dense_4h_to_h.weight"]
 
         def hook(module, inputs, output):
             iteration = calls["n"] // micro_per_iteration + 1
@@ -226,7 +227,7 @@ def test_wandb_offline_and_tensorboard_need_no_network(shard, tmp_path):
 
     args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=4) + ["logging.wandb.mode=offline",
                                                                      "logging.tensorboard=true"]
-    run_cli(["megatron_bloom.train", *args], timeout=300)
+    run_cli(["megatron_bloom.cli.train", *args], timeout=300)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -250,7 +251,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteratio
 
     args = overrides(shard, tmp_path / "run", 2, 1, 1, iters=10_000) + [f"checkpoint.dir={tmp_path / 'ckpt'}"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(torchrun_command(2, "megatron_bloom.train", args), cwd=tmp_path, env=env,
+    process = subprocess.Popen(torchrun_command(2, "megatron_bloom.cli.train", args), cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -265,7 +266,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteratio
     assert (f"received SIGTERM: stopped cleanly after iteration {last['iter']} ({last['consumed_samples']} "
             f"samples consumed, checkpoint saved in {tmp_path / 'ckpt'})") in stdout
     assert read_metadata(tmp_path / "ckpt").iteration == last["iter"]
-    resumed = run_cli(["megatron_bloom.train", *args[:-1], "parallel.tp=1", f"train.iters={last['iter'] + 1}",
+    resumed = run_cli(["megatron_bloom.cli.train", *args[:-1], "parallel.tp=1", f"train.iters={last['iter'] + 1}",
                        f"checkpoint.load={tmp_path / 'ckpt'}"], check=False)
     # another layout (tp 1): a weights-only continuation, at the next iteration
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -299,7 +300,7 @@ def test_periodic_validation_loss(shard, tmp_path):
                                                                        "data.split='8,2,0'"]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={t * p * d}", "-m", "megatron_bloom.train", *args],
+                                 f"--nproc-per-node={t * p * d}", "-m", "megatron_bloom.cli.train", *args],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         results[name] = [json.loads(l) for l in (tmp_path / name / "validation.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""The optimizer state in DeepSpeed's checkpoint files, read back per parameter under single-process names.
+"""The optimizer state in DeepSpeed's checkpoint files, read back per parameter under model names.
 
 DeepSpeed stores Adam's state in the shape of its optimizer, not of the model: flat buffers partitioned
 over the data-parallel ranks (ZeRO) or a torch state dict keyed by position (no ZeRO). Reading one
@@ -32,7 +32,7 @@ import torch
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, model_states_file, pipeline_layer_file
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.sharding import full_shapes, shard_shape
-from megatron_bloom.pipeline.layers import layer_canonical_prefixes, pipeline_canonical_name, stacked_canonical_name
+from megatron_bloom.pipeline import names
 from megatron_bloom.pipeline.partition import stage_layers
 
 # Per parameter: the fp32 master weight and Adam's first and second moments (DeepSpeed's key names).
@@ -42,8 +42,8 @@ STATE_KEYS = (MASTER, *MOMENTS)
 
 @dataclass
 class ParameterStates:
-    """One stage of one tensor-parallel rank: state key -> single-process parameter name -> tensor of the
-    parameter's shard shape, and Adam's step count."""
+    """One stage of one tensor-parallel rank: state key -> model name (`pipeline/names.py`) -> tensor of
+    the parameter's shard shape, and Adam's step count."""
 
     tensors: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=lambda: {key: {} for key in STATE_KEYS})
     step: int = 0
@@ -103,7 +103,7 @@ def _read_sliced(partitions: List[dict], metadata: CheckpointMetadata) -> Parame
     shapes = _shapes_by_name(metadata, fragments)
     states = ParameterStates(step=_step(steps))
     for name, pieces in fragments.items():
-        states.add(_canonical(name, metadata),
+        states.add(_model_name(name, metadata),
                    {key: torch.cat(pieces[key]).view(shapes[name]).clone() for key in STATE_KEYS})
     return states
 
@@ -113,8 +113,8 @@ def _shapes_by_name(metadata: CheckpointMetadata, fragments: Dict) -> Dict[str, 
     full = full_shapes(metadata.model, metadata.task)
     shapes = {}
     for name, pieces in fragments.items():
-        canonical = _canonical(name, metadata)
-        shape = shard_shape(canonical, full[canonical], metadata.model, metadata.tp)
+        model_name = _model_name(name, metadata)
+        shape = shard_shape(model_name, full[model_name], metadata.model, metadata.tp)
         numel = sum(piece.numel() for piece in pieces[MASTER])
         if math.prod(shape) != numel:
             raise ValueError(f"{name} has {numel} elements in the optimizer state, its shape {tuple(shape)} holds "
@@ -141,7 +141,7 @@ def _read_zero3(partitions: List[dict], param_shapes: List[Dict[str, torch.Size]
         for name, shape in group.items():
             numel = math.prod(shape)
             per_rank = math.ceil(numel / dp)
-            states.add(_canonical(name, metadata), {
+            states.add(_model_name(name, metadata), {
                 key: torch.cat([flat[key].narrow(0, offset, per_rank) for flat in flats])[:numel].view(shape).clone()
                 for key in STATE_KEYS})
             offset += per_rank
@@ -184,9 +184,9 @@ def _stage_parameters(directory: Path, metadata: CheckpointMetadata, stage: int,
     tied embedding first (DeepSpeed registers tied modules before the layers), then each layer's weights."""
     if metadata.pp == 1:
         module = _load(directory / model_states_file(tp_rank))["module"]
-        return [(stacked_canonical_name(name), tensor) for name, tensor in module.items()]
+        return [(names.from_stacked_model(name), tensor) for name, tensor in module.items()]
     layers = stage_layers(metadata.model, metadata.pp, metadata.task.name, metadata.pipeline_partition)[stage]
-    prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
+    prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
     order = list(layers)
     if metadata.task.name == "causal_lm":  # the last layer is the tied embedding (layer 0), listed first
         last = len(prefixes) - 1
@@ -195,10 +195,8 @@ def _stage_parameters(directory: Path, metadata: CheckpointMetadata, stage: int,
             for name, tensor in _load(directory / pipeline_layer_file(layer, tp_rank)).items()]
 
 
-def _canonical(name: str, metadata: CheckpointMetadata) -> str:
-    if metadata.pp > 1:
-        return pipeline_canonical_name(name, metadata.model, metadata.task.name)
-    return stacked_canonical_name(name)
+def _model_name(name: str, metadata: CheckpointMetadata) -> str:
+    return names.from_deepspeed_module(name, metadata.model, metadata.task.name, metadata.pp)
 
 
 def _step(steps: List) -> int:

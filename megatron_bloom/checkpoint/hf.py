@@ -16,9 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megatron_bloom.checkpoint.layout import CheckpointMetadata, save_model_checkpoint
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
-from megatron_bloom.parallel.sharding import full_shapes
+from megatron_bloom.parallel.parallelize import check_tensor_parallel
+from megatron_bloom.parallel.sharding import full_shapes, split_for_ranks
+from megatron_bloom.pipeline import names
 
 ARCHITECTURES = {
     "causal_lm": "BloomForCausalLM",
@@ -26,12 +30,40 @@ ARCHITECTURES = {
     "token_classification": "BloomForTokenClassification",
     "question_answering": "BloomForQuestionAnswering",
 }
-_TRUNK_PREFIXES = ("word_embeddings.", "word_embeddings_layernorm.", "h.", "ln_f.")
 _EMBEDDING = "transformer.word_embeddings.weight"
 _SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 StateDict = Dict[str, torch.Tensor]
+
+
+def convert_from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Path:
+    """`mbloom-convert from-hf`: a Hugging Face BLOOM directory as a training checkpoint; returns its dir.
+
+    The weights are stored per tensor-parallel rank under their model names; a training run of any pp
+    (and dp) takes its stages' layers from them, so `pp` is recorded, not split into files.
+    """
+    if not Path(hf_dir).is_dir():
+        raise UserError(f"--hf {hf_dir}: no such directory.")
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
+    model, task = read_hf_config(hf_dir)
+    check_tensor_parallel(model, tp)
+    if model.num_layers < pp:
+        raise UserError(f"--pp {pp}: the model has {model.num_layers} layers, fewer than pipeline stages.")
+    state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
+    has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
+    metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,
+                                  tokenizer=str(Path(hf_dir).resolve()) if has_tokenizer else None)
+    return save_model_checkpoint(output, split_for_ranks(state_dict, model, tp), metadata)
+
+
+def convert_to_hf(checkpoint: Path, output: Path) -> List[Path]:
+    """`mbloom-convert to-hf`: a training checkpoint of any layout as a Hugging Face directory; returns the
+    files written."""
+    metadata, state_dict = load_model_state_dict(checkpoint)
+    tokenizer = Path(metadata.tokenizer) if metadata.tokenizer and Path(metadata.tokenizer).exists() else None
+    return write_hf_checkpoint(output, state_dict, metadata.model, metadata.task, tokenizer)
 
 
 # --- config.json -------------------------------------------------------------------------------------
@@ -169,9 +201,7 @@ def hf_to_state_dict(hf_weights: StateDict, model: ModelConfig, task: TaskConfig
     Every tensor must be known and of the right shape, and none may be missing; otherwise a `UserError`
     lists what is wrong.
     """
-    weights = {}
-    for name, tensor in hf_weights.items():
-        weights["transformer." + name if name.startswith(_TRUNK_PREFIXES) else name] = tensor
+    weights = {names.from_hf_file(name): tensor for name, tensor in hf_weights.items()}
     lm_head = weights.pop("lm_head.weight", None)
     shapes = full_shapes(model, task)
     shapes[_EMBEDDING] = torch.Size([model.vocab_size, model.hidden_size])  # HF keeps no padding

@@ -32,7 +32,6 @@ from megatron_bloom.config.schema import PIPELINE_PARTITIONS
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.model.config import RUNTIME_FIELDS
-from megatron_bloom.parallel.sharding import merge_state_dicts
 
 METADATA_FILE = "mbloom.json"
 LATEST_FILE = "latest"
@@ -40,7 +39,7 @@ FORMAT_VERSION = 1
 
 
 TAG_PATTERN = re.compile(r"global_step(\d+)")
-# What a checkpoint holds: `weights` (from-hf: model weights only, under their canonical names), `training`
+# What a checkpoint holds: `weights` (from-hf: model weights only, under their model names), `training`
 # (DeepSpeed's own files: weights, optimizer and LR-schedule state, plus every rank's RNG state) or
 # `universal` (reshape: weights and per-parameter optimizer state per pipeline layer, see universal.py).
 WEIGHTS, TRAINING, UNIVERSAL = "weights", "training", "universal"
@@ -256,44 +255,6 @@ def read_metadata(checkpoint: Path) -> CheckpointMetadata:
 def pipeline_layer_file(layer: int, tp_rank: int) -> str:
     """DeepSpeed's file for one pipeline layer of one tensor-parallel rank (`PipelineModule.ckpt_layer_path`)."""
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
-def load_model_shard(directory: Path, metadata: CheckpointMetadata, tp_rank: int) -> Dict[str, torch.Tensor]:
-    """The weights of one tensor-parallel rank under their single-process names, from the checkpoint in
-    `directory` (a tag dir whose `metadata` was read and verified by `read_metadata`): weights-only
-    (canonical names already), a pp = 1 training run (DeepSpeed's model file of the stacked layers), a
-    ZeRO-3 run (whose model files hold no weights: they are its fp32 masters), or a pipeline run or a
-    reshape (per-layer files, the LM head's tied copy skipped)."""
-    from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, read_optimizer_states
-    from megatron_bloom.pipeline.layers import layer_canonical_prefixes, stacked_canonical_name
-
-    if metadata.contents == WEIGHTS:
-        return _torch_load(directory / model_states_file(tp_rank))["module"]
-    if metadata.contents == TRAINING and metadata.zero_stage == 3:
-        masters = read_optimizer_states(directory, metadata, 0, tp_rank).tensors[MASTER]
-        return {name: master.to(PRECISION_DTYPES[metadata.precision]) for name, master in masters.items()}
-    if metadata.contents == TRAINING and metadata.pp == 1:
-        module = _torch_load(directory / model_states_file(tp_rank))["module"]
-        return {stacked_canonical_name(name): tensor for name, tensor in module.items()}
-    shard = {}
-    for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model, metadata.task.name)):
-        if prefix is not None:
-            layer_state = _torch_load(directory / pipeline_layer_file(layer, tp_rank))
-            shard.update((prefix + name, tensor) for name, tensor in layer_state.items())
-    return shard
-
-
-def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[str, torch.Tensor]]:
-    """The full single-process model weights of a checkpoint of any tp/pp layout, with its metadata."""
-    directory = resolve_checkpoint(checkpoint)
-    metadata = read_metadata(directory)
-    shards = [load_model_shard(directory, metadata, rank) for rank in range(metadata.tp)]
-    return metadata, merge_state_dicts(shards, metadata.model)
-
-
-def _torch_load(path: Path):
-    # DeepSpeed's model files hold tensors and plain Python values only: the safe loader reads them.
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -21,18 +21,18 @@ from megatron_bloom.checkpoint.layout import (
     UNIVERSAL,
     WEIGHTS,
     CheckpointMetadata,
-    load_model_state_dict,
     publish_checkpoint,
     read_metadata,
     resolve_checkpoint,
     save_model_checkpoint,
     tag_for,
 )
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import StateTensors, read_layers, write_layers
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.parallelize import check_tensor_parallel
 from megatron_bloom.parallel.sharding import merge_state_dicts, split_for_ranks
-from megatron_bloom.pipeline.layers import canonical_layer, layer_canonical_prefixes
+from megatron_bloom.pipeline import names
 
 
 def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
@@ -56,11 +56,11 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
         written: Set[int] = set()
         for states, step in _source_chunks(directory, metadata):
             for name in list(states[STATE_KEYS[0]]):  # the tied embedding comes with the first and last stage
-                if canonical_layer(name, metadata.model)[0] in written:
+                if names.layer_of(name, metadata.model)[0] in written:
                     for key in STATE_KEYS:
                         del states[key][name]
             written.update(write_layers(staging, states, step, metadata.model, tp, weight_dtype))
-        prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
+        prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
         expected = {layer for layer, prefix in enumerate(prefixes) if prefix is not None}
         if written != expected:
             raise UserError(f"checkpoint {directory} holds optimizer state for layers {sorted(written)}, not "
@@ -77,7 +77,7 @@ def _source_chunks(directory: Path, metadata: CheckpointMetadata) -> Iterator[Tu
             yield ({key: merge_state_dicts([states.tensors[key] for states in per_rank], metadata.model)
                     for key in STATE_KEYS}, max(states.step for states in per_rank))
     elif metadata.contents == UNIVERSAL:
-        for layer, prefix in enumerate(layer_canonical_prefixes(metadata.model, metadata.task.name)):
+        for layer, prefix in enumerate(names.layer_prefixes(metadata.model, metadata.task.name)):
             if prefix is not None:
                 yield read_layers(directory, metadata, [layer])
     else:

@@ -23,7 +23,7 @@ from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, STATE_KEYS
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, pipeline_layer_file
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.parallel.sharding import merge_state_dicts, shard_tensor
-from megatron_bloom.pipeline.layers import canonical_layer, layer_canonical_prefixes
+from megatron_bloom.pipeline import names
 
 StateTensors = Dict[str, Dict[str, torch.Tensor]]  # state key ("fp32", "exp_avg", "exp_avg_sq") -> name -> tensor
 
@@ -34,17 +34,17 @@ def optimizer_layer_file(layer: int, tp_rank: int) -> str:
 
 def write_layers(directory: Path, full: StateTensors, step: int, config: ModelConfig, tp: int,
                  weight_dtype: torch.dtype) -> List[int]:
-    """Write the layers whose parameters `full` holds (single-process names, full tensors), sliced for `tp`
+    """Write the layers whose parameters `full` holds (model names, full tensors), sliced for `tp`
     ranks: weights (the fp32 masters in `weight_dtype`, as the run held them) and optimizer state. Returns
     the layers written."""
-    layers: Dict[int, List[Tuple[str, str]]] = {}  # layer -> (single-process name, name inside the layer)
+    layers: Dict[int, List[Tuple[str, str]]] = {}  # layer -> (model name, name inside the layer)
     for name in full[MASTER]:
-        layer, local = canonical_layer(name, config)
+        layer, local = names.layer_of(name, config)
         layers.setdefault(layer, []).append((name, local))
     for tp_rank in range(tp):
-        for layer, names in layers.items():
+        for layer, members in layers.items():
             weights, optimizer = {}, {}
-            for name, local in names:
+            for name, local in members:
                 shard = {key: shard_tensor(name, full[key][name], config, tp, tp_rank) for key in STATE_KEYS}
                 weights[local] = shard[MASTER].to(weight_dtype)
                 optimizer[local] = shard
@@ -56,8 +56,8 @@ def write_layers(directory: Path, full: StateTensors, step: int, config: ModelCo
 def read_layers(directory: Path, metadata: CheckpointMetadata, layers: Iterable[int],
                 tp_rank: Optional[int] = None) -> Tuple[StateTensors, int]:
     """The optimizer state of the given layers and Adam's step count: of one tp rank's files (as written,
-    `tp_rank`) or, by default, merged over all of them (single-process names and shapes)."""
-    prefixes = layer_canonical_prefixes(metadata.model, metadata.task.name)
+    `tp_rank`) or, by default, merged over all of them (model names, full shapes)."""
+    prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
     ranks = range(metadata.tp) if tp_rank is None else [tp_rank]
     states: StateTensors = {key: {} for key in STATE_KEYS}
     step = 0
@@ -74,15 +74,15 @@ def read_layers(directory: Path, metadata: CheckpointMetadata, layers: Iterable[
     return states, step
 
 
-def read_rank_states(directory: Path, metadata: CheckpointMetadata, names: Iterable[str], tp: int,
+def read_rank_states(directory: Path, metadata: CheckpointMetadata, parameters: Iterable[str], tp: int,
                      tp_rank: int) -> Tuple[StateTensors, int]:
-    """One rank's slices (of `tp` ranks) of the optimizer state of the parameters `names`: its own files
+    """One rank's slices (of `tp` ranks) of the optimizer state of `parameters` (model names): its own files
     when the checkpoint was sliced for `tp`, else all of them merged and sliced anew."""
-    names = list(names)
-    layers = sorted({canonical_layer(name, metadata.model)[0] for name in names})
+    parameters = list(parameters)
+    layers = sorted({names.layer_of(name, metadata.model)[0] for name in parameters})
     if metadata.tp == tp:
         states, step = read_layers(directory, metadata, layers, tp_rank)
-        return {key: {name: states[key][name] for name in names} for key in STATE_KEYS}, step
+        return {key: {name: states[key][name] for name in parameters} for key in STATE_KEYS}, step
     full, step = read_layers(directory, metadata, layers)
-    return {key: {name: shard_tensor(name, full[key][name], metadata.model, tp, tp_rank) for name in names}
+    return {key: {name: shard_tensor(name, full[key][name], metadata.model, tp, tp_rank) for name in parameters}
             for key in STATE_KEYS}, step

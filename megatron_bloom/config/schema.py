@@ -2,7 +2,8 @@
 
 The YAML files under `configs/` only set values; these classes define which keys exist and their types
 (Hydra rejects an unknown key or a wrongly typed value), and their `__post_init__` checks the values.
-Library code receives these objects, never a `DictConfig`.
+Library code receives these objects, never a `DictConfig`. The string under each field is its
+documentation: docs/configuration.md is generated from it (`config/reference.py`).
 """
 
 from __future__ import annotations
@@ -58,10 +59,16 @@ class ParallelConfig:
     """tp x pp x dp = world size; ranks are ordered tp fastest, then dp, then pp (Megatron-DeepSpeed)."""
 
     tp: int = 1
+    """Tensor-parallel ranks: each holds 1/tp of every weight matrix and whole attention heads (Megatron-LM)."""
     pp: int = 1
-    dp: Optional[int] = None  # None: world_size / (tp * pp)
+    """Pipeline stages (DeepSpeed's pipeline engine, 1F1B schedule, the embedding tied between the ends)."""
+    dp: Optional[int] = None
+    """Data-parallel replicas; null: the world size / (tp x pp)."""
     sequence_parallel: bool = False
+    """Shard LayerNorm and dropout activations along the sequence over the tp ranks (needs tp > 1)."""
     pipeline_partition: str = "flops"
+    """How pp stages split the layers: `flops` (balanced by training FLOPs, the LM head counted) or `blocks`
+    (the same number of transformer blocks per stage)."""
 
     def __post_init__(self) -> None:
         _check_positive("parallel", self, "tp", "pp", "dp")
@@ -70,7 +77,8 @@ class ParallelConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: int = 1  # what BLOOM-176B trained with; with pp > 1 only 0 or 1
+    stage: int = 1
+    """ZeRO stage 0-3 of DeepSpeed's optimizer (BLOOM-176B trained with 1); with pp > 1 only 0 or 1."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -80,19 +88,26 @@ class ZeroConfig:
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 1
+    """Samples per forward and backward pass on one rank."""
     global_batch_size: int = 8
+    """Samples per optimizer step over all replicas (micro-batch x accumulated micro-batches x dp)."""
     iters: int = 1000
+    """Optimizer steps to train for."""
     seed: int = 1234
+    """Seed of the initial weights, data order and dropout; the same for any layout."""
     activation_checkpointing: bool = False
-    # torch.compile each transformer block (torchtitan's per-block compile): LayerNorms, residual adds, GeLU
-    # and attention's reshapes fuse into fewer kernels. For GPUs; compilation costs time at the start.
+    """Recompute each transformer block in the backward pass instead of keeping its activations."""
     compile: bool = False
-    eval_interval: Optional[int] = None  # iterations between validation passes; None: no validation
+    """Put each transformer block through torch.compile (fused LayerNorms, residuals, GeLU); for GPUs."""
+    eval_interval: Optional[int] = None
+    """Iterations between validation passes (written to `run.dir/validation.jsonl`); null: none."""
     eval_iters: int = 10
-    # A NaN/inf loss or gradient skips the step; this many in a row stop the run (the model has diverged).
+    """Global batches of the validation split per validation pass."""
     max_consecutive_skips: int = 10
-    # [start, increment, samples]: batch-size ramp-up (Megatron-LM's --rampup-batch-size); None: constant.
+    """A step with a NaN/inf loss or gradient is skipped; this many in a row stop the run as diverged."""
     rampup_batch_size: Optional[List[int]] = None
+    """[start, increment, samples]: grow the global batch from start by increment over that many samples
+    (Megatron-LM's --rampup-batch-size); null: constant."""
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "micro_batch_size", "global_batch_size", "iters", "eval_interval",
@@ -112,12 +127,19 @@ class OptimConfig:
     """AdamW with decoupled weight decay (Loshchilov & Hutter 2019); BLOOM used beta2 = 0.95."""
 
     lr: float = 3e-4
+    """Peak learning rate, reached at the end of the warmup."""
     min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
     weight_decay: float = 0.1
+    """Decoupled weight decay of the matrices (biases and LayerNorm weights are not decayed)."""
     clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
     beta1: float = 0.9
+    """Adam's first-moment decay."""
     beta2: float = 0.95
+    """Adam's second-moment decay."""
     eps: float = 1e-8
+    """Adam's epsilon."""
 
     def __post_init__(self) -> None:
         _check_positive("optim", self, "lr", "eps")
@@ -136,8 +158,11 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     warmup_iters: int = 0
+    """Iterations of linear warmup from 0 to optim.lr."""
     decay_style: str = "cosine"
-    decay_iters: Optional[int] = None  # None: decay over train.iters
+    """How the learning rate falls to optim.min_lr after the warmup: `cosine`, `linear` or `constant`."""
+    decay_iters: Optional[int] = None
+    """Iterations the decay takes, counted from the start; null: train.iters."""
 
     def __post_init__(self) -> None:
         _check_choice("sched.decay_style", self.decay_style, DECAY_STYLES)
@@ -148,14 +173,21 @@ class SchedConfig:
 
 @dataclass
 class DataConfig:
-    # Megatron-style blend: [weight1, prefix1, weight2, prefix2, ...], or a single [prefix].
     paths: List[Any] = field(default_factory=list)
+    """Token shards, a Megatron-style blend `[w1, prefix1, w2, prefix2, ...]` or `[prefix]`: each prefix names
+    an MMIDIDX `prefix.bin` + `prefix.idx` pair."""
     tokenizer: Optional[str] = None
+    """The shards' tokenizer (a tokenizer.json or its directory): checked against model.vocab_size before
+    the start, and recorded in checkpoints."""
     split: str = "969,30,1"
+    """Train, validation and test weights: each shard's documents are split in these proportions."""
     cache_dir: Optional[str] = None
+    """Where the shuffled sample indices are cached; null: `index-cache/` next to the first shard."""
     num_workers: int = 2
-    # BLOOM-style language sampling: weights proportional to size^(1/temperature); data.paths holds prefixes only.
+    """DataLoader worker processes per rank."""
     temperature: Optional[float] = None
+    """Blend the shards of data.paths (prefixes only) with weights proportional to size^(1/temperature),
+    BLOOM's language sampling; null: the weights given in data.paths."""
 
     def __post_init__(self) -> None:
         if self.temperature is not None and self.temperature <= 0:
@@ -172,9 +204,14 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
+    """Where the run saves checkpoints (`<dir>/global_step<N>/`, `<dir>/latest`); null: no checkpoints."""
     save_interval: Optional[int] = None
-    load: Optional[str] = None  # a checkpoint dir, "auto" (newest complete one in `dir`), or None
-    keep_last: Optional[int] = None  # None: keep every checkpoint
+    """Iterations between saves; a run also saves at its end and on SIGTERM when checkpoint.dir is set."""
+    load: Optional[str] = None
+    """What to start from: a checkpoint (a checkpoint.dir root, whose latest complete one is used, or one
+    `global_step<N>/` dir), `auto` (the newest complete one in checkpoint.dir, if any), or null."""
+    keep_last: Optional[int] = None
+    """Keep only the newest this many checkpoints; null: keep every one."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", self, "save_interval", "keep_last")
@@ -188,13 +225,17 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    """Everything a run writes that is not a checkpoint: config.yaml, metrics.jsonl, validation.jsonl, logs."""
 
 
 @dataclass
 class WandbConfig:
     mode: str = "disabled"
+    """Weights & Biases logging: `disabled`, `offline` (no network; files under run.dir/wandb) or `online`."""
     project: str = "megatron_bloom"
+    """The wandb project."""
     name: Optional[str] = None
+    """The wandb run name; null: wandb's own."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb.mode", self.mode, WANDB_MODES)
@@ -203,8 +244,10 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     interval: int = 10
+    """Iterations per line of metrics.jsonl and of the console (1: every iteration)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
+    """Write TensorBoard event files under run.dir/tensorboard."""
 
     def __post_init__(self) -> None:
         _check_positive("logging", self, "interval")
@@ -213,7 +256,10 @@ class LoggingConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
-    nproc_per_node: Optional[int] = None  # None: tp * pp * dp on one node, divided over slurm.nodes
+    """How mbloom-launch starts the ranks: `local` (torchrun here), `deepspeed` (its launcher) or `slurm`
+    (an sbatch script, submitted); chosen with `launcher=NAME`."""
+    nproc_per_node: Optional[int] = None
+    """Ranks per node; null: tp x pp x dp, divided over slurm.nodes."""
 
     def __post_init__(self) -> None:
         _check_choice("launcher", self.name, LAUNCHERS)
@@ -223,11 +269,17 @@ class LauncherConfig:
 @dataclass
 class SlurmConfig:
     nodes: int = 1
+    """Nodes of the SLURM job (`#SBATCH --nodes`)."""
     partition: Optional[str] = None
+    """`#SBATCH --partition`; null: the cluster's default."""
     time: str = "01:00:00"
+    """`#SBATCH --time`: the job's time limit; the run saves and requeues 180 s before it."""
     account: Optional[str] = None
+    """`#SBATCH --account`; null: none."""
     gpus_per_node: Optional[int] = None
+    """`#SBATCH --gpus-per-node`; null: none requested."""
     cpus_per_task: Optional[int] = None
+    """`#SBATCH --cpus-per-task`; null: the cluster's default."""
 
     def __post_init__(self) -> None:
         _check_positive("slurm", self, "nodes", "gpus_per_node", "cpus_per_task")
@@ -236,9 +288,13 @@ class SlurmConfig:
 @dataclass
 class EvalConfig:
     input: Optional[str] = None
+    """mbloom-eval's jsonl file: `{"text": ...}` lines, or a fine-tuning task's format."""
     tokenizer: Optional[str] = None
-    seq_length: Optional[int] = None  # None: model.seq_length
+    """The tokenizer of mbloom-eval and mbloom-generate (a tokenizer.json or its directory)."""
+    seq_length: Optional[int] = None
+    """Tokens mbloom-eval keeps of each document; null: model.seq_length."""
     micro_batch_size: int = 1
+    """Documents (or task examples) per forward pass in mbloom-eval."""
 
     def __post_init__(self) -> None:
         _check_positive("eval", self, "seq_length", "micro_batch_size")
@@ -247,17 +303,29 @@ class EvalConfig:
 @dataclass
 class GenerateConfig:
     prompt: Optional[str] = None
-    input: Optional[str] = None  # a jsonl file of prompts
+    """One prompt (or generate.input)."""
+    input: Optional[str] = None
+    """A jsonl file of `{"prompt": ...}` lines (or generate.prompt)."""
     batch_size: int = 1
+    """Prompts generated together (left-padded)."""
     max_new_tokens: int = 32
+    """Tokens generated per prompt at most (a sequence also stops at EOS)."""
     do_sample: bool = False
+    """Sample the next token instead of taking the most likely one."""
     temperature: float = 1.0
+    """Sampling temperature."""
     top_k: int = 0
+    """Sample from the k most likely tokens only; 0: all."""
     top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
     seed: int = 1234
-    stream: bool = False  # print the completions as they grow: JSON lines {"index": i, "text": piece}
-    quantize: Optional[str] = None  # "int8": int8 weights, one scale per output channel (CPU, tp 1)
-    compile: bool = False  # the one-token decoding step through torch.compile (tp 1): compiled once, then faster
+    """Seed of sampling (with each batch's index): the same tokens at any layout."""
+    stream: bool = False
+    """Also print the completions while they grow, as `{"index": i, "text": piece}` lines."""
+    quantize: Optional[str] = None
+    """`int8`: int8 weights with one scale per output channel (CPU, tp 1); null: the run's precision."""
+    compile: bool = False
+    """Run the one-token decoding steps through torch.compile (tp 1): compiled once, then faster."""
 
     def __post_init__(self) -> None:
         _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature")
@@ -275,12 +343,20 @@ class TaskRunConfig:
     (causal_lm) or one of the fine-tuning tasks, with its data handling (megatron_bloom/tasks)."""
 
     name: str = "causal_lm"
-    train: Optional[str] = None  # fine-tuning: the task's training jsonl (mbloom-train)
-    valid: Optional[str] = None  # fine-tuning: its validation jsonl (validation loss every train.eval_interval)
-    labels: Optional[List[str]] = None  # label (or tag) names in index order; None: the checkpoint's or the data's
-    max_length: int = 128  # tokens per example (right-padded); question answering: question + context window
-    stride: int = 32  # question answering: tokens shared by consecutive windows of a long context
-    max_answer_tokens: int = 30  # question answering: the longest span a prediction may be
+    """`causal_lm` (pre-training), `sequence_classification`, `token_classification` or
+    `question_answering`; chosen with `task=NAME`."""
+    train: Optional[str] = None
+    """Fine-tuning: the task's training jsonl."""
+    valid: Optional[str] = None
+    """Fine-tuning: its validation jsonl (validation loss every train.eval_interval)."""
+    labels: Optional[List[str]] = None
+    """Label (or tag) names in index order; null: the checkpoint's, else the training data's, sorted."""
+    max_length: int = 128
+    """Tokens per example (right-padded); question answering: question and context window together."""
+    stride: int = 32
+    """Question answering: tokens shared by consecutive windows of a long context."""
+    max_answer_tokens: int = 30
+    """Question answering: the longest answer span a prediction may be."""
 
     def __post_init__(self) -> None:
         _check_choice("task.name", self.name, TASKS)
@@ -295,6 +371,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: str = "bf16"
+    """`fp32`, `bf16` or `fp16` weights and activations (the optimizer keeps fp32 masters in 16-bit runs)."""
     train: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -307,7 +384,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     task: TaskRunConfig = field(default_factory=TaskRunConfig)
-    hardware: str = "a100-80gb"  # what mbloom-plan compares against (megatron_bloom/planner/hardware.py)
+    hardware: str = "a100-80gb"
+    """What mbloom-plan compares memory and FLOPs against: `a100-80gb`, `h100-80gb`, `h200`, or `cpu` (this
+    machine, measured)."""
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)

@@ -1,8 +1,7 @@
 """One training job as a launcher sees it: the validated config, its world size, and the command per launcher.
 
-Everything a job would refuse at start-up is refused here, before a process is spawned or a job queued
-(INTERFACE.md, "Validation"): the config's own checks, the layout against the number of processes, data
-files and tokenizer. `run.dir` is resolved once here, so every rank (and a requeued job) writes to the
+Everything a job would refuse at start-up is refused here, before a process is spawned or a job queued:
+the config's own checks, the layout against the number of processes, data files and tokenizer. `run.dir` is resolved once here, so every rank (and a requeued job) writes to the
 same directory.
 """
 
@@ -20,7 +19,7 @@ from megatron_bloom.errors import ConfigError
 from megatron_bloom.parallel.distributed import free_port
 from megatron_bloom.training.validation import validate_training_inputs
 
-TRAIN_MODULE = "megatron_bloom.train"
+TRAIN_MODULE = "megatron_bloom.cli.train"
 
 
 @dataclass

@@ -25,29 +25,38 @@ class ModelConfig:
     """
 
     num_layers: int = 24
+    """Transformer blocks."""
     hidden_size: int = 1024
+    """Width of the residual stream (h); the MLP is 4h wide."""
     num_heads: int = 16
+    """Attention heads (each of hidden_size / num_heads dimensions, with its own ALiBi slope)."""
     vocab_size: int = 250880
+    """The tokenizer's vocabulary; the embedding is padded to a multiple of make_vocab_size_divisible_by x tp."""
     seq_length: int = 2048
+    """Tokens per training sample."""
     layer_norm_epsilon: float = 1e-5
+    """The LayerNorms' epsilon."""
     init_std: float = 0.02
+    """Standard deviation of the initial weights (the two residual-output projections / sqrt(2 layers))."""
     make_vocab_size_divisible_by: int = 128
+    """The embedding's rows are a multiple of this x tp (Megatron-LM); padding rows are zero, never predicted."""
     hidden_dropout: float = 0.0
+    """Dropout after the attention and MLP outputs."""
     attention_dropout: float = 0.0
+    """Dropout of the attention probabilities."""
     pad_token_id: Optional[int] = 3
+    """The padding token (BLOOM's `<pad>`)."""
     bos_token_id: Optional[int] = 1
+    """The beginning-of-sequence token (BLOOM's `<s>`)."""
     eos_token_id: Optional[int] = 2
-    # How attention is computed, not what: "eager" is the reference (fp32 softmax over materialized scores,
-    # bit-identical to transformers); "sdpa" is torch's fused scaled_dot_product_attention, with ALiBi as
-    # its additive mask or, on GPUs for unpadded batches, folded into q.k for the causal flash kernel (no
-    # fp32 score copies; equal within rounding). Runs default to "sdpa" (configs/train.yaml); checkpoints
-    # do not record it.
+    """The end-of-sequence token (BLOOM's `</s>`): generation stops at it."""
     attention_impl: str = "eager"
-    # GeLU through torch's one-pass tanh-GeLU kernel (forward and backward) instead of BLOOM's formula as
-    # separate elementwise ops: 3x faster on CPU; its constant sqrt(2/pi) differs from BLOOM's 0.79788456
-    # by 8e-10 relative, below float32 resolution. On GPUs the cross-entropy's passes over the logits are
-    # also compiled (torch.compile) into one kernel each way. Runs default to true (configs/train.yaml).
+    """How attention is computed, not what: `eager` is the reference (fp32 softmax over materialized scores,
+    bit-identical to transformers); `sdpa` is the fast path of each device (torch's fused attention; ALiBi
+    folded into q.k on GPUs, causal blocks on CPUs). Not recorded in checkpoints."""
     fused_kernels: bool = False
+    """One-pass GeLU (3x faster than BLOOM's formula op by op, equal within float32 rounding), our CPU
+    kernels for bf16, and compiled cross-entropy passes on GPUs. Not recorded in checkpoints."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length",

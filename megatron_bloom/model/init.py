@@ -1,6 +1,6 @@
 """Building a model and giving it initial weights that do not depend on how it is later split.
 
-Every parameter draws from its own random generator, seeded by the run seed and the parameter's canonical
+Every parameter draws from its own random generator, seeded by the run seed and the parameter's model
 name (its name in the single-process model, e.g. `transformer.h.3.mlp.dense_4h_to_h.weight`). A pipeline
 stage that owns only some layers, or a tensor-parallel rank that owns a slice, therefore gets exactly the
 values the full model would have: it generates the full tensor of its names and keeps its part.
@@ -32,7 +32,7 @@ def parameter_seed(seed: int, name: str) -> int:
 
 
 def initial_value(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> torch.Tensor:
-    """The full initial float32 tensor of parameter `name` (its canonical name and full, unsplit shape)."""
+    """The full initial float32 tensor of parameter `name` (its model name and full, unsplit shape)."""
     leaf = name.rsplit(".", 1)[-1]
     is_layer_norm = "layernorm." in name or name.startswith("ln_f.") or ".ln_f." in name
     if leaf == "bias":

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.config.schema import ParallelConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.state import ParallelState, default_device
 
@@ -82,23 +81,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def state_for_run(parallel: ParallelConfig, world_size: int, require_groups: bool = False) -> ParallelState:
-    """The ParallelState of this process for the configured layout (checked against the world size).
+def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int,
+                  require_groups: bool = False) -> ParallelState:
+    """The ParallelState of this process for the layout `parallel.tp`, `.pp` and `.dp` (None: what the world
+    size leaves), checked against the world size.
 
     A single process gets no groups unless `require_groups` (then groups of one, from the default group).
     """
-    dp = parallel.dp if parallel.dp is not None else max(1, world_size // (parallel.tp * parallel.pp))
-    if parallel.tp * parallel.pp * dp != world_size:
+    dp = dp if dp is not None else max(1, world_size // (tp * pp))
+    if tp * pp * dp != world_size:
         launch = "" if world_size > 1 else (
-            f" Start {parallel.tp * parallel.pp * dp} processes, e.g. torchrun --nproc-per-node "
-            f"{parallel.tp * parallel.pp * dp} -m <command> ...")
+            f" Start {tp * pp * dp} processes, e.g. torchrun --nproc-per-node {tp * pp * dp} -m <command> ...")
         raise UserError(
-            f"parallel.tp ({parallel.tp}) x parallel.pp ({parallel.pp}) x parallel.dp ({dp}) must equal the number "
+            f"parallel.tp ({tp}) x parallel.pp ({pp}) x parallel.dp ({dp}) must equal the number "
             f"of processes ({world_size}).{launch}"
         )
     if world_size == 1 and not require_groups:
         return ParallelState.single(default_device())
-    return ParallelState.create(tp=parallel.tp, pp=parallel.pp, dp=dp)
+    return ParallelState.create(tp=tp, pp=pp, dp=dp)
 
 
 def exit_without_teardown(code: int = 0) -> None:

@@ -124,23 +124,23 @@ def materialize(module: nn.Module, config: ModelConfig, state: ParallelState, sh
                 seed: int, prefix: str = "", full_state_dict: Optional[StateDict] = None) -> nn.Module:
     """Allocate a (meta) module on this rank's device and give each parameter its slice of the full value.
 
-    `prefix` + a parameter's name is its canonical name (in the single-process model); the full value
-    comes from `full_state_dict` when given, else from the layout-independent initialization.
+    `prefix` + a parameter's name is its model name (its name in the single-process model); the full
+    value comes from `full_state_dict` when given, else from the layout-independent initialization.
     """
     module.to_empty(device=state.device)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            canonical = prefix + name
+            model_name = prefix + name
             if full_state_dict is not None:
-                if canonical not in full_state_dict:
-                    raise KeyError(f"the state dict has no {canonical}")
-                full = full_state_dict[canonical]
+                if model_name not in full_state_dict:
+                    raise KeyError(f"the state dict has no {model_name}")
+                full = full_state_dict[model_name]
             else:
-                full = initial_value(canonical, shapes[canonical], config, seed)
-            param.copy_(shard_tensor(canonical, full, config, state.tp, state.tp_rank))
+                full = initial_value(model_name, shapes[model_name], config, seed)
+            param.copy_(shard_tensor(model_name, full, config, state.tp, state.tp_rank))
             # Sharded parameters count on every tp rank in a gradient norm; replicated ones only once
             # (the attribute Megatron-LM and DeepSpeed read).
-            param.tensor_model_parallel = state.tp > 1 and partition_dim(canonical) is not None
+            param.tensor_model_parallel = state.tp > 1 and partition_dim(model_name) is not None
     return module
 
 

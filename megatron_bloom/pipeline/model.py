@@ -22,10 +22,9 @@ from megatron_bloom.pipeline.layers import (
     LayerNormPipe,
     lm_head_forward,
 )
+from megatron_bloom.pipeline.names import TIED_EMBEDDING
 from megatron_bloom.pipeline.partition import stage_layers
 from megatron_bloom.pipeline.task_head import TaskHeadPipe, TaskLoss
-
-TIED_EMBEDDING = "embed"
 
 
 def layer_specs(config: ModelConfig, state: ParallelState, seed: int, task: TaskConfig) -> List[LayerSpec]:
@@ -82,7 +81,7 @@ def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activat
 
 class StackedModel(nn.Module):
     """The pipeline layers run one after the other in one process: what pp = 1 trains, with no schedule.
-    (Its attribute names are what `stacked_canonical_name` maps back to single-process names.)"""
+    (Its attribute names are what `names.from_stacked_model` maps back to model names.)"""
 
     def __init__(self, config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
                  task: Optional[TaskConfig] = None) -> None:

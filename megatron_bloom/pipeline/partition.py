@@ -4,7 +4,7 @@ The specs are: the embedding, its LayerNorm, the L transformer blocks, the final
 (the tied LM head, or a fine-tuning task's). Every stage holds at least one block.
 
 * `flops` (the default) balances the stages' training FLOPs. The LM head costs 6 h V a token, against
-  72 h^2 (1 + s / 6h) for a block (`training/flops.py`). For a small model that head outweighs several
+  72 h^2 (1 + s / 6h) for a block (`model/flops.py`). For a small model that head outweighs several
   blocks. Splitting by blocks alone would leave the last stage the slowest, and 1F1B runs every stage at
   the pace of the slowest. Megatron-LM handles this with `--account-for-loss-in-pipeline-split`, and
   BLOOM's Megatron-DeepSpeed with `type:transformer|embedding`. Here the head's real cost is counted.
@@ -23,7 +23,7 @@ from typing import List
 from deepspeed.runtime.utils import partition_balanced
 
 from megatron_bloom.model import ModelConfig
-from megatron_bloom.training.flops import layer_flops_per_token, lm_head_flops_per_token
+from megatron_bloom.model.flops import layer_flops_per_token, lm_head_flops_per_token
 
 
 def stage_layers(model: ModelConfig, pp: int, task_name: str = "causal_lm", method: str = "flops") -> List[range]:

@@ -19,22 +19,25 @@ from typing import Dict, Tuple, Union
 import torch
 from torch import nn
 
-from megatron_bloom.model import ModelConfig, TaskConfig, create_task_model
+from megatron_bloom.model.config import ModelConfig
 from megatron_bloom.model.heads import (
     TASK_HEAD_NAMES,
+    TaskConfig,
     question_answering_loss,
     sequence_classification_loss,
     token_classification_loss,
 )
-from megatron_bloom.parallel import ParallelState
+from megatron_bloom.model.init import create_task_model
 from megatron_bloom.parallel.parallelize import materialize
+from megatron_bloom.parallel.state import ParallelState
+from megatron_bloom.pipeline import names
 from megatron_bloom.pipeline.layers import Activations, split_activations
 
 
 class TaskHeadPipe(nn.Module):
     """hidden states [b, s, h] -> per-position logits [b, s, outputs] of the task's head."""
 
-    canonical_prefix = ""  # the head's weights are top-level in the single-process model (`score.weight`)
+    model_prefix = names.HEAD  # the head's weights are top-level in the single-process model (`score.weight`)
 
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, task: TaskConfig) -> None:
         super().__init__()
@@ -43,7 +46,7 @@ class TaskHeadPipe(nn.Module):
             task_model = create_task_model(config, task)  # on meta: nothing allocated, only its head is kept
         self.add_module(self.head_name, getattr(task_model, self.head_name))
         self.dropout = getattr(task_model, "dropout", nn.Identity())  # token classification's classifier dropout
-        materialize(self, config, state, shapes, seed, prefix=self.canonical_prefix)
+        materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
 
     def forward(self, inputs: Activations) -> torch.Tensor:
         hidden_states, _ = split_activations(inputs)

@@ -1,4 +1,4 @@
-"""The plan of a config: what `mbloom-plan` prints (a table) and `--json` returns (INTERFACE.md)."""
+"""The plan of a config: what `mbloom-plan` prints (a table) and `--json` returns (docs/commands.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.planner.hardware import Hardware
 from megatron_bloom.planner.memory import micro_batches_per_step, plan_stages
-from megatron_bloom.training.flops import iteration_flops
+from megatron_bloom.model.flops import iteration_flops
 
 
 def with_data_parallel_size(config: TrainConfig) -> TrainConfig:
@@ -58,3 +58,33 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
             model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
             report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
     return report
+
+
+def format_table(report: dict) -> str:
+    """The report as the table `mbloom-plan` prints without --json."""
+    layout, memory = report["layout"], report["memory_per_rank_gb"]
+    lines = [
+        f"parameters        {report['params']:,} ({report['params'] / 1e9:.1f} B); largest rank "
+        f"{report['params_per_rank']:,}",
+        f"layout            tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']} = {layout['world_size']} ranks, "
+        f"ZeRO {layout['zero_stage']}, {layout['precision']}, {layout['micro_batches_per_step']} micro-batches per "
+        f"step, {layout['tokens_per_iter']:,} tokens per iteration",
+        f"pipeline bubble   {report['bubble_fraction']:.1%} of each step ((pp - 1) / micro-batches)",
+        f"FLOPs/iteration   {report['flops_per_iter']:.3e}",
+        "",
+        "stage  blocks  params/rank     weights    grads  optimizer  activations     total  (GB per rank)",
+    ]
+    for stage in report["stages"]:
+        gb = stage["memory_gb"]
+        lines.append(f"{stage['stage']:>5}  {stage['blocks']:>6}  {stage['params_per_rank']:>11,}  {gb['weights']:>10.2f} "
+                     f"{gb['grads']:>8.2f} {gb['optimizer']:>10.2f} {gb['activations']:>12.2f} {gb['total']:>9.2f}")
+    lines.append(f"largest rank: {memory['total']:.2f} GB")
+    if "hardware" in report:
+        device = report["hardware"]
+        verdict = "fits" if device["fits"] else "does NOT fit"
+        lines.append(f"{device['name']}: {device['memory_gb']:.0f} GB per device, peak {device['peak_tflops']:.1f} "
+                     f"TFLOP/s: {verdict}")
+    if "tflops_per_gpu" in report:
+        lines.append(f"at {report['iter_time_s']} s per iteration: {report['tflops_per_gpu']:.1f} TFLOP/s per GPU, "
+                     f"{report['tokens_per_s']:,.0f} tokens/s" + (f", MFU {report['mfu']:.1%}" if "mfu" in report else ""))
+    return "\n".join(lines)

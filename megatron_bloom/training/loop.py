@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.training_state import (
+from megatron_bloom.training.checkpointing import (
     StartPoint,
     load_universal_weights,
     load_weights_only,
@@ -37,7 +37,7 @@ from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
 from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
-from megatron_bloom.training.flops import iteration_flops
+from megatron_bloom.model.flops import iteration_flops
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients

@@ -1,4 +1,5 @@
-"""Checks a training config needs beyond its own fields: files on disk (INTERFACE.md, "Validation")."""
+"""Checks a training config needs beyond its own fields: the files on disk. mbloom-launch runs them before it
+starts any process, mbloom-train before it joins a process group."""
 
 from __future__ import annotations
 

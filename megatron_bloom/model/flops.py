@@ -14,7 +14,7 @@ overhead, not as useful FLOPs, so pass recompute=False for MFU.
 
 from __future__ import annotations
 
-from megatron_bloom.model import ModelConfig
+from megatron_bloom.model.config import ModelConfig
 
 
 def layer_flops_per_token(model: ModelConfig, seq_length: int, recompute: bool = False) -> float:

@@ -1,14 +1,40 @@
-"""Command lines made of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`, `-generate`, `-launch` and
-`-plan` take, with the few `--flags` a command adds."""
+"""What every command shares: command lines of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`,
+`-generate`, `-launch` and `-plan` take, with the few `--flags` a command adds; and a user's mistake printed
+as one paragraph with exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+import textwrap
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from omegaconf import OmegaConf
 
+from megatron_bloom.checkpoint.layout import read_metadata
+from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
 from megatron_bloom.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def exit_on_user_error(program: str) -> Callable[[F], F]:
+    """Decorate a console-script `main`: a `UserError` prints `program: error: ...` and exits with status 2."""
+
+    def decorate(main: F) -> F:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except UserError as error:
+                message = textwrap.fill(str(error), width=100, break_long_words=False,
+                                        break_on_hyphens=False)
+                print(f"{program}: error: {message}", file=sys.stderr)
+                sys.exit(2)
+
+        return wrapped  # type: ignore[return-value]
+
+    return decorate
 
 
 def parse_command_line(argv: Optional[Sequence[str]], program: str, usage: str, switches: Sequence[str] = (),
@@ -46,13 +72,10 @@ def parse_overrides(argv: Optional[Sequence[str]], program: str, usage: str) -> 
 
 
 def checkpoint_command_config(overrides: Sequence[str], program: str, usage: str, required: Sequence[str],
-                              one_of: Sequence[str] = ()):
+                              one_of: Sequence[str] = ()) -> TrainConfig:
     """The config of a command that runs a checkpoint's model (mbloom-eval, -generate): the keys it needs
     are set (all of `required`, one of `one_of`), and the layout is validated against the checkpoint's
     model, not against the default preset."""
-    from megatron_bloom.checkpoint.layout import read_metadata
-    from megatron_bloom.config.loading import compose_dictconfig, load_config
-
     raw = compose_dictconfig(overrides)
     missing = [key for key in ("checkpoint.load", *required) if not OmegaConf.select(raw, key)]
     if one_of and not any(OmegaConf.select(raw, key) for key in one_of):

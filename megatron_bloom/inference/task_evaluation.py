@@ -1,4 +1,4 @@
-"""Evaluating a fine-tuned head on a task's jsonl file: `mbloom-eval task=NAME` (any tp; dp splits the rows).
+"""A fine-tuned head's metrics on a task's jsonl file: `mbloom-eval task=NAME` (any tp; dp splits the rows).
 
 The file is read in the task's format (bad lines skipped and counted), turned into fixed-length features,
 run through the model in micro-batches, and scored: accuracy and macro F1 (sequence classification),

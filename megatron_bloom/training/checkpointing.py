@@ -2,7 +2,7 @@
 
 A save is collective. Every rank writes into the hidden staging directory of the tag (DeepSpeed: model,
 optimizer / ZeRO partitions, LR schedule; we: this rank's RNG state); after a barrier rank 0 publishes it
-(`layout.publish_staged`: fsync, `mbloom.json` with every file's size, rename, then `latest`) and prunes
+(`checkpoint/layout.py`, `publish_staged`: fsync, `mbloom.json` with every file's size, rename, then `latest`) and prunes
 old ones. A resume at the same tp/pp loads all of it, so the run continues bit for bit; a checkpoint of
 another layout, or a weights-only one (from-hf), starts from its weights only. A run of another task (a
 fine-tuning run from a pre-training checkpoint) starts from the trunk's weights at iteration 0, its own
@@ -29,7 +29,6 @@ from megatron_bloom.checkpoint.layout import (
     TRAINING,
     UNIVERSAL,
     CheckpointMetadata,
-    load_model_state_dict,
     newest_complete_checkpoint,
     prune_checkpoints,
     publish_staged,
@@ -38,13 +37,14 @@ from megatron_bloom.checkpoint.layout import (
     staging_dir,
     tag_for,
 )
+from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
-from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.parallel.sharding import shard_tensor
-from megatron_bloom.pipeline.layers import canonical_parameters
+from megatron_bloom.pipeline.names import named_model_parameters
 from megatron_bloom.pipeline.partition import stage_layers
 
 
@@ -194,7 +194,7 @@ def load_weights_only(model: nn.Module, directory: Path, state: ParallelState, n
     initial values (and the checkpoint's own head, if any, is left out)."""
     metadata, full = load_model_state_dict(directory)
     with torch.no_grad():
-        for name, param in canonical_parameters(model):
+        for name, param in named_model_parameters(model):
             if new_head and not name.startswith("transformer."):
                 continue
             if name not in full:
@@ -208,7 +208,7 @@ def load_universal_weights(model: nn.Module, directory: Path, metadata: Checkpoi
     """Before DeepSpeed takes the model: set this rank's weights from a reshaped checkpoint's fp32 masters
     (so DeepSpeed's low-precision copies are what they were in the original run) and return this rank's
     optimizer state for `restore_optimizer_state`, with Adam's step count."""
-    parameters = dict(canonical_parameters(model))
+    parameters = dict(named_model_parameters(model))
     states, step = read_rank_states(directory, metadata, parameters, state.tp, state.tp_rank)
     with torch.no_grad():
         for name, param in parameters.items():
@@ -226,7 +226,7 @@ def restore_optimizer_state(engine, states: StateTensors, step: int) -> None:
     fp32_copies = {id(low): high for lows, highs in zip(getattr(wrapper, "fp16_groups", []),
                                                         getattr(wrapper, "fp32_groups", []))
                    for low, high in zip(lows, highs)}  # DeepSpeed's fp16/bf16 wrapper without ZeRO
-    for name, param in canonical_parameters(engine.module):
+    for name, param in named_model_parameters(engine.module):
         values = {key: states[key][name].to(device=param.device, dtype=torch.float32) for key in STATE_KEYS}
         if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
             safe_set_full_fp32_param(param, values[MASTER])

@@ -1,0 +1,56 @@
+"""`mbloom-generate`: text from a checkpoint, greedy or sampled, with a KV cache, at any tensor-parallel size.
+
+    [torchrun --nproc-per-node N -m] mbloom-generate checkpoint.load=CKPT eval.tokenizer=TOK generate.prompt="..."
+        [generate.max_new_tokens=32] [generate.do_sample=true generate.temperature=0.8 generate.top_k=50
+        generate.top_p=0.95 generate.seed=1234] [generate.input=PROMPTS.jsonl generate.batch_size=8]
+
+Prompts (`generate.prompt`, or the `prompt` of each line of `generate.input`) are tokenized without
+special tokens and left-padded into batches; the prompt runs once, then each new token costs one
+position (the cache holds the keys and values of the earlier ones). A sequence stops at the model's EOS
+token or after `max_new_tokens`. Tensor-parallel ranks gather the full vocabulary's logits and take the
+same token; data-parallel ranks split the batches. Sampling draws from a generator seeded by
+`generate.seed` and the batch's index, so results do not depend on the layout. Each prompt's result is
+one JSON line on stdout: `{"prompt": str, "completion": str, "token_ids": [int, ...]}`; with
+`generate.stream=true` the completions are printed while they grow too, before those lines, as
+`{"index": prompt index, "text": piece}` lines (a prompt's pieces join into its completion).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_overrides
+from megatron_bloom.inference.generation import generate
+from megatron_bloom.parallel import init_distributed
+from megatron_bloom.parallel.distributed import state_for_run
+
+USAGE = 'checkpoint.load=CKPT_DIR eval.tokenizer=TOK generate.prompt="..." [generate.max_new_tokens=N] ...'
+
+
+@exit_on_user_error("mbloom-generate")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    overrides = parse_overrides(argv, "mbloom-generate", USAGE)
+    config = checkpoint_command_config(overrides, "mbloom-generate", USAGE, required=("eval.tokenizer",),
+                                       one_of=("generate.prompt", "generate.input"))
+    start = time.perf_counter()
+    world_size = init_distributed()
+    layout = config.parallel
+    state = state_for_run(layout.tp, layout.pp, layout.dp, world_size)
+    results, times = generate(config, state)
+    if state.is_first_rank:
+        new_tokens = sum(len(result["token_ids"]) for result in results)
+        elapsed = time.perf_counter() - start
+        print(f"mbloom-generate: {len(results)} prompts, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
+              f"{elapsed:.1f} s with loading; {times.summary()} (rank 0)", file=sys.stderr)
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
