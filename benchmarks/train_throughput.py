@@ -6,9 +6,12 @@
 Both train the same shape (default bloom-small: hidden 512, 8 layers, seq 512) on batches of
 `--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed, bf16
 weights with fp32 master weights in the optimizer) on token shards made from the sample corpus,
-transformers' in bf16 autocast. Each run's median step time after two warm-up steps counts. The two
-alternate `--repeats` times (ours, theirs, ours, ...), so that a drift of the machine's speed meets both;
-the median of the pairs' ratios is what to read (absolute numbers drift with the machine's load).
+`transformers` with its strongest stock settings: fp32 weights under bf16 autocast and torch's fused
+AdamW (`fused=True`). Its BLOOM has eager attention only (transformers 5.x offers no SDPA or
+FlashAttention path for BLOOM), so that is what it runs. Each run's median step time after two warm-up
+steps counts. The two alternate `--repeats` times (ours, theirs, ours, ...), so that a drift of the
+machine's speed meets both; the median of the pairs' ratios is what to read (absolute numbers drift with
+the machine's load).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def theirs(model: str, iters: int, micro: int) -> float:
     reference = transformers.BloomForCausalLM(transformers.BloomConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, n_layer=config.num_layers,
         n_head=config.num_heads))
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     tokens = torch.randint(0, config.vocab_size, (micro, config.seq_length + 1))
     times = []
     for _ in range(iters):
@@ -106,9 +109,10 @@ def main() -> None:
     gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, torch.bfloat16)
     print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, bf16, AdamW, one process, "
           f"{os.cpu_count()} cores; medians of {args.repeats} alternating runs each")
-    print(f"  mbloom-train:                 {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
+    print(f"  mbloom-train: {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
           f"{tflops * 1000:.0f} GFLOP/s (model FLOPs)")
-    print(f"  transformers (bf16 autocast): {theirs_s:.3f} s/step, {tokens / theirs_s:,.0f} tokens/s")
+    print(f"  transformers (bf16 autocast, fused AdamW, eager attention): {theirs_s:.3f} s/step, "
+          f"{tokens / theirs_s:,.0f} tokens/s")
     print(f"  ratio (mbloom-train / transformers tokens/s): {statistics.median(ratios):.2f} "
           f"(run by run: {', '.join(f'{ratio:.2f}' for ratio in ratios)})")
     print(f"  bf16 GEMM ceiling at these shapes (gemm_peak.py): {gemm_peak * 1000:.0f} GFLOP/s; mbloom-train "

@@ -117,7 +117,7 @@ def main() -> int:
                  f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
                  f"run.dir={workdir / 'run'}", f"checkpoint.dir={workdir / 'trained'}"]
-    print("$ torchrun --nproc-per-node 4 -m megatron_bloom.train " + " ".join(overrides))
+    print("$ torchrun --nproc-per-node 4 -m megatron_bloom.cli.train " + " ".join(overrides))
     trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                               "-m", "megatron_bloom.cli.train", *overrides], capture_output=True, text=True)
     if trained.returncode != 0:

@@ -9,14 +9,15 @@ from megatron_bloom.model import ModelConfig, TaskConfig, build_model
 from megatron_bloom.model.heads import last_token_index
 from tests.conftest import hf_model, load_hf_weights_into, small_config
 
-FP32_TOLERANCE = 1e-5
-# bf16 keeps 8 bits of mantissa; both sides run the same bf16 kernels in the same order, and the measured
-# difference is 0. The bound leaves room for a different op order without hiding a real bug (a wrong
-# bias or mask moves logits by far more than 1 bf16 ulp of values of magnitude ~4, 0.03).
-BF16_TOLERANCE = 0.03
-
-# "eager" is transformers' computation step by step; "sdpa" the fused kernel runs use (equal within rounding).
+# "eager" is transformers' computation step by step, in the same order: its logits, losses and gradients
+# must be transformers' to the bit, in fp32 and in bf16. "sdpa" is the fused attention runs use, which
+# sums in another order: equal within rounding.
 IMPLS = ["eager", "sdpa"]
+TOLERANCE = {("eager", torch.float32): 0.0, ("eager", torch.bfloat16): 0.0, ("sdpa", torch.float32): 1e-5,
+             # bf16 keeps 8 bits of mantissa: a few ulps of logits of magnitude ~2 (measured: 0.008); a wrong
+             # bias or mask moves them by far more
+             ("sdpa", torch.bfloat16): 0.03}
+FP32_TOLERANCE = TOLERANCE["sdpa", torch.float32]
 
 SHAPES = {
     "4-heads": small_config(vocab_size=1000),  # vocabulary not a multiple of 128: padding is exercised
@@ -55,9 +56,10 @@ def test_causal_lm_logits_and_loss_fp32(shape, masked, attention_impl):
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=mask, labels=labels)
         actual = ours(input_ids, attention_mask=mask, labels=labels)
+    tolerance = TOLERANCE[attention_impl, torch.float32]
     assert actual.logits.shape == expected.logits.shape == (3, 17, config.vocab_size)
-    assert (actual.logits - expected.logits).abs().max().item() <= FP32_TOLERANCE
-    assert abs(actual.loss.item() - expected.loss.item()) <= FP32_TOLERANCE
+    assert (actual.logits - expected.logits).abs().max().item() <= tolerance
+    assert abs(actual.loss.item() - expected.loss.item()) <= tolerance
 
 
 @pytest.mark.parametrize("shape", ["4-heads", "6-heads"])
@@ -77,12 +79,13 @@ def test_causal_lm_gradients_fp32(shape, attention_impl):
     reference(input_ids, attention_mask=mask, labels=labels).loss.backward()
     ours(input_ids, attention_mask=mask, labels=labels).loss.backward()
     expected = dict(reference.named_parameters())
+    tolerance = TOLERANCE[attention_impl, torch.float32]
     for name, param in ours.named_parameters():
         grad = param.grad
         if name == "transformer.word_embeddings.weight":
             assert grad[config.vocab_size:].abs().max().item() == 0  # padding rows never receive gradient
             grad = grad[: config.vocab_size]
-        assert (grad - expected[name].grad).abs().max().item() <= FP32_TOLERANCE, name
+        assert (grad - expected[name].grad).abs().max().item() <= tolerance, name
 
 
 @pytest.mark.parametrize("shape", ["4-heads", "6-heads"])
@@ -94,9 +97,10 @@ def test_causal_lm_bf16(shape, attention_impl):
     with torch.no_grad():
         expected = reference(input_ids, attention_mask=mask, labels=input_ids)
         actual = ours(input_ids, attention_mask=mask, labels=input_ids)
+    tolerance = TOLERANCE[attention_impl, torch.bfloat16]
     assert actual.logits.dtype == torch.bfloat16
-    assert (actual.logits.float() - expected.logits.float()).abs().max().item() <= BF16_TOLERANCE
-    assert abs(actual.loss.item() - expected.loss.item()) <= BF16_TOLERANCE
+    assert (actual.logits.float() - expected.logits.float()).abs().max().item() <= tolerance
+    assert abs(actual.loss.item() - expected.loss.item()) <= tolerance
 
 
 @pytest.mark.parametrize("problem", ["single_label", "regression", "multi_label"])
