@@ -1,4 +1,5 @@
-"""Shared helpers: small random models on both sides (ours and transformers'), and running console scripts."""
+"""Shared helpers and fixtures: small random models on both sides (ours and transformers'), running console
+scripts, and the data and trained checkpoints several test modules share (built once per test session)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import pytest
 import torch
+from filelock import FileLock
 
 from megatron_bloom.model import ModelConfig, TaskConfig
 
@@ -105,6 +108,19 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in paragraph, (fragment, result.stderr)
 
 
+def assert_user_error_in_process(main: Callable, argv: Sequence[str], capsys, *fragments: str) -> None:
+    """The same as `assert_user_error` for a command's `main` called in this process (no interpreter to
+    start: for the mistakes a command refuses before it joins a process group or starts one)."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr
+    assert "Traceback" not in stderr and "error:" in stderr, stderr
+    paragraph = " ".join(stderr.split())
+    for fragment in fragments:
+        assert fragment in paragraph, (fragment, stderr)
+
+
 # --- text and tokenizers made here (nothing is downloaded) -------------------------------------------
 
 _SYLLABLES = ["ka", "lo", "mi", "tu", "ré", "ça", "ün", "ø", "да", "ни", "ком", "你", "好", "世", "ب", "ال",
@@ -183,3 +199,30 @@ def exported_task_model(root: Path, task_name: str, config: ModelConfig, seed: i
     reference.save_pretrained(root / "hf")
     run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(root / "hf"), "--output", str(root / "ckpt")])
     return reference, labels
+
+
+# --- built once per session, shared by the test modules (and by pytest-xdist's workers) -----------------
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`root/name`, made by `build(directory)` once per test session: pytest-xdist's workers share the
+    session's base temporary directory, and the first worker to arrive builds while the others wait on a
+    file lock (pytest-xdist's own recipe for session fixtures that must run once)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the directory every worker's base temp lies in
+    directory, done = base / "shared" / name, base / "shared" / f"{name}.done"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if not done.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            build(directory)
+            done.touch()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def shard(tmp_path_factory) -> Path:
+    """A 1024-token tokenizer (`tok/`) and one shard (`corpus`) of the shipped sample corpus, documents
+    ended with EOD: the data of the training, checkpoint, reshape and launch tests."""
+    return built_once(tmp_path_factory, "corpus-1024",
+                      lambda root: corpus_shards(root, 1024, "--append-eod", "--workers", "1"))

@@ -20,13 +20,10 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.data.tokenizer import load_tokenizer
-from tests.conftest import CORPUS, REPO, corpus_shards, run_cli, run_torchrun, torchrun_command
+from tests.conftest import CORPUS, REPO, run_cli, run_torchrun, torchrun_command
 from tests.test_training import overrides
 
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return corpus_shards(tmp_path_factory.mktemp("ckpt-data"), 1024, "--append-eod", "--workers", "1")
+pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
 
 
 def losses_by_iteration(run_dir):

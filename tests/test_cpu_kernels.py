@@ -67,7 +67,8 @@ def test_int8_kernel_multiplies_by_the_dequantized_weights(rows):
     torch.testing.assert_close(actual.float(), expected, rtol=2 ** -7, atol=1e-3 * expected.abs().max().item())
 
 
-@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
+                    reason="oneDNN packs bf16 weights on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT only")
 def test_weights_the_kernel_cannot_take_keep_onednn_packing(monkeypatch):
     odd_outputs = torch.randn(100, 64).bfloat16()  # not a multiple of the 32-output block
     assert not cpu_kernels.fits(odd_outputs)

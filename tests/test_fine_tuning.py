@@ -29,6 +29,8 @@ from tests.conftest import (
 )
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
+
 FILES = TASK_FILES
 LENGTHS = {"sequence_classification": ["task.max_length=64"], "token_classification": ["task.max_length=64"],
            "question_answering": ["task.max_length=48", "task.stride=8"]}

@@ -43,6 +43,8 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capac
     torch.testing.assert_close(incremental[1], full[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
+                    reason="oneDNN packs bf16 weights on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT only")
 def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
     """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head (for our bf16 kernel where
     the CPU has AVX512-BF16, else for oneDNN), and single-query attention goes through our kernel where
@@ -53,8 +55,6 @@ def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
     packed = build_model(config, dtype=torch.bfloat16)
     state = ParallelState.single()
     prepare_for_inference(packed, state, torch.bfloat16, batch_size=2)
-    if not packing_available(state.device, torch.bfloat16):
-        pytest.skip("this torch build has no oneDNN linear packing")
     assert sum(isinstance(module, (KernelLinear, PackedLinear)) for module in packed.modules()) == \
         4 * config.num_layers + 1
     assert packed.transformer.h[0].self_attention.cpu_decode_kernel == cpu_kernels.kernels_available()
@@ -88,6 +88,7 @@ def test_int8_weights_stay_close_to_the_model():
         assert 0 < error <= 0.01 * expected.abs().max().item()
 
 
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens_and_logits():
     """`generate.compile=true`: the one-token steps through torch.compile (dynamic shapes: one compilation
     for every cache length, and for both decoding paths of the attention) give the eager model's logits
@@ -130,7 +131,8 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="needs torch's oneDNN ops")
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
+                    reason="oneDNN packs bf16 weights on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT only")
 def test_compiled_decoding_runs_the_packed_bf16_weights():
     """On CPUs in bf16 the linears are packed before compiling (the prompt's eager step uses them too): the
     compiled steps (our CPU kernels, where there are, called from the graph) stay within bf16 rounding of
@@ -236,6 +238,7 @@ def test_int8_generation_runs_from_the_command_line(exported):
     assert_user_error(refused, "generate.quantize", "int4")
 
 
+@pytest.mark.slow
 def test_sampling_is_the_same_at_any_tensor_parallel_size(exported):
     root, _ = exported
     sampling = ["generate.do_sample=true", "generate.top_k=50", "generate.top_p=0.9", "generate.seed=7"]

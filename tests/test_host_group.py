@@ -1,6 +1,7 @@
 """The shared-memory all-reduce of CPU ranks on one host (parallel/host_group.py), on real gloo processes:
 gloo's results, the same bits on every rank, nothing left in /dev/shm, a clear error when a rank is gone."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -47,6 +48,7 @@ def compare_with_gloo(rank, world_size):
     return report
 
 
+@pytest.mark.slow
 def test_shared_memory_all_reduce_gives_gloo_s_results_on_every_rank():
     """4 ranks: the whole world and two pairs, bf16 and float32, SUM and MAX, in one chunk and in several."""
     for report in run_distributed(compare_with_gloo, 4):
@@ -75,6 +77,7 @@ def a_rank_does_not_come(rank, world_size):
     return "no error"
 
 
+@pytest.mark.slow
 def test_a_rank_that_never_arrives_is_an_error_not_a_hang():
     message = run_distributed(a_rank_does_not_come, 2)[0]
     assert "rank 1 of the group did not arrive within 1.0" in message

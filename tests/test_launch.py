@@ -11,16 +11,12 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, assert_user_error, corpus_shards, run_cli
+from megatron_bloom.cli.launch import main as launch
+from tests.conftest import REPO, assert_user_error_in_process, run_cli
 from tests.test_checkpoints import losses_by_iteration
 
 TRAIN = ["model=bloom-tiny", "precision=fp32", "train.global_batch_size=8", "train.micro_batch_size=2",
          "data.num_workers=0", "logging.interval=1", "sched.warmup_iters=1"]
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return corpus_shards(tmp_path_factory.mktemp("launch-data"), 1024, "--append-eod", "--workers", "1")
 
 
 def data_args(shard):
@@ -31,6 +27,7 @@ def environment(**extra):
     return dict(os.environ, PYTHONPATH=str(REPO), **extra)
 
 
+@pytest.mark.slow
 def test_torchrun_and_deepspeed_scripts_train_with_4_processes(shard, tmp_path):
     """Both scripts start tp 2 x pp 2 on this node; the deepspeed launcher's run equals torchrun's."""
     args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", "train.iters=3"]
@@ -43,11 +40,11 @@ def test_torchrun_and_deepspeed_scripts_train_with_4_processes(shard, tmp_path):
     assert sorted(losses_by_iteration(tmp_path / "torchrun")) == [1, 2, 3]
 
 
-def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_path):
+def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_path, capsys):
     args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", f"run.dir={tmp_path / 'run'}"]
     result = run_cli(["megatron_bloom.cli.launch", "--dry-run", *args])
     command = result.stdout.strip().splitlines()[-1]
-    assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_bloom.train" in command
+    assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_bloom.cli.train" in command
     assert "parallel.dp=1" in command and f"run.dir={tmp_path / 'run'}" in command
     script = run_cli(["megatron_bloom.cli.launch", "--dry-run", "launcher=slurm", "slurm.nodes=2", "slurm.partition=gpu",
                       *args, "parallel.dp=2"]).stdout
@@ -59,12 +56,12 @@ def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_pat
            f"data.paths=[{tmp_path / 'missing'}]": ["missing"],
            "optim.lr=1e-3,1e-4": ["optim.lr", "--multirun"],
            "train.global_batch_size=7": ["train.global_batch_size (7)"]}
-    for override, fragments in bad.items():
-        result = run_cli(["megatron_bloom.cli.launch", *args, override], check=False)
-        assert_user_error(result, *fragments)
+    for override, fragments in bad.items():  # mbloom-launch's `main` in this process: refused before a start
+        assert_user_error_in_process(launch, [*args, override], capsys, *fragments)
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_a_local_sweep_runs_every_point_in_its_own_dir(shard, tmp_path):
     root = tmp_path / "sweep"
     result = run_cli(["megatron_bloom.cli.launch", "--multirun", *TRAIN, *data_args(shard), "train.iters=2",
@@ -112,6 +109,8 @@ def wait_for_state(job_id, env, states=("COMPLETED", "FAILED", "CANCELLED", "TIM
     raise AssertionError(f"job {job_id} still {state} after {timeout} s")
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_slurm_sbatch_trains_and_a_preempted_job_requeues_and_resumes(shard, tmp_path, slurm):
     # 1. sbatch the script itself: 2 tasks on the node (overcommitted), each a torchrun of 2 ranks: tp 2 x pp 2.
     args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", "train.iters=4"]

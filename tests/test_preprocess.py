@@ -84,6 +84,7 @@ def test_output_does_not_depend_on_worker_count(tokenizer_dir, tmp_path):
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w3{suffix}").read_bytes()
 
+@pytest.mark.slow
 def test_gzip_parquet_and_datasets_inputs_give_the_same_shard(tokenizer_dir, tmp_path):
     import datasets
     import pyarrow as pa
@@ -168,6 +169,7 @@ def test_setup_errors_are_one_line(tokenizer_dir, tmp_path, problem, fragment):
     assert_user_error(result, fragment)
     assert result.stderr.count("error:") == 1 and "\n\n" not in result.stderr.strip()  # one paragraph
 
+@pytest.mark.slow
 def test_a_huge_document(tokenizer_dir, tmp_path):
     """One document of about 20 MB (a whole book, a code dump) goes through like any other."""
     sentence = "The lighthouse keeper wrote letters that nobody ever answered. "

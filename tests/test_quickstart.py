@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_reports_parity_and_a_bit_exact_round_trip(tmp_path):

@@ -12,16 +12,13 @@ from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import read_layers
 from megatron_bloom.parallel.sharding import merge_state_dicts
 from megatron_bloom.pipeline.names import layer_prefixes
-from tests.conftest import CORPUS, assert_user_error, corpus_shards, run_cli, run_torchrun
+from tests.conftest import CORPUS, assert_user_error, run_cli, run_torchrun
 from tests.test_checkpoints import losses_by_iteration
 from tests.test_training import overrides
 
+pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
+
 LAYOUTS = [(1, 1), (4, 1), (1, 4)]
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return corpus_shards(tmp_path_factory.mktemp("reshape-data"), 1024, "--append-eod", "--workers", "1")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from tests.conftest import (
     task_tokenizer,
 )
 
+pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
+
 CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=512, seq_length=128)
 FILES = TASK_FILES
 SETTINGS = {"sequence_classification": [], "token_classification": [],

@@ -68,8 +68,9 @@ def compare_with_single_process(rank, world_size, tp, sequence_parallel):
     return report
 
 
-@pytest.mark.parametrize("tp, sequence_parallel", [(1, False), (2, False), (2, True), (4, False), (4, True)],
-                         ids=["tp1", "tp2", "tp2-sp", "tp4", "tp4-sp"])
+@pytest.mark.parametrize("tp, sequence_parallel", [
+    (1, False), (2, False), pytest.param(2, True, marks=pytest.mark.slow), pytest.param(4, False, marks=pytest.mark.slow),
+    pytest.param(4, True, marks=pytest.mark.slow)], ids=["tp1", "tp2", "tp2-sp", "tp4", "tp4-sp"])
 def test_tensor_parallel_matches_single_process(tp, sequence_parallel):
     reports = run_distributed(compare_with_single_process, tp, tp, sequence_parallel)
     for rank, report in enumerate(reports):
@@ -101,6 +102,7 @@ def task_heads_under_tp(rank, world_size):
     return state.tp_rank, state.dp_rank, errors
 
 
+@pytest.mark.slow
 def test_task_heads_and_groups_with_data_parallel_replicas():
     results = run_distributed(task_heads_under_tp, 4)
     assert [(tp_rank, dp_rank) for tp_rank, dp_rank, _ in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]

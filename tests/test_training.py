@@ -8,14 +8,9 @@ import torch
 
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import ParallelState, merge_state_dicts
-from tests.conftest import REPO, corpus_shards, run_cli
+from tests.conftest import REPO, run_cli
 from tests.distributed import run_distributed
 
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return corpus_shards(tmp_path_factory.mktemp("train-data"), 1024, "--append-eod", "--workers", "1")
 
 
 def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):
@@ -58,6 +53,7 @@ def reference(shard, tmp_path_factory):
     return results[0]["losses"], full_weights(results, load_config(args)), grad_norms(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, dp, zero", [(2, 1, 1, 1), (1, 2, 1, 0), (1, 1, 2, 1), (2, 2, 2, 1)],
                          ids=["tp2", "pp2-zero0", "dp2", "tp2-pp2-dp2"])
 def test_every_layout_trains_like_one_process(shard, reference, tmp_path, tp, pp, dp, zero):
@@ -86,6 +82,7 @@ def zero_stages_worker(rank, world_size, shard, run_root):
     return losses
 
 
+@pytest.mark.slow
 def test_zero_stages_give_the_same_losses(shard, tmp_path):
     """... and the same gradient norms in metrics.jsonl (fp32 without ZeRO too, where DeepSpeed keeps none)."""
     results = run_distributed(zero_stages_worker, 2, shard, str(tmp_path))
@@ -100,6 +97,7 @@ def test_zero_stages_give_the_same_losses(shard, tmp_path):
         np.testing.assert_allclose(norms[stage], norms[0], rtol=1e-4, err_msg=f"zero stage {stage}")
 
 
+@pytest.mark.slow
 def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     """mbloom-train as users start it: 8 ranks (tp 2 x pp 2 x dp 2), bf16, 50 iterations on real shards."""
     import json
@@ -132,20 +130,31 @@ def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
     (["parallel.pp=5"], ["model.num_layers (4)", "parallel.pp (5)"]),
     (["parallel.pp=2", "zero.stage=3"], ["zero.stage=3", "parallel.pp=2"]),
     (["parallel.dp=3"], ["train.global_batch_size (8)", "parallel.dp (3)"]),
-    (["parallel.tp=2"], ["must equal the number of processes (1)"]),
     (["model.vocab_size=512"], ["has 1024 tokens, more than model.vocab_size (512)"]),
     (["model.seq_length=0"], ["model.seq_length"]),
     (["parallel.tp=2", "parallel.sequence_parallel=true"], ["sequence_parallel=true works for evaluation"]),
     (["train.rampup_batch_size=[4,3,100]"], ["train.rampup_batch_size [4, 3, 100]", "whole increments of 3"]),
     (["checkpoint.save_interval=5"], ["checkpoint.save_interval and checkpoint.keep_last need checkpoint.dir"]),
 ])
-def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, extra, fragments):
-    from tests.conftest import assert_user_error
+def test_invalid_training_configs_are_refused_before_starting(shard, tmp_path, capsys, extra, fragments):
+    """mbloom-train's own `main`, in this process: each is refused before any process group exists."""
+    from megatron_bloom.cli.train import main
+    from tests.conftest import assert_user_error_in_process
 
     args = overrides(shard, tmp_path / "run", 1, 1, 1) + [f"data.tokenizer={shard / 'tok'}"]
     args = [a for a in args if not a.startswith(("parallel.dp=", "parallel.tp=", "parallel.pp="))] + extra
+    assert_user_error_in_process(main, args, capsys, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_layout_that_does_not_match_the_processes_is_refused(shard, tmp_path):
+    """A command started as users start it: tp 2 on one process stops with one paragraph, no traceback."""
+    from tests.conftest import assert_user_error
+
+    args = overrides(shard, tmp_path / "run", 2, 1, 1)
+    args = [a for a in args if not a.startswith("parallel.dp=")]
     result = run_cli(["megatron_bloom.cli.train", *args], check=False, timeout=120)
-    assert_user_error(result, *fragments)
+    assert_user_error(result, "must equal the number of processes (1)")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -197,6 +206,7 @@ def poisoned_worker(rank, world_size, args, poisoned_iterations):
 
 # ZeRO 1: DeepSpeed skips the step (its ZeRO optimizer in fp32, its BF16 optimizer in bf16); ZeRO 0, and ZeRO 2
 # in bf16 (no separate overflow pass): our optimizer does.
+@pytest.mark.slow
 @pytest.mark.parametrize("zero, precision", [(0, "fp32"), (1, "fp32"), (1, "bf16"), (2, "bf16")])
 def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero, precision):
     import json
@@ -214,6 +224,7 @@ def test_a_nan_step_is_skipped_on_every_rank_and_counted(shard, tmp_path, zero, 
         assert all(not torch.equal(before[i + 1], before[i]) for i in (0, 1, 3, 4))
 
 
+@pytest.mark.slow
 def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(shard, tmp_path):
     args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=10) + ["train.max_consecutive_skips=3"]
     results = run_distributed(poisoned_worker, 1, args, set(range(2, 11)))
@@ -236,6 +247,7 @@ def test_wandb_offline_and_tensorboard_need_no_network(shard, tmp_path):
     np.testing.assert_allclose(losses, metrics, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteration(shard, tmp_path):
     """SLURM preemption: SIGTERM to every rank of a (tp 2) run; all stop after the same iteration, save a
     checkpoint there first, and a run at another layout (tp 1) continues from it at the next iteration."""
@@ -274,6 +286,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly_after_the_current_iteratio
     assert "starts from the weights only" in resumed.stderr
 
 
+@pytest.mark.slow
 def test_batch_size_ramp_up(shard, tmp_path):
     """Megatron's rampup_batch_size [4, 4, 24] to 16: +4 every 8 samples consumed, so batches of 4, 4, 8, 12,
     then 16; the same losses through the pipeline engine (pp 2) as in one process."""
@@ -286,6 +299,7 @@ def test_batch_size_ramp_up(shard, tmp_path):
     np.testing.assert_allclose(piped[0]["losses"], single[0]["losses"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_periodic_validation_loss(shard, tmp_path):
     """Validation every 3 iterations on the held-out documents: the same through the pipeline engine with two
     data-parallel replicas as in one process."""
@@ -310,6 +324,7 @@ def test_periodic_validation_loss(shard, tmp_path):
                                [r["valid_loss"] for r in results["reference"]], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1)], ids=["stacked", "pipeline"])
 def test_activation_checkpointing_changes_nothing_but_memory(shard, reference, tmp_path, tp, pp, dp):
     args = overrides(shard, tmp_path / "run", tp, pp, dp) + ["train.activation_checkpointing=true"]
@@ -324,6 +339,7 @@ def compiled_train_worker(rank, world_size, args):
     return {**result, "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1)], ids=["stacked", "pipeline"])
 def test_compiled_blocks_train_like_eager_ones(shard, reference, tmp_path, tp, pp, dp):
     """train.compile: every block through torch.compile (inductor's C++ kernels here), the same losses and
@@ -360,6 +376,7 @@ def accumulated_gradients_worker(rank, world_size, args, micro_batches):
     return accumulated, singles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2])
 def test_bf16_gradients_accumulate_in_fp32(shard, tmp_path, zero):
     """bf16 gradients are summed over micro-batches in float32, as Megatron-LM requires for bf16. DeepSpeed

@@ -30,9 +30,11 @@ from megatron_bloom.model import cpu_kernels
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU, with torch's oneDNN operators present."""
+    """bf16 on a CPU, with torch's oneDNN operators present and a CPU they pack bf16 for (AVX-512 BW, VL and
+    DQ, or AVX-NE-CONVERT: on an AVX2-only CPU oneDNN refuses to reorder bf16 weights)."""
     return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
