@@ -201,6 +201,16 @@ def exported_task_model(root: Path, task_name: str, config: ModelConfig, seed: i
     return reference, labels
 
 
+def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):
+    """A bloom-tiny training run on `shard` (the `shard` fixture): global batch 8 of micro-batches of 2, every
+    iteration logged."""
+    return ["model=bloom-tiny", f"data.paths=[{shard / 'corpus'}]", f"data.cache_dir={shard / 'cache'}",
+            "data.num_workers=0", f"precision={precision}", f"train.iters={iters}", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "optim.lr=1e-3", "sched.warmup_iters=2", f"zero.stage={zero}",
+            f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", f"run.dir={run_dir}",
+            "logging.interval=1"]
+
+
 # --- built once per session, shared by the test modules (and by pytest-xdist's workers) -----------------
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
@@ -226,3 +236,24 @@ def shard(tmp_path_factory) -> Path:
     ended with EOD: the data of the training, checkpoint, reshape and launch tests."""
     return built_once(tmp_path_factory, "corpus-1024",
                       lambda root: corpus_shards(root, 1024, "--append-eod", "--workers", "1"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(shard, tmp_path_factory) -> Path:
+    """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1 on `shard`: `run/` (its metrics.jsonl) and `ckpt/`
+    (checkpoints after iterations 4, 8 and 10). The uninterrupted run the resume tests compare against, and
+    the checkpoint the reshape tests start from."""
+    def build(root: Path) -> None:
+        run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
+            f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
+
+    return built_once(tmp_path_factory, "pipeline-run", build)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without it they are skipped, saying so."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none"))

@@ -20,8 +20,7 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.data.tokenizer import load_tokenizer
-from tests.conftest import CORPUS, REPO, run_cli, run_torchrun, torchrun_command
-from tests.test_training import overrides
+from tests.conftest import CORPUS, REPO, overrides, run_cli, run_torchrun, torchrun_command
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
 
@@ -55,12 +54,11 @@ def wait_for_iterations(run_dir, count: int, process: subprocess.Popen, timeout:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(shard, tmp_path_factory):
+def killed_and_resumed(shard, pipeline_run, tmp_path_factory):
     """A (tp 2, pp 2) run killed with SIGKILL at iteration 6 (checkpoints every 4) and resumed with
-    checkpoint.load=auto, next to the same run never interrupted."""
+    checkpoint.load=auto, next to the same run never interrupted (`pipeline_run`)."""
     root = tmp_path_factory.mktemp("killed")
-    whole = root / "whole"
-    run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, whole, 2, 2, 1, iters=10))
+    whole = pipeline_run / "run"
     args = overrides(shard, root / "run", 2, 2, 1, iters=10) + [
         f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4", "checkpoint.load=auto"]
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -12,9 +12,8 @@ from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import read_layers
 from megatron_bloom.parallel.sharding import merge_state_dicts
 from megatron_bloom.pipeline.names import layer_prefixes
-from tests.conftest import CORPUS, assert_user_error, run_cli, run_torchrun
+from tests.conftest import CORPUS, assert_user_error, overrides, run_cli, run_torchrun
 from tests.test_checkpoints import losses_by_iteration
-from tests.test_training import overrides
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
 
@@ -22,13 +21,12 @@ LAYOUTS = [(1, 1), (4, 1), (1, 4)]
 
 
 @pytest.fixture(scope="module")
-def trained(shard, tmp_path_factory):
-    """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1, checkpointed at iteration 4, and that
-    checkpoint reshaped to each of LAYOUTS."""
+def trained(pipeline_run, tmp_path_factory):
+    """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1 (`pipeline_run`), its checkpoint of iteration 4
+    reshaped to each of LAYOUTS."""
     root = tmp_path_factory.mktemp("reshape")
-    run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
-        f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
-    source = root / "ckpt" / "global_step4"
+    (root / "run").symlink_to(pipeline_run / "run")
+    source = pipeline_run / "ckpt" / "global_step4"
     for tp, pp in LAYOUTS:
         run_cli(["megatron_bloom.cli.convert", "reshape", "--checkpoint", str(source), "--output",
                  str(root / f"reshaped-{tp}-{pp}"), "--tp", str(tp), "--pp", str(pp)])

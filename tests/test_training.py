@@ -8,17 +8,9 @@ import torch
 
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import ParallelState, merge_state_dicts
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, overrides, run_cli
 from tests.distributed import run_distributed
 
-
-
-def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):
-    return ["model=bloom-tiny", f"data.paths=[{shard / 'corpus'}]", f"data.cache_dir={shard / 'cache'}",
-            "data.num_workers=0", f"precision={precision}", f"train.iters={iters}", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "optim.lr=1e-3", "sched.warmup_iters=2", f"zero.stage={zero}",
-            f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", f"run.dir={run_dir}",
-            "logging.interval=1"]
 
 
 def train_worker(rank, world_size, args):
