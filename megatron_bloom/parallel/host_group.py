@@ -72,6 +72,9 @@ class SharedMemoryGroup:
         self.result = data[self.world * slot_bytes:]
         self.timeout_s = timeout_s
         self.generation = 0  # barriers passed; every rank counts the same
+        # It touches a buffer outside any graph: a compiled region calls it eagerly. (Wrapped here rather than
+        # decorated: the decorator would import torch._dynamo with this module, 1.3 s in every process.)
+        self.all_reduce_ = torch.compiler.disable(self._all_reduce)
 
     @staticmethod
     def create(process_group: dist.ProcessGroup, timeout_s: float = 1800.0,
@@ -111,8 +114,7 @@ class SharedMemoryGroup:
         self.generation += 1
         torch.ops.mbloom_shm.barrier(self.counters, self.rank, self.world, self.generation, self.timeout_s)
 
-    @torch.compiler.disable  # touches a buffer outside the graph; a compiled region calls it eagerly
-    def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+    def _all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         """Reduce the contiguous CPU tensor `x` over the group, in place (SUM or MAX)."""
         reduce = REDUCE_OPS[op]
         flat = x.view(-1)

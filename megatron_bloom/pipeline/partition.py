@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from typing import List
 
-from deepspeed.runtime.utils import partition_balanced
-
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.model.flops import layer_flops_per_token, lm_head_flops_per_token
 
 
 def stage_layers(model: ModelConfig, pp: int, task_name: str = "causal_lm", method: str = "flops") -> List[range]:
     """The `layer_specs` indices of each of the `pp` stages, computed without building the module."""
+    # DeepSpeed's own balancing; imported here, so that reading a checkpoint does not import DeepSpeed
+    from deepspeed.runtime.utils import partition_balanced
+
     blocks = model.num_layers
     if method == "blocks":
         is_block = [0, 0] + [1] * blocks + [0, 0]
