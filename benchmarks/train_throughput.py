@@ -1,13 +1,14 @@
 """Training tokens/s of `mbloom-train` against `transformers.BloomForCausalLM`, in one invocation.
 
     python benchmarks/train_throughput.py [--model bloom-small] [--iters 8] [--micro-batch 4] [--repeats 3]
-                                          [overrides ...]
+                                          [--precision bf16|fp32] [overrides ...]
 
 Both train the same shape (default bloom-small: hidden 512, 8 layers, seq 512) on batches of
-`--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed, bf16
+`--micro-batch` sequences in one process with AdamW: ours through `mbloom-train` (DeepSpeed; in bf16, bf16
 weights with fp32 master weights in the optimizer) on token shards made from the sample corpus,
-`transformers` with its strongest stock settings: fp32 weights under bf16 autocast and torch's fused
-AdamW (`fused=True`). Its BLOOM has eager attention only (transformers 5.x offers no SDPA or
+`transformers` with its strongest stock settings: fp32 weights (under bf16 autocast for `--precision bf16`)
+and torch's fused AdamW (`fused=True`). bf16 is for CPUs that compute in it (AVX512-BF16, AMX); elsewhere
+every bf16 product is emulated, and `--precision fp32` compares the two in fp32. Its BLOOM has eager attention only (transformers 5.x offers no SDPA or
 FlashAttention path for BLOOM), so that is what it runs. Each run's median step time after two warm-up
 steps counts. The two alternate `--repeats` times (ours, theirs, ours, ...), so that a drift of the
 machine's speed meets both; the median of the pairs' ratios is what to read (absolute numbers drift with
@@ -48,8 +49,8 @@ def make_corpus(work: Path) -> Path:
     return work / "corpus"
 
 
-def ours(model: str, iters: int, micro: int, corpus: Path, run_dir: Path, overrides=()) -> tuple:
-    run("megatron_bloom.cli.train", f"model={model}", f"data.paths=[{corpus}]", "precision=bf16",
+def ours(model: str, iters: int, micro: int, corpus: Path, run_dir: Path, precision: str, overrides=()) -> tuple:
+    run("megatron_bloom.cli.train", f"model={model}", f"data.paths=[{corpus}]", f"precision={precision}",
         f"train.iters={iters}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
         "logging.interval=1", f"run.dir={run_dir}", "data.num_workers=1", *overrides)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +58,7 @@ def ours(model: str, iters: int, micro: int, corpus: Path, run_dir: Path, overri
     return step_s, statistics.median(line["tflops_per_rank"] for line in lines[WARMUP:])
 
 
-def theirs(model: str, iters: int, micro: int) -> float:
+def theirs(model: str, iters: int, micro: int, precision: str) -> float:
     import torch
     import transformers
 
@@ -72,7 +73,7 @@ def theirs(model: str, iters: int, micro: int) -> float:
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = reference(tokens[:, :-1], labels=tokens[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("overrides", nargs="*", help="more mbloom-train overrides (train.compile=true, ...)")
     args = parser.parse_args()
     from megatron_bloom.config import load_config
@@ -98,24 +100,27 @@ def main() -> None:
     corpus = make_corpus(work)
     runs = []
     for repeat in range(args.repeats):
-        ours_s, tflops = ours(args.model, args.iters, args.micro_batch, corpus, work / f"run{repeat}", args.overrides)
-        runs.append((ours_s, tflops, theirs(args.model, args.iters, args.micro_batch)))
+        ours_s, tflops = ours(args.model, args.iters, args.micro_batch, corpus, work / f"run{repeat}", args.precision,
+                              args.overrides)
+        runs.append((ours_s, tflops, theirs(args.model, args.iters, args.micro_batch, args.precision)))
     ratios = [theirs_s / ours_s for ours_s, _, theirs_s in runs]
     ours_s, tflops, theirs_s = (statistics.median(column) for column in zip(*runs))
     import torch
 
     from benchmarks.gemm_peak import step_weighted_tflops
 
-    gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, torch.bfloat16)
-    print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, bf16, AdamW, one process, "
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, dtype)
+    print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, {args.precision}, AdamW, one process, "
           f"{os.cpu_count()} cores; medians of {args.repeats} alternating runs each")
     print(f"  mbloom-train: {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "
           f"{tflops * 1000:.0f} GFLOP/s (model FLOPs)")
-    print(f"  transformers (bf16 autocast, fused AdamW, eager attention): {theirs_s:.3f} s/step, "
+    autocast = "bf16 autocast, " if args.precision == "bf16" else ""
+    print(f"  transformers ({autocast}fused AdamW, eager attention): {theirs_s:.3f} s/step, "
           f"{tokens / theirs_s:,.0f} tokens/s")
     print(f"  ratio (mbloom-train / transformers tokens/s): {statistics.median(ratios):.2f} "
           f"(run by run: {', '.join(f'{ratio:.2f}' for ratio in ratios)})")
-    print(f"  bf16 GEMM ceiling at these shapes (gemm_peak.py): {gemm_peak * 1000:.0f} GFLOP/s; mbloom-train "
+    print(f"  {args.precision} GEMM ceiling at these shapes (gemm_peak.py): {gemm_peak * 1000:.0f} GFLOP/s; mbloom-train "
           f"reaches {tflops / gemm_peak:.0%} of it")
     print(json.dumps({"ours_tokens_per_s": round(tokens / ours_s, 1), "transformers_tokens_per_s":
                       round(tokens / theirs_s, 1), "ratio": round(statistics.median(ratios), 3),
