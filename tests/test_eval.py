@@ -67,7 +67,8 @@ def run_eval(root, checkpoint, nproc, *overrides):
 @pytest.mark.parametrize("checkpoint, nproc, overrides", [
     ("tp2", 2, ["parallel.tp=2"]),                                              # the acceptance run
     ("tp2", 1, []),                                                             # tp=2 shards merged for tp=1
-    ("tp1", 4, ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"]),  # sliced; dp splits docs
+    pytest.param("tp1", 4, ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"],  # sliced;
+                 marks=pytest.mark.slow),                                                      # dp splits docs
 ], ids=["tp2-from-tp2", "tp1-from-tp2", "tp2-dp2-sp-from-tp1"])
 def test_eval_matches_transformers(workspace, checkpoint, nproc, overrides):
     root, reference, texts = workspace
