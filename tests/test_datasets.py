@@ -122,6 +122,7 @@ def build_in_parallel(rank, world_size, paths, cache_dir):
     return built, np.asarray(train.dataset_index).copy(), train[2999], valid[17]
 
 
+@pytest.mark.slow
 def test_concurrent_builders_build_each_index_once(shards, tmp_path):
     """Four processes (ranks, or jobs sharing a cache dir) ask for the same new indices at the same time."""
     paths = json.dumps([0.3, str(shards / "ml_en"), 0.7, str(shards / "ml_zh")])

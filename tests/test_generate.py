@@ -229,6 +229,7 @@ def test_greedy_generation_at_tp2_equals_tp1_and_transformers(exported):
     assert tp1[0]["completion"] == tokenizer.decode(expected[0], skip_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_int8_generation_runs_from_the_command_line(exported):
     root, _ = exported
     results = run_generate(root, 1, "generate.quantize=int8")

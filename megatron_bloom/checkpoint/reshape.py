@@ -27,8 +27,8 @@ from megatron_bloom.checkpoint.layout import (
     save_model_checkpoint,
     tag_for,
 )
-from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import StateTensors, read_layers, write_layers
+from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.parallelize import check_tensor_parallel
 from megatron_bloom.parallel.sharding import merge_state_dicts, split_for_ranks

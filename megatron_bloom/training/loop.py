@@ -16,6 +16,18 @@ from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.config import TrainConfig, to_yaml
+from megatron_bloom.config.schema import check_rampup
+from megatron_bloom.data.builder import build_datasets
+from megatron_bloom.data.sampler import build_data_loader
+from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.model import TaskConfig
+from megatron_bloom.model.flops import iteration_flops
+from megatron_bloom.parallel import ParallelState
+from megatron_bloom.pipeline.layers import BlockPipe
+from megatron_bloom.pipeline.model import StackedModel, build_pipeline
+from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
+from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.checkpointing import (
     StartPoint,
     load_universal_weights,
@@ -25,22 +37,11 @@ from megatron_bloom.training.checkpointing import (
     save_training_checkpoint,
     start_point,
 )
-from megatron_bloom.config import TrainConfig, to_yaml
-from megatron_bloom.config.schema import check_rampup
-from megatron_bloom.data.builder import build_datasets
-from megatron_bloom.data.sampler import build_data_loader
-from megatron_bloom.errors import ConfigError, UserError
-from megatron_bloom.model import TaskConfig
-from megatron_bloom.parallel import ParallelState
-from megatron_bloom.pipeline.layers import BlockPipe
-from megatron_bloom.pipeline.model import StackedModel, build_pipeline
-from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
-from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
-from megatron_bloom.model.flops import iteration_flops
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
+
 
 def micro_batches(loader, vocab_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(input ids, labels) from samples of seq_length + 1 tokens: labels are the inputs shifted by one.
