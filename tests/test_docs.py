@@ -1,12 +1,14 @@
 """The documentation in docs/ covers the public interface: every config key (the reference is generated from
-the schema and must be current), every command and each of its flags; and nothing the README or docs/
-link to lies outside the repository."""
+the schema and must be current), every command and each of its flags; nothing the README or docs/ link
+to lies outside the repository; and the commands' module names of earlier versions still work."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import re
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -115,3 +117,23 @@ def test_the_readme_links_the_docs():
     readme = (REPO / "README.md").read_text()
     for page in ("docs/architecture.md", "docs/commands.md", "docs/configuration.md", "docs/files.md"):
         assert f"]({page})" in readme, page
+
+
+EARLIER_MODULES = {"megatron_bloom.train": "megatron_bloom.cli.train", "megatron_bloom.eval": "megatron_bloom.cli.eval",
+                   "megatron_bloom.generate": "megatron_bloom.cli.generate",
+                   "megatron_bloom.launch": "megatron_bloom.cli.launch", "megatron_bloom.plan": "megatron_bloom.cli.plan",
+                   "megatron_bloom.convert": "megatron_bloom.cli.convert"}
+
+
+@pytest.mark.parametrize("earlier", sorted(EARLIER_MODULES))
+def test_the_module_names_of_earlier_versions_still_run_the_commands(earlier):
+    """`python -m megatron_bloom.train` (users' torchrun and SLURM scripts) runs mbloom-train's `main`."""
+    module = importlib.import_module(earlier)
+    assert module.main is importlib.import_module(EARLIER_MODULES[earlier]).main
+    assert 'if __name__ == "__main__":\n    main()' in (REPO / (earlier.replace(".", "/") + ".py")).read_text()
+
+
+def test_an_earlier_module_name_starts_the_command():
+    result = subprocess.run([sys.executable, "-m", "megatron_bloom.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: mbloom-train"), result.stderr
