@@ -12,7 +12,7 @@ from megatron_bloom.checkpoint.layout import read_metadata
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import load_config
 from megatron_bloom.model import TaskConfig, build_model
-from tests.conftest import FIXTURES, assert_user_error, hf_model, run_cli, small_config
+from tests.conftest import FIXTURES, assert_user_error, assert_user_error_in_process, hf_model, run_cli, small_config
 
 TASKS = [
     TaskConfig(),
@@ -190,17 +190,18 @@ def test_bad_input_is_one_clear_error(tmp_path, problem):
     assert_user_error(result, expected)
 
 
-def test_incomplete_checkpoint_is_never_loaded(tmp_path):
+def test_incomplete_checkpoint_is_never_loaded(tmp_path, capsys):
+    """mbloom-convert's `main`, in this process."""
+    from megatron_bloom.cli.convert import main
+
     _, source = save_hf(tmp_path)
-    run_cli(["megatron_bloom.cli.convert", "from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
+    main(["from-hf", "--hf", str(source), "--output", str(tmp_path / "c")])
     weights = tmp_path / "c" / "global_step0" / "mp_rank_00_model_states.pt"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "c"),
-                      "--output", str(tmp_path / "back")], check=False)
-    assert_user_error(result, "is incomplete", "mp_rank_00_model_states.pt is 1000 bytes")
-    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "nothing"),
-                      "--output", str(tmp_path / "back")], check=False)
-    assert_user_error(result, "does not exist")
+    assert_user_error_in_process(main, ["to-hf", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "back")],
+                                 capsys, "is incomplete", "mp_rank_00_model_states.pt is 1000 bytes")
+    assert_user_error_in_process(main, ["to-hf", "--checkpoint", str(tmp_path / "nothing"), "--output",
+                                        str(tmp_path / "back")], capsys, "does not exist")
 
 
 def test_large_export_is_sharded_with_an_index(tmp_path, monkeypatch):

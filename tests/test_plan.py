@@ -9,7 +9,7 @@ from megatron_bloom.config import load_config
 from megatron_bloom.model.cpu_kernels import cpu_has_avx512_bf16
 from megatron_bloom.planner.memory import block_parameters_per_rank, stage_parameters
 from megatron_bloom.planner.report import build_report
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, assert_user_error_in_process, run_cli
 
 BLOOM_176B = ["model=bloom-176b", "parallel.tp=4", "parallel.pp=12", "parallel.dp=8", "train.micro_batch_size=2",
               "train.global_batch_size=2048", "precision=bf16", "zero.stage=1", "train.activation_checkpointing=true",
@@ -97,13 +97,14 @@ def test_zero_stages_and_checkpointing_shrink_what_they_should():
     assert sequence_parallel["memory_per_rank_gb"]["activations"] < memory[1]["activations"]
 
 
-def test_bad_plans_are_user_errors():
+def test_bad_plans_are_user_errors(capsys):
+    """mbloom-plan's `main` in this process, and once as users start it."""
+    from megatron_bloom.cli.plan import main
+
     assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "--iter-time", "0"], check=False),
                       "--iter-time")
-    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "hardware=tpu-v9"], check=False),
-                      "hardware", "tpu-v9")
-    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "parallel.tp=3"], check=False),
-                      "parallel.tp (3)")
+    assert_user_error_in_process(main, ["model=bloom-tiny", "hardware=tpu-v9"], capsys, "hardware", "tpu-v9")
+    assert_user_error_in_process(main, ["model=bloom-tiny", "parallel.tp=3"], capsys, "parallel.tp (3)")
 
 
 @pytest.mark.slow
