@@ -16,11 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megatron_bloom.checkpoint.layout import CheckpointMetadata, save_model_checkpoint
+from megatron_bloom.checkpoint.layout import CheckpointMetadata, check_files_layout, save_model_checkpoint
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
-from megatron_bloom.parallel.parallelize import check_tensor_parallel
 from megatron_bloom.parallel.sharding import full_shapes, split_for_ranks
 from megatron_bloom.pipeline import names
 
@@ -45,12 +44,8 @@ def convert_from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Pat
     """
     if not Path(hf_dir).is_dir():
         raise UserError(f"--hf {hf_dir}: no such directory.")
-    if tp < 1 or pp < 1:
-        raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
     model, task = read_hf_config(hf_dir)
-    check_tensor_parallel(model, tp)
-    if model.num_layers < pp:
-        raise UserError(f"--pp {pp}: the model has {model.num_layers} layers, fewer than pipeline stages.")
+    check_files_layout(model, tp, pp)
     state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
     has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
     metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,

@@ -32,6 +32,7 @@ from megatron_bloom.config.schema import PIPELINE_PARTITIONS
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.model.config import RUNTIME_FIELDS
+from megatron_bloom.parallel.parallelize import check_tensor_parallel
 
 METADATA_FILE = "mbloom.json"
 LATEST_FILE = "latest"
@@ -45,6 +46,15 @@ TAG_PATTERN = re.compile(r"global_step(\d+)")
 WEIGHTS, TRAINING, UNIVERSAL = "weights", "training", "universal"
 # The dtype a run of each precision holds its weights in (its optimizer keeps fp32 masters).
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_files_layout(model: ModelConfig, tp: int, pp: int) -> None:
+    """The `--tp` and `--pp` a checkpoint is to be written for (from-hf, reshape) fit the model."""
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
+    check_tensor_parallel(model, tp)
+    if model.num_layers < pp:
+        raise UserError(f"--pp {pp}: the model has {model.num_layers} layers, fewer than pipeline stages.")
 
 
 def tag_for(iteration: int) -> str:

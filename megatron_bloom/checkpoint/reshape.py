@@ -21,6 +21,7 @@ from megatron_bloom.checkpoint.layout import (
     UNIVERSAL,
     WEIGHTS,
     CheckpointMetadata,
+    check_files_layout,
     publish_checkpoint,
     read_metadata,
     resolve_checkpoint,
@@ -30,7 +31,6 @@ from megatron_bloom.checkpoint.layout import (
 from megatron_bloom.checkpoint.universal import StateTensors, read_layers, write_layers
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
-from megatron_bloom.parallel.parallelize import check_tensor_parallel
 from megatron_bloom.parallel.sharding import merge_state_dicts, split_for_ranks
 from megatron_bloom.pipeline import names
 
@@ -39,11 +39,7 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
     """Write `source` (a checkpoint dir or root) re-sliced for `tp` ranks under `output`; returns its dir."""
     directory = resolve_checkpoint(source)
     metadata = read_metadata(directory)
-    if tp < 1 or pp < 1:
-        raise UserError(f"--tp and --pp must be positive; got --tp {tp} --pp {pp}.")
-    check_tensor_parallel(metadata.model, tp)
-    if metadata.model.num_layers < pp:
-        raise UserError(f"--pp {pp}: the model has {metadata.model.num_layers} layers, fewer than pipeline stages.")
+    check_files_layout(metadata.model, tp, pp)
     if metadata.contents == WEIGHTS:
         _, full = load_model_state_dict(directory)
         target = dataclasses.replace(metadata, tp=tp, pp=pp, files={})
