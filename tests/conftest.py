@@ -14,6 +14,7 @@ import torch
 from filelock import FileLock
 
 from megatron_bloom.model import ModelConfig, TaskConfig
+from tests.processes import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -74,10 +75,10 @@ def _task_of(model) -> TaskConfig:
 
 def run_cli(args: Sequence[str], cwd: Path | None = None, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m <module> args...` as users do, and return the finished process (text output)."""
+    """Run `python -m <module> args...` in a process of its own, as users do, and return the finished process
+    (text output). The process is forked from a preloaded server (tests/processes.py)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env, text=True,
-                            capture_output=True, timeout=timeout)
+    result = run_module(args[0], args[1:], cwd=cwd or REPO, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

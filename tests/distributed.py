@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_bloom.parallel.distributed import free_port
+from tests.processes import forkserver_context
 
 
 def _worker(rank: int, world_size: int, port: int, results: str, fn: Callable, args: tuple) -> None:
@@ -34,5 +35,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     traceback.
     """
     with tempfile.TemporaryDirectory() as results:
-        mp.spawn(_worker, args=(world_size, free_port(), results, fn, args), nprocs=world_size, join=True)
+        forkserver_context()  # the ranks are forked from the preloaded server (tests/processes.py)
+        mp.start_processes(_worker, args=(world_size, free_port(), results, fn, args), nprocs=world_size, join=True,
+                           start_method="forkserver")
         return [torch.load(Path(results) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

@@ -21,6 +21,7 @@ from megatron_bloom.checkpoint.layout import (
 )
 from megatron_bloom.data.tokenizer import load_tokenizer
 from tests.conftest import CORPUS, REPO, overrides, run_cli, run_torchrun, torchrun_command
+from tests.processes import run_module
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
 
@@ -123,8 +124,7 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
     env = dict(os.environ, PYTHONPATH=str(REPO))
     newest = 0
     for kill_at in range(2, 26, 2):
-        crashed = subprocess.run([sys.executable, "-m", "tests.crash_during_save", str(kill_at), *args],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        crashed = run_module("tests.crash_during_save", [str(kill_at), *args], cwd=REPO, env=env, timeout=300)
         assert crashed.returncode == -9, crashed.stderr[-3000:]  # it really died mid-save
         found = newest_complete_checkpoint(tmp_path / "ckpt")
         if found is not None:
