@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock
 
 from megatron_bloom.model import ModelConfig, TaskConfig
-from tests.processes import run_module
+from tests.processes import run_module, run_module_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -89,12 +89,13 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list:
             module, *args]
 
 
-def run_torchrun(nproc: int, module: str, args: Sequence[str], cwd: Path | None = None,
-                 timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node nproc -m module args...` to the end; fails the test if it fails."""
+def run_ranks(nproc: int, module: str, args: Sequence[str], cwd: Path | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc -m module args...` to the end, its ranks forked from the
+    preloaded server with the environment torchrun gives them (tests/processes.py); fails the test if a rank
+    fails. The launchers themselves are run for real in test_launch.py and by the quickstart."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(torchrun_command(nproc, module, args), cwd=cwd or REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = run_module_ranks(nproc, module, args, cwd=cwd or REPO, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -245,7 +246,7 @@ def pipeline_run(shard, tmp_path_factory) -> Path:
     (checkpoints after iterations 4, 8 and 10). The uninterrupted run the resume tests compare against, and
     the checkpoint the reshape tests start from."""
     def build(root: Path) -> None:
-        run_torchrun(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
+        run_ranks(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
             f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
 
     return built_once(tmp_path_factory, "pipeline-run", build)

@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.connection
 import os
 import runpy
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
-# Imported once in the server: what the commands and the ranks of the tests import anyway.
-PRELOAD = ["torch", "torch.distributed", "deepspeed", "transformers", "tokenizers", "safetensors.torch",
+from megatron_bloom.parallel.distributed import free_port
+
+# Imported once in the server: what the commands and the ranks of the tests import anyway, including what
+# they import lazily: torch._dynamo (1.5 s; initializing a parameter on the meta device imports it) and
+# DeepSpeed's Muon optimizer (1.2 s; DeepSpeed imports it to check the optimizer it is given for ZeRO).
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "deepspeed.runtime.pipe.engine", "transformers", "tokenizers", "safetensors.torch",
            "megatron_bloom.cli.train", "megatron_bloom.cli.eval", "megatron_bloom.cli.generate",
            "megatron_bloom.cli.convert", "megatron_bloom.cli.plan", "megatron_bloom.cli.preprocess",
            "megatron_bloom.cli.train_tokenizer", "megatron_bloom.training.loop", "megatron_bloom.inference.evaluation"]
@@ -41,7 +49,7 @@ def _run_module_as_main(module: str, argv: Sequence[str], cwd: str, env: Mapping
                         stderr: str) -> None:
     """In the forked process: what `python -m module argv...` does after the interpreter has started."""
     for fd, path in ((1, stdout), (2, stderr)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # ranks share one file each
         os.dup2(target, fd)
         os.close(target)
     os.environ.clear()
@@ -52,6 +60,8 @@ def _run_module_as_main(module: str, argv: Sequence[str], cwd: str, env: Mapping
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [module, *argv]
+    # the server imported the command's module already; running it again as __main__ is what is wanted here
+    warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         status = 0
@@ -86,3 +96,43 @@ def run_module(module: str, argv: Sequence[str], cwd: Path, env: Mapping[str, st
         return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], process.exitcode,
                                            Path(stdout).read_text(errors="replace"),
                                            Path(stderr).read_text(errors="replace"))
+
+
+def run_module_ranks(nproc: int, module: str, argv: Sequence[str], cwd: Path, env: Mapping[str, str],
+                     timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc -m module argv...` with forked ranks: each rank gets the
+    environment torchrun gives its workers, and all share one stdout and one stderr as they share torchrun's.
+    When a rank fails the others are stopped and the status is 1, as torchrun does; a timeout kills all."""
+    context = forkserver_context()
+    with tempfile.TemporaryDirectory() as outputs:
+        stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+        for path in (stdout, stderr):
+            Path(path).touch()
+        port = free_port()
+        ranks = []
+        for rank in range(nproc):
+            rank_env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                            GROUP_RANK="0", ROLE_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                            ROLE_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1", ROLE_NAME="default",
+                            TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
+            process = context.Process(target=_run_module_as_main,
+                                      args=(module, list(argv), str(cwd), rank_env, stdout, stderr))
+            process.start()
+            ranks.append(process)
+        deadline = time.monotonic() + timeout
+        failed = False
+        while any(process.is_alive() for process in ranks) and not failed:
+            if time.monotonic() > deadline:
+                for process in ranks:
+                    process.kill()
+                raise subprocess.TimeoutExpired([module, *argv], timeout, Path(stdout).read_text(),
+                                                Path(stderr).read_text())
+            multiprocessing.connection.wait([p.sentinel for p in ranks if p.is_alive()], timeout=1)
+            failed = any(process.exitcode not in (None, 0) for process in ranks)
+        for process in ranks:  # a failed rank's peers would wait for it until their collectives time out
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        return subprocess.CompletedProcess(
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", module, *argv],
+            1 if failed else 0, Path(stdout).read_text(errors="replace"), Path(stderr).read_text(errors="replace"))

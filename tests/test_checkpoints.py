@@ -4,7 +4,6 @@ fallback past a damaged checkpoint, pruning, and the weights of any layout read 
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.data.tokenizer import load_tokenizer
-from tests.conftest import CORPUS, REPO, overrides, run_cli, run_torchrun, torchrun_command
+from tests.conftest import CORPUS, REPO, overrides, run_cli, run_ranks, torchrun_command
 from tests.processes import run_module
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
@@ -68,7 +67,7 @@ def killed_and_resumed(shard, pipeline_run, tmp_path_factory):
     wait_for_iterations(root / "run", 6, process)
     kill_everything(process)
     latest_after_kill = (root / "ckpt" / LATEST_FILE).read_text().strip()
-    resumed = run_torchrun(4, "megatron_bloom.cli.train", args)
+    resumed = run_ranks(4, "megatron_bloom.cli.train", args)
     return root, whole, latest_after_kill, resumed
 
 
@@ -95,7 +94,7 @@ def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(killed_and_resumed, 
     run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")])
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:40]]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    result = run_torchrun(2, "megatron_bloom.cli.eval", [
+    result = run_ranks(2, "megatron_bloom.cli.eval", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.input={tmp_path / 'docs.jsonl'}", f"eval.tokenizer={shard / 'tok'}",
         "precision=fp32", "parallel.tp=2", "eval.seq_length=64"])
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -170,7 +169,7 @@ def test_a_hugging_face_import_for_a_3d_layout_trains(shard, tmp_path):
     assert (metadata.tp, metadata.pp, metadata.contents) == (2, 2, "weights")
     args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=1) + [
         f"checkpoint.load={tmp_path / 'imported'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
-    run_torchrun(4, "megatron_bloom.cli.train", args)
+    run_ranks(4, "megatron_bloom.cli.train", args)
 
     config = load_config(args)
     train_set, _, _ = build_datasets(config.data, config.model.seq_length, config.train.seed, (8, 0, 0))

@@ -1,16 +1,13 @@
 """`mbloom-eval` at several layouts against the loss transformers computes on the same documents."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.model import ModelConfig
-from tests.conftest import REPO, assert_user_error, hf_model, run_cli, sample_texts, train_test_tokenizer
+from tests.conftest import assert_user_error, hf_model, run_cli, run_ranks, sample_texts, train_test_tokenizer
 
 SEQ_LENGTH = 48
 CONFIG = ModelConfig(num_layers=2, hidden_size=96, num_heads=6, vocab_size=1000, seq_length=SEQ_LENGTH)
@@ -56,11 +53,7 @@ def run_eval(root, checkpoint, nproc, *overrides):
     if nproc == 1:
         result = run_cli(["megatron_bloom.cli.eval", *args])
     else:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={nproc}", "-m", "megatron_bloom.cli.eval", *args],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
+        result = run_ranks(nproc, "megatron_bloom.cli.eval", args)
     return result, json.loads(result.stdout.strip().splitlines()[-1])
 
 

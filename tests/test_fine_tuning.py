@@ -23,7 +23,7 @@ from tests.conftest import (
     assert_user_error,
     exported_task_model,
     run_cli,
-    run_torchrun,
+    run_ranks,
     small_config,
     task_tokenizer,
 )
@@ -234,7 +234,7 @@ def test_fine_tuned_bloom_tiny_beats_chance_and_exports_the_same_predictions(tmp
     from megatron_bloom.checkpoint.weights import load_model
 
     train_file, valid_file = (TASK_DATA / f"sentiment.{split}.jsonl" for split in ("train", "valid"))
-    run_torchrun(2, "megatron_bloom.cli.train", [
+    run_ranks(2, "megatron_bloom.cli.train", [
         "model=bloom-tiny", "task=sequence_classification", f"task.train={train_file}", f"task.valid={valid_file}",
         f"data.tokenizer={tokenizer_dir}", "precision=fp32", "train.iters=30", "train.global_batch_size=16",
         "train.micro_batch_size=4", "optim.lr=1e-3", "train.eval_interval=30", "train.eval_iters=2",

@@ -15,7 +15,7 @@ from megatron_bloom.inference.sampling import choose_tokens
 from megatron_bloom.model import KVCache, build_model, cpu_kernels
 from megatron_bloom.model.inference_linear import Int8Linear, KernelLinear, PackedLinear, packing_available
 from megatron_bloom.parallel import ParallelState
-from tests.conftest import assert_user_error, run_cli, run_torchrun, sample_texts, small_config, train_test_tokenizer
+from tests.conftest import assert_user_error, run_cli, run_ranks, sample_texts, small_config, train_test_tokenizer
 
 PROMPTS = ["ka lo mi", "да ни ком 你 好 世 def return", "ré"]
 
@@ -186,7 +186,7 @@ def exported(tmp_path_factory):
 
 
 def run_generate(root, tp, *overrides):
-    result = run_torchrun(tp, "megatron_bloom.cli.generate", [
+    result = run_ranks(tp, "megatron_bloom.cli.generate", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}",
         f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24",
         "precision=fp32", f"parallel.tp={tp}", *overrides])

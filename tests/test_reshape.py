@@ -12,7 +12,7 @@ from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.checkpoint.universal import read_layers
 from megatron_bloom.parallel.sharding import merge_state_dicts
 from megatron_bloom.pipeline.names import layer_prefixes
-from tests.conftest import CORPUS, assert_user_error, overrides, run_cli, run_torchrun
+from tests.conftest import CORPUS, assert_user_error, overrides, run_cli, run_ranks
 from tests.test_checkpoints import losses_by_iteration
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
@@ -77,7 +77,7 @@ def test_reshaped_checkpoints_evaluate_to_the_same_loss(trained, shard, tmp_path
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
     def eval_loss(checkpoint, tp):
-        result = run_torchrun(tp, "megatron_bloom.cli.eval", [
+        result = run_ranks(tp, "megatron_bloom.cli.eval", [
             f"checkpoint.load={checkpoint}", f"eval.input={tmp_path / 'docs.jsonl'}",
             f"eval.tokenizer={shard / 'tok'}", "precision=fp32", f"parallel.tp={tp}", "eval.seq_length=64"])
         return json.loads(result.stdout.strip().splitlines()[-1])["loss"]
@@ -96,13 +96,13 @@ def test_training_continues_after_a_reshape_with_the_optimizer_state(trained, sh
     tp, pp, dp, zero = layout
     reference = losses_by_iteration(root / "run")
     args = overrides(shard, tmp_path / "run", tp, pp, dp, zero=zero, iters=10)
-    run_torchrun(tp * pp * dp, "megatron_bloom.cli.train", args + [f"checkpoint.load={root / f'reshaped-{tp}-{pp}'}"])
+    run_ranks(tp * pp * dp, "megatron_bloom.cli.train", args + [f"checkpoint.load={root / f'reshaped-{tp}-{pp}'}"])
     continued = losses_by_iteration(tmp_path / "run")
     assert sorted(continued) == list(range(5, 11))
     for iteration, loss in continued.items():
         assert abs(loss - reference[iteration]) <= 1e-5 * reference[iteration], (iteration, loss, reference[iteration])
     if layout == (1, 1, 1, 1):
-        run_torchrun(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=10) + [
+        run_ranks(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=10) + [
             f"checkpoint.load={source}"])
         fresh = losses_by_iteration(tmp_path / "fresh")
         assert max(abs(fresh[i] - reference[i]) / reference[i] for i in fresh) > 2e-4
@@ -117,7 +117,7 @@ def test_the_optimizer_state_of_every_zero_stage_and_precision_reads_back(shard,
     for name, (tp, pp, dp, zero, precision) in {"zero3": (1, 1, 2, 3, "fp32"), "pipeline-zero0": (1, 2, 1, 0, "fp32"),
                                                 "bf16-zero1": (1, 1, 2, 1, "bf16"),
                                                 "bf16-zero0": (1, 1, 1, 0, "bf16")}.items():
-        run_torchrun(tp * pp * dp, "megatron_bloom.cli.train", overrides(
+        run_ranks(tp * pp * dp, "megatron_bloom.cli.train", overrides(
             shard, tmp_path / name, tp, pp, dp, zero=zero, iters=3, precision=precision) + [
             f"checkpoint.dir={tmp_path / name / 'ckpt'}", "parallel.pipeline_partition=blocks"])
         directory = resolve_checkpoint(tmp_path / name / "ckpt")

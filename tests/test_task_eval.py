@@ -22,7 +22,7 @@ from tests.conftest import (
     assert_user_error,
     exported_task_model,
     run_cli,
-    run_torchrun,
+    run_ranks,
     task_tokenizer,
 )
 
@@ -74,7 +74,7 @@ def expected_metrics(reference, task_name: str, labels, tokenizer_dir) -> dict:
 ], ids=["sequence-tp2", "token-tp2", "qa-tp2", "sequence-dp2"])
 def test_task_metrics_match_transformers(tmp_path, tokenizer_dir, task_name, nproc, layout):
     reference, labels = exported(tmp_path, task_name)
-    result = run_torchrun(nproc, "megatron_bloom.cli.eval", [
+    result = run_ranks(nproc, "megatron_bloom.cli.eval", [
         f"checkpoint.load={tmp_path / 'ckpt'}", f"eval.input={TASK_DATA / FILES[task_name]}.valid.jsonl",
         f"eval.tokenizer={tokenizer_dir}", f"task={task_name}", "precision=fp32", "eval.micro_batch_size=16",
         *SETTINGS[task_name], *layout])

@@ -8,7 +8,7 @@ import torch
 
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import ParallelState, merge_state_dicts
-from tests.conftest import REPO, overrides, run_cli
+from tests.conftest import REPO, overrides, run_cli, run_ranks
 from tests.distributed import run_distributed
 
 
@@ -90,19 +90,10 @@ def test_zero_stages_give_the_same_losses(shard, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_3d_run_through_torchrun_learns(shard, tmp_path):
-    """mbloom-train as users start it: 8 ranks (tp 2 x pp 2 x dp 2), bf16, 50 iterations on real shards."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+def test_bf16_3d_run_learns(shard, tmp_path):
+    """mbloom-train on 8 ranks (tp 2 x pp 2 x dp 2), bf16, 50 iterations on real shards."""
     args = overrides(shard, tmp_path / "run", 2, 2, 2, iters=50, precision="bf16")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8",
-                             "-m", "megatron_bloom.cli.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_ranks(8, "megatron_bloom.cli.train", args, cwd=tmp_path, timeout=600)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iter"] for line in lines] == list(range(1, 51))
     assert set(lines[0]) == {"iter", "loss", "lr", "grad_norm", "consumed_samples", "step_s", "tokens_per_s",
@@ -296,19 +287,11 @@ def test_periodic_validation_loss(shard, tmp_path):
     """Validation every 3 iterations on the held-out documents: the same through the pipeline engine with two
     data-parallel replicas as in one process."""
     tp, pp, dp = 1, 2, 2
-    import os
-    import subprocess
-    import sys
-
     results = {}
     for name, (t, p, d) in (("reference", (1, 1, 1)), ("layout", (tp, pp, dp))):
         args = overrides(shard, tmp_path / name, t, p, d, iters=6) + ["train.eval_interval=3", "train.eval_iters=2",
                                                                        "data.split='8,2,0'"]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={t * p * d}", "-m", "megatron_bloom.cli.train", *args],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_ranks(t * p * d, "megatron_bloom.cli.train", args, cwd=tmp_path)
         results[name] = [json.loads(l) for l in (tmp_path / name / "validation.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in results["layout"]] == [3, 6]
     assert results["layout"][1]["valid_loss"] < results["layout"][0]["valid_loss"]
