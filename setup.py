@@ -48,7 +48,7 @@ setup(
         # transformers is only the reference that parity tests compare against; training never needs it.
         # megatron-core reads our token shards back in the tests, to prove the format is Megatron's own.
         # filelock: the tests' session fixtures are built once across pytest-xdist's workers.
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12", "transformers>=4.44", "megatron-core>=0.12"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.7", "filelock>=3.12", "transformers>=4.44", "megatron-core>=0.12"],
     },
     entry_points={
         "console_scripts": [

@@ -252,8 +252,18 @@ def pipeline_run(shard, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "pipeline-run", build)
 
 
+# pytest-xdist hands whole modules to its workers (--dist loadscope) in the order collected
+# (--no-loadscope-reorder): the longest modules go first (longest first, measured on 2 cores), so that none
+# of them starts last and leaves one worker running alone at the end. The rest follow in file order.
+LONGEST_MODULES_FIRST = ["test_training.py", "test_reshape.py", "test_launch.py", "test_plan.py",
+                         "test_checkpoints.py", "test_preprocess.py", "test_quickstart.py", "test_generate.py",
+                         "test_fine_tuning.py", "test_task_eval.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: without it they are skipped, saying so."""
+    """The longest modules first; tests marked `gpu` need CUDA: without it they are skipped, saying so."""
+    position = {name: index for index, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: position.get(item.path.name, len(position)))  # stable: file order otherwise
     if torch.cuda.is_available():
         return
     for item in items:

@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_prep.sample_corpus import generate_documents, write_jsonl
+from data_prep.sources import CHUNK_BYTES
 from megatron_bloom.data.indexed_dataset import IndexedDataset
 from tests.conftest import CORPUS, REPO, assert_user_error, run_cli
 
@@ -171,9 +172,10 @@ def test_setup_errors_are_one_line(tokenizer_dir, tmp_path, problem, fragment):
 
 @pytest.mark.slow
 def test_a_huge_document(tokenizer_dir, tmp_path):
-    """One document of about 20 MB (a whole book, a code dump) goes through like any other."""
+    """One document (a whole book, a code dump) twice the size of a reading chunk (8 MB) goes through like any
+    other."""
     sentence = "The lighthouse keeper wrote letters that nobody ever answered. "
-    text = sentence * (20_000_000 // len(sentence))
+    text = sentence * (2 * CHUNK_BYTES // len(sentence))
     (tmp_path / "huge.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": sentence}) + "\n")
     preprocess("--input", tmp_path / "huge.jsonl", "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "h",
                "--workers", 2)

