@@ -24,7 +24,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import List, Mapping, Sequence, Tuple
 
 from megatron_bloom.parallel.distributed import free_port
 
@@ -49,7 +49,7 @@ def _run_module_as_main(module: str, argv: Sequence[str], cwd: str, env: Mapping
                         stderr: str) -> None:
     """In the forked process: what `python -m module argv...` does after the interpreter has started."""
     for fd, path in ((1, stdout), (2, stderr)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # ranks share one file each
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # ranks share the files
         os.dup2(target, fd)
         os.close(target)
     os.environ.clear()
@@ -82,57 +82,57 @@ def run_module(module: str, argv: Sequence[str], cwd: Path, env: Mapping[str, st
                timeout: float) -> subprocess.CompletedProcess:
     """`python -m module argv...` in a forked process, to the end: a CompletedProcess with its text output and
     exit status (minus the signal's number when a signal killed it, as `subprocess` reports it)."""
-    with tempfile.TemporaryDirectory() as outputs:
-        stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
-        process = forkserver_context().Process(
-            target=_run_module_as_main, args=(module, list(argv), str(cwd), dict(env), stdout, stderr))
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired([module, *argv], timeout, Path(stdout).read_text(),
-                                            Path(stderr).read_text())
-        return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], process.exitcode,
-                                           Path(stdout).read_text(errors="replace"),
-                                           Path(stderr).read_text(errors="replace"))
+    (status,), stdout, stderr = _run_processes(module, argv, cwd, [env], timeout)
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], status, stdout, stderr)
 
 
 def run_module_ranks(nproc: int, module: str, argv: Sequence[str], cwd: Path, env: Mapping[str, str],
                      timeout: float) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node nproc -m module argv...` with forked ranks: each rank gets the
     environment torchrun gives its workers, and all share one stdout and one stderr as they share torchrun's.
-    When a rank fails the others are stopped and the status is 1, as torchrun does; a timeout kills all."""
+    When a rank fails the others are stopped and the status is 1, as torchrun does."""
+    port = str(free_port())
+    envs = [dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                 GROUP_RANK="0", ROLE_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 ROLE_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1", ROLE_NAME="default",
+                 TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0") for rank in range(nproc)]
+    statuses, stdout, stderr = _run_processes(module, argv, cwd, envs, timeout)
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", module, *argv],
+        0 if all(status == 0 for status in statuses) else 1, stdout, stderr)
+
+
+def _run_processes(module: str, argv: Sequence[str], cwd: Path, envs: Sequence[Mapping[str, str]],
+                   timeout: float) -> Tuple[List[int], str, str]:
+    """`module` run as __main__ in one forked process per environment, all writing to one stdout and one
+    stderr, until all have ended or one has failed (the others then get SIGTERM, and SIGKILL 30 s later, as
+    torchrun's agent does). Their exit statuses and output; past `timeout` all are killed and it raises."""
     context = forkserver_context()
     with tempfile.TemporaryDirectory() as outputs:
-        stdout, stderr = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
-        for path in (stdout, stderr):
-            Path(path).touch()
-        port = free_port()
-        ranks = []
-        for rank in range(nproc):
-            rank_env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                            GROUP_RANK="0", ROLE_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                            ROLE_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1", ROLE_NAME="default",
-                            TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
-            process = context.Process(target=_run_module_as_main,
-                                      args=(module, list(argv), str(cwd), rank_env, stdout, stderr))
+        stdout, stderr = Path(outputs, "stdout"), Path(outputs, "stderr")
+        processes = [context.Process(target=_run_module_as_main,
+                                     args=(module, list(argv), str(cwd), dict(env), str(stdout), str(stderr)))
+                     for env in envs]
+        for process in processes:
             process.start()
-            ranks.append(process)
         deadline = time.monotonic() + timeout
-        failed = False
-        while any(process.is_alive() for process in ranks) and not failed:
+
+        def running():
+            return [process for process in processes if process.exitcode is None]
+
+        while running() and not any(process.exitcode for process in processes):
             if time.monotonic() > deadline:
-                for process in ranks:
+                for process in running():
                     process.kill()
-                raise subprocess.TimeoutExpired([module, *argv], timeout, Path(stdout).read_text(),
-                                                Path(stderr).read_text())
-            multiprocessing.connection.wait([p.sentinel for p in ranks if p.is_alive()], timeout=1)
-            failed = any(process.exitcode not in (None, 0) for process in ranks)
-        for process in ranks:  # a failed rank's peers would wait for it until their collectives time out
-            if process.is_alive():
-                process.terminate()
-            process.join()
-        return subprocess.CompletedProcess(
-            [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m", module, *argv],
-            1 if failed else 0, Path(stdout).read_text(errors="replace"), Path(stderr).read_text(errors="replace"))
+                raise subprocess.TimeoutExpired([module, *argv], timeout, stdout.read_text(errors="replace"),
+                                                stderr.read_text(errors="replace"))
+            multiprocessing.connection.wait([process.sentinel for process in running()], timeout=1)
+        for process in running():  # a failed rank's peers would wait in their collectives until they time out
+            process.terminate()
+        for process in processes:
+            process.join(30)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        return ([process.exitcode for process in processes], stdout.read_text(errors="replace"),
+                stderr.read_text(errors="replace"))
