@@ -73,12 +73,17 @@ def _task_of(model) -> TaskConfig:
     return TaskConfig(name=model.task, num_labels=getattr(model, "num_labels", 2))
 
 
-def run_cli(args: Sequence[str], cwd: Path | None = None, check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: Sequence[str], cwd: Path | None = None, check: bool = True, timeout: float = 300,
+            fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m <module> args...` in a process of its own, as users do, and return the finished process
-    (text output). The process is forked from a preloaded server (tests/processes.py)."""
+    (text output). The process is forked from a preloaded server (tests/processes.py); `fresh_interpreter`
+    starts a new Python instead, import-time output included, as a user's shell does."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = run_module(args[0], args[1:], cwd=cwd or REPO, env=env, timeout=timeout)
+    if fresh_interpreter:
+        result = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env, text=True,
+                                capture_output=True, timeout=timeout)
+    else:
+        result = run_module(args[0], args[1:], cwd=cwd or REPO, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

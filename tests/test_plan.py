@@ -101,8 +101,8 @@ def test_bad_plans_are_user_errors(capsys):
     """mbloom-plan's `main` in this process, and once as users start it."""
     from megatron_bloom.cli.plan import main
 
-    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "--iter-time", "0"], check=False),
-                      "--iter-time")
+    assert_user_error(run_cli(["megatron_bloom.cli.plan", "model=bloom-tiny", "--iter-time", "0"], check=False,
+                              fresh_interpreter=True), "--iter-time")
     assert_user_error_in_process(main, ["model=bloom-tiny", "hardware=tpu-v9"], capsys, "hardware", "tpu-v9")
     assert_user_error_in_process(main, ["model=bloom-tiny", "parallel.tp=3"], capsys, "parallel.tp (3)")
 
