@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, model_states_file, pipeline_layer_file
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.sharding import full_shapes, shard_shape
 from megatron_bloom.pipeline import names
@@ -205,5 +206,6 @@ def _step(steps: List) -> int:
 
 
 def _load(path: Path):
-    # DeepSpeed's optimizer files pickle a few of its own objects (fragment addresses, a stage enum).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # DeepSpeed's optimizer files pickle a few of its own objects (fragment addresses, a stage enum, a loss
+    # scaler): read as inert records, never unpickled as code (checkpoint/safe_load.py).
+    return load_checkpoint_file(path)

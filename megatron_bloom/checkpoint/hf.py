@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, check_files_layout, save_model_checkpoint
+from megatron_bloom.checkpoint.safe_load import UnsafeCheckpointFile, load_checkpoint_file
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
@@ -185,7 +186,9 @@ def _load_torch(path: Path) -> StateDict:
     if not path.is_file():
         raise UserError(f"weight file {path} is missing (named by the shard index).")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(path, allowed=())
+    except UnsafeCheckpointFile:
+        raise
     except Exception as error:  # torch raises several types for a corrupt or truncated pickle
         raise UserError(f"cannot read {path}: {error}. Is the file complete?") from None
 

@@ -21,6 +21,7 @@ import torch
 
 from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, STATE_KEYS
 from megatron_bloom.checkpoint.layout import CheckpointMetadata, pipeline_layer_file
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.parallel.sharding import merge_state_dicts, shard_tensor
 from megatron_bloom.pipeline import names
@@ -64,7 +65,7 @@ def read_layers(directory: Path, metadata: CheckpointMetadata, layers: Iterable[
     for layer in layers:
         if prefixes[layer] is None:
             continue  # the LM head is the tied embedding (layer 0)
-        per_rank = [torch.load(directory / optimizer_layer_file(layer, rank), map_location="cpu", weights_only=True)
+        per_rank = [load_checkpoint_file(directory / optimizer_layer_file(layer, rank), allowed=())
                     for rank in ranks]
         step = max(step, *(saved["step"] for saved in per_rank))
         for key in STATE_KEYS:

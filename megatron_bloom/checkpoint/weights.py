@@ -29,6 +29,7 @@ from megatron_bloom.checkpoint.layout import (
     read_metadata,
     resolve_checkpoint,
 )
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, create_task_model
 from megatron_bloom.parallel import ParallelState, build_parallel_model, check_tensor_parallel, parallelize_bloom
@@ -93,5 +94,5 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
 
 
 def _torch_load(path: Path):
-    # DeepSpeed's model files hold tensors and plain Python values only: the safe loader reads them.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # DeepSpeed's model files hold tensors and plain values (and, with ZeRO, its stage enum): read safely.
+    return load_checkpoint_file(path)

@@ -37,6 +37,7 @@ from megatron_bloom.checkpoint.layout import (
     staging_dir,
     tag_for,
 )
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import TrainConfig
@@ -276,7 +277,7 @@ def resume(engine, directory: Path, metadata: CheckpointMetadata, state: Paralle
         raise UserError(f"DeepSpeed could not load checkpoint {directory}.")
     rng = directory / rng_file(dist.get_rank())
     if rng.is_file():
-        _set_rng_states(torch.load(rng, map_location="cpu", weights_only=False))
+        _set_rng_states(_read_rng_states(rng))
     elif dist.get_rank() == 0:
         print(f"warning: {directory} has no RNG state for rank {dist.get_rank()}; dropout masks will differ "
               "from the original run", file=sys.stderr, flush=True)
@@ -284,15 +285,40 @@ def resume(engine, directory: Path, metadata: CheckpointMetadata, state: Paralle
 
 
 def _rng_states() -> Dict[str, object]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers, so that the file reads back with
+    weights_only=True (checkpoint/safe_load.py)."""
+    version, python_state, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    states = {"python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+              "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                        "pos": numpy_state["state"]["pos"], "has_gauss": numpy_state["has_gauss"],
+                        "gauss": numpy_state["gauss"]},
+              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
+# RNG files of earlier versions pickled Python's and NumPy's states as they are: NumPy arrays, read safely
+# with NumPy's array reconstruction allowed (the recipe torch documents for weights_only loads).
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def _read_rng_states(path: Path) -> Dict[str, object]:
+    return load_checkpoint_file(path, allowed=_NUMPY_ARRAY_GLOBALS)
+
+
 def _set_rng_states(states: Dict[str, object]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    python, numpy_state = states["python"], states["numpy"]
+    if isinstance(python, dict):
+        random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                             "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    else:  # an earlier version's file: the states as `random` and NumPy return them
+        random.setstate(python)
+        np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])

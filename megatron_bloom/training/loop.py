@@ -41,6 +41,7 @@ from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
+from megatron_bloom.training.safe_checkpoint_engine import make_checkpoint_loads_safe
 
 
 def micro_batches(loader, vocab_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -104,6 +105,7 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, state),
                                            mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    make_checkpoint_loads_safe(engine)
     if carried_state is not None:
         restore_optimizer_state(engine, *carried_state)
     if config.precision == "fp32" and config.zero.stage == 0:

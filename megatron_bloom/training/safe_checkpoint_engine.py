@@ -1,0 +1,38 @@
+"""DeepSpeed's own checkpoint loads (an exact resume: model states, ZeRO partitions, pipeline layers) made
+safe: DeepSpeed reads every file through its engine's `checkpoint_engine`, whose `load` unpickles with
+weights_only=False. Ours reads with weights_only=True and allows, by name, only the three DeepSpeed
+classes its files hold (checkpoint/safe_load.py); saving stays DeepSpeed's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
+
+# What DeepSpeed's optimizer files pickle besides tensors and plain values: a ZeRO stage, the addresses of
+# parameter fragments, a loss scaler. Resuming needs them as DeepSpeed's own objects.
+DEEPSPEED_FILE_CLASSES = (ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler)
+
+
+class SafeCheckpointLoads:
+    """The engine's checkpoint engine with `load` reading safely; everything else is passed through."""
+
+    def __init__(self, checkpoint_engine) -> None:
+        self._wrapped = checkpoint_engine
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_checkpoint_file(Path(path), allowed=DEEPSPEED_FILE_CLASSES, map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+def make_checkpoint_loads_safe(engine) -> None:
+    """Route every checkpoint file DeepSpeed's `engine` loads through the safe reader."""
+    if engine.checkpoint_engine is not None and not isinstance(engine.checkpoint_engine, SafeCheckpointLoads):
+        engine.checkpoint_engine = SafeCheckpointLoads(engine.checkpoint_engine)
