@@ -115,7 +115,7 @@ def test_commands_refuse_a_planted_file(pipeline_run, shard, tmp_path, kind, com
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["rng", "optimizer", "model states"])
+@pytest.mark.parametrize("kind", ["rng", "optimizer", "model states", "layers"])
 def test_an_exact_resume_refuses_a_planted_file(pipeline_run, shard, tmp_path, kind):
     """The resume at the run's own layout: DeepSpeed's loads (model states, ZeRO partitions) go through our
     safe checkpoint engine, the RNG states through our reader."""
