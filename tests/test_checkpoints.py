@@ -152,6 +152,24 @@ def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, cap
     assert "skipping checkpoint" in resumed.stderr and "iter      3/4" in resumed.stdout
 
 
+def test_the_tokenizer_given_relative_to_the_run_is_exported_from_anywhere(shard, tmp_path):
+    """`data.tokenizer=tok` relative to the directory the run started in: the checkpoint records where it
+    really is, so `to-hf` run from elsewhere exports it; once it is gone, `to-hf` says so."""
+    run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "run", 1, 1, 1, iters=1),
+             "data.tokenizer=tok", f"checkpoint.dir={tmp_path / 'ckpt'}"], cwd=shard)
+    assert read_metadata(tmp_path / "ckpt").tokenizer == str(shard / "tok")
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
+             str(tmp_path / "hf")], cwd=tmp_path)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (shard / "tok" / "tokenizer.json").read_bytes()
+    metadata_file = resolve_checkpoint(tmp_path / "ckpt") / "mbloom.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps(dict(metadata, tokenizer=str(tmp_path / "moved-away"))))
+    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
+                      str(tmp_path / "hf2")])
+    assert "is not there any more; the export has no tokenizer files" in " ".join(result.stderr.split())
+    assert not (tmp_path / "hf2" / "tokenizer.json").exists()
+
+
 def test_a_hugging_face_import_for_a_3d_layout_trains(shard, tmp_path):
     """from-hf for (tp 2, pp 2), then one training step there: it starts from the imported weights (its first
     loss is what transformers computes on the same batch) and writes a checkpoint."""

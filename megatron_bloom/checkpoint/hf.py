@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -58,7 +59,11 @@ def convert_to_hf(checkpoint: Path, output: Path) -> List[Path]:
     """`mbloom-convert to-hf`: a training checkpoint of any layout as a Hugging Face directory; returns the
     files written."""
     metadata, state_dict = load_model_state_dict(checkpoint)
-    tokenizer = Path(metadata.tokenizer) if metadata.tokenizer and Path(metadata.tokenizer).exists() else None
+    tokenizer = Path(metadata.tokenizer) if metadata.tokenizer else None
+    if tokenizer is not None and not tokenizer.exists():
+        print(f"warning: the tokenizer {checkpoint} was trained with ({tokenizer}) is not there any more; the "
+              "export has no tokenizer files", file=sys.stderr, flush=True)
+        tokenizer = None
     return write_hf_checkpoint(output, state_dict, metadata.model, metadata.task, tokenizer)
 
 
