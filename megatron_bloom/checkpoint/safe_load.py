@@ -58,7 +58,7 @@ def load_checkpoint_file(path: Path, allowed: Sequence[AllowedGlobal] = DEEPSPEE
 
 def unsafe_file_error(path: Path, error: Exception) -> UnsafeCheckpointFile:
     """The one-paragraph refusal of `path`, naming the type torch's safe unpickler stopped at."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"Unsupported operand (\d+)", str(error))
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
     what = f"the type {named.group(1)}" if named else "an object that is not a tensor or plain data"
     return UnsafeCheckpointFile(
         f"{path} holds {what}, which a checkpoint file has no reason to hold. It was not loaded: unpickling it "

@@ -301,8 +301,10 @@ def _rng_states() -> Dict[str, object]:
 
 # RNG files of earlier versions pickled Python's and NumPy's states as they are: NumPy arrays, read safely
 # with NumPy's array reconstruction allowed (the recipe torch documents for weights_only loads).
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+_RECONSTRUCT = getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),  # files of NumPy 2 and of NumPy 1
+                        (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+                        (_RECONSTRUCT, "numpy.core.multiarray._reconstruct")]
 
 
 def _read_rng_states(path: Path) -> Dict[str, object]:
