@@ -61,7 +61,8 @@ def _run_module_as_main(module: str, argv: Sequence[str], cwd: str, env: Mapping
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [module, *argv]
     # the server imported the command's module already; running it again as __main__ is what is wanted here
-    warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package",
+                            category=RuntimeWarning)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         status = 0

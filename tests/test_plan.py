@@ -113,7 +113,8 @@ def test_memory_prediction_matches_a_real_run_on_this_machine():
     within 15% of what each rank's resident memory grew by during training (benchmarks/plan_memory.py)."""
     # bf16 where the CPU computes in bf16; elsewhere (emulated, 10x slower) the same check in fp32
     precision = "bf16" if cpu_has_avx512_bf16() else "fp32"
-    result = run_cli(["benchmarks.plan_memory", "--zero", "0", "1", "--iters", "2", "--precision", precision], timeout=600)
+    result = run_cli(["benchmarks.plan_memory", "--zero", "0", "1", "--iters", "2", "--precision", precision],
+                     timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["zero"] for row in rows] == [0, 1]
     for row in rows:

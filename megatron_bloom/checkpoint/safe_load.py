@@ -33,13 +33,15 @@ def _enum_value(value):
     return value
 
 
-# The globals DeepSpeed's checkpoint files name (0.14 to 0.19), mapped to inert stand-ins.
-DEEPSPEED_RECORDS: Sequence[AllowedGlobal] = (
-    (DeepSpeedRecord, "deepspeed.utils.tensor_fragment.fragment_address"),
-    (DeepSpeedRecord, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-    (DeepSpeedRecord, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-    (_enum_value, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-)
+# The globals DeepSpeed's checkpoint files name (0.14 to 0.19), each with the inert stand-in our readers use.
+# DeepSpeed's own resume allows the real classes of the same names (training/safe_checkpoint_engine.py).
+DEEPSPEED_FILE_TYPES = {
+    "deepspeed.utils.tensor_fragment.fragment_address": DeepSpeedRecord,
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": DeepSpeedRecord,
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": DeepSpeedRecord,
+    "deepspeed.runtime.zero.config.ZeroStageEnum": _enum_value,
+}
+DEEPSPEED_RECORDS: Sequence[AllowedGlobal] = tuple((stand_in, name) for name, stand_in in DEEPSPEED_FILE_TYPES.items())
 
 
 class UnsafeCheckpointFile(UserError):

@@ -5,18 +5,21 @@ classes its files hold (checkpoint/safe_load.py); saving stays DeepSpeed's."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
+from megatron_bloom.checkpoint.safe_load import DEEPSPEED_FILE_TYPES, load_checkpoint_file
 
-from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 
-# What DeepSpeed's optimizer files pickle besides tensors and plain values: a ZeRO stage, the addresses of
-# parameter fragments, a loss scaler. Resuming needs them as DeepSpeed's own objects.
-DEEPSPEED_FILE_CLASSES = (ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler)
+def _deepspeed_class(qualified_name: str):
+    module, _, name = qualified_name.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+# What DeepSpeed's optimizer files pickle besides tensors and plain values (a ZeRO stage, the addresses of
+# parameter fragments, a loss scaler): resuming needs them as DeepSpeed's own objects.
+DEEPSPEED_FILE_CLASSES = tuple((_deepspeed_class(name), name) for name in DEEPSPEED_FILE_TYPES)
 
 
 class SafeCheckpointLoads:
