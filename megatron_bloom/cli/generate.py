@@ -39,7 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     world_size = init_distributed()
     layout = config.parallel
-    state = state_for_run(layout.tp, layout.pp, layout.dp, world_size)
+    state = state_for_run(layout.tp, layout.pp, layout.dp, world_size,
+                          shared_memory_timeout_s=layout.shared_memory_timeout_s)
     results, times = generate(config, state)
     if state.is_first_rank:
         new_tokens = sum(len(result["token_ids"]) for result in results)

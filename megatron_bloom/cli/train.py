@@ -33,7 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     world_size = init_distributed(always=True)  # DeepSpeed needs a process group, even for one process
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     layout = config.parallel
-    state = state_for_run(layout.tp, layout.pp, layout.dp, world_size, require_groups=True)
+    state = state_for_run(layout.tp, layout.pp, layout.dp, world_size, require_groups=True,
+                          shared_memory_timeout_s=layout.shared_memory_timeout_s)
     if state.device.type == "cpu":
         keep_freed_host_memory()
     from megatron_bloom.training.loop import train  # DeepSpeed is imported only when training

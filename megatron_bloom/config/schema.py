@@ -69,9 +69,12 @@ class ParallelConfig:
     pipeline_partition: str = "flops"
     """How pp stages split the layers: `flops` (balanced by training FLOPs, the LM head counted) or `blocks`
     (the same number of transformer blocks per stage)."""
+    shared_memory_timeout_s: float = 600.0
+    """CPU ranks of one host all-reduce through shared memory: how long one waits for a live peer before it
+    fails naming that rank. A peer that has exited is named within 0.1 s whatever this is."""
 
     def __post_init__(self) -> None:
-        _check_positive("parallel", self, "tp", "pp", "dp")
+        _check_positive("parallel", self, "tp", "pp", "dp", "shared_memory_timeout_s")
         _check_choice("parallel.pipeline_partition", self.pipeline_partition, PIPELINE_PARTITIONS)
 
 

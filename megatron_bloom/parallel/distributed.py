@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.errors import UserError
+from megatron_bloom.parallel.host_group import DEFAULT_TIMEOUT_S
 from megatron_bloom.parallel.state import ParallelState, default_device
 
 
@@ -81,8 +82,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int,
-                  require_groups: bool = False) -> ParallelState:
+def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int, require_groups: bool = False,
+                  shared_memory_timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelState:
     """The ParallelState of this process for the layout `parallel.tp`, `.pp` and `.dp` (None: what the world
     size leaves), checked against the world size.
 
@@ -98,7 +99,7 @@ def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int,
         )
     if world_size == 1 and not require_groups:
         return ParallelState.single(default_device())
-    return ParallelState.create(tp=tp, pp=pp, dp=dp)
+    return ParallelState.create(tp=tp, pp=pp, dp=dp, shared_memory_timeout_s=shared_memory_timeout_s)
 
 
 def exit_without_teardown(code: int = 0) -> None:

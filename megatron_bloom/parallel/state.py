@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.errors import ConfigError
-from megatron_bloom.parallel.host_group import SharedMemoryGroup
+from megatron_bloom.parallel.host_group import DEFAULT_TIMEOUT_S, SharedMemoryGroup
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,10 @@ class ParallelState:
         return ParallelState(device=torch.device(device))
 
     @staticmethod
-    def create(tp: int = 1, pp: int = 1, dp: Optional[int] = None,
-               device: Optional[torch.device] = None) -> "ParallelState":
-        """Build every group of the layout; all ranks of the initialized default group must call this."""
+    def create(tp: int = 1, pp: int = 1, dp: Optional[int] = None, device: Optional[torch.device] = None,
+               shared_memory_timeout_s: float = DEFAULT_TIMEOUT_S) -> "ParallelState":
+        """Build every group of the layout; all ranks of the initialized default group must call this.
+        `shared_memory_timeout_s`: how long a rank waits for a live peer in a shared-memory all-reduce."""
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call init_distributed() first")
         world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -84,7 +85,7 @@ class ParallelState:
         device = device or default_device()
         shared_memory = None
         if tp > 1 and device.type == "cpu" and dist.get_backend(groups["tp"]) == "gloo":
-            shared_memory = SharedMemoryGroup.create(groups["tp"])
+            shared_memory = SharedMemoryGroup.create(groups["tp"], timeout_s=shared_memory_timeout_s)
         return ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, tp_group=groups["tp"], dp_group=groups["dp"],
                              pp_group=groups["pp"], device=device, tp_shared_memory=shared_memory)
 
