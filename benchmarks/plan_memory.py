@@ -31,7 +31,7 @@ def worker(overrides, output: Path) -> None:
 
     from megatron_bloom.config import load_config
     from megatron_bloom.parallel import init_distributed
-    from megatron_bloom.parallel.distributed import exit_without_teardown, state_for_run
+    from megatron_bloom.parallel.distributed import state_for_run
     from megatron_bloom.training.loop import train
 
     config = load_config(overrides)
@@ -41,7 +41,7 @@ def worker(overrides, output: Path) -> None:
     train(config, state)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     (output / f"rank{dist.get_rank()}.json").write_text(json.dumps({"baseline": baseline, "peak": peak}))
-    exit_without_teardown()
+    dist.destroy_process_group()
 
 
 def run(*args: str, env=None) -> str:

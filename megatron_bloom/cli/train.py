@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_bloom.cli.arguments import exit_on_user_error, parse_overrides
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import init_distributed
-from megatron_bloom.parallel.distributed import exit_without_teardown, state_for_run
+from megatron_bloom.parallel.distributed import state_for_run
 from megatron_bloom.training.host_memory import keep_freed_host_memory
 from megatron_bloom.training.validation import validate_training_inputs
 
@@ -44,7 +44,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    exit_without_teardown()
 
 
 if __name__ == "__main__":

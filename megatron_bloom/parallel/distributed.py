@@ -100,16 +100,3 @@ def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int, require_
     if world_size == 1 and not require_groups:
         return ParallelState.single(default_device())
     return ParallelState.create(tp=tp, pp=pp, dp=dp, shared_memory_timeout_s=shared_memory_timeout_s)
-
-
-def exit_without_teardown(code: int = 0) -> None:
-    """End a rank whose work is written, closed and flushed, skipping the interpreter's teardown: there a
-    rank that trained can abort ("terminate called without an active exception": background threads of
-    DeepSpeed's CPU comm op and of gloo destroyed while still running), failing a run that finished."""
-    import sys
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
