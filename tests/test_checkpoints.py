@@ -3,6 +3,7 @@ fallback past a damaged checkpoint, pruning, and the weights of any layout read 
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -19,7 +20,17 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.data.tokenizer import load_tokenizer
-from tests.conftest import CORPUS, REPO, overrides, run_cli, run_ranks, torchrun_command
+from tests.conftest import (
+    CORPUS,
+    REPO,
+    assert_user_error,
+    overrides,
+    run_cli,
+    run_ranks,
+    sample_texts,
+    torchrun_command,
+    train_test_tokenizer,
+)
 from tests.processes import run_module
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
@@ -152,22 +163,50 @@ def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, cap
     assert "skipping checkpoint" in resumed.stderr and "iter      3/4" in resumed.stdout
 
 
-def test_the_tokenizer_given_relative_to_the_run_is_exported_from_anywhere(shard, tmp_path):
-    """`data.tokenizer=tok` relative to the directory the run started in: the checkpoint records where it
-    really is, so `to-hf` run from elsewhere exports it; once it is gone, `to-hf` says so."""
+def test_a_checkpoint_keeps_its_tokenizer_wherever_it_moves(shard, tmp_path):
+    """`data.tokenizer=tok` relative to the directory the run started in: the checkpoint keeps a copy, so
+    once moved elsewhere (and the original tokenizer gone), `to-hf` exports it and `mbloom-eval` uses it by
+    default. Another tokenizer given by hand is refused in one paragraph unless forced."""
     run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "run", 1, 1, 1, iters=1),
              "data.tokenizer=tok", f"checkpoint.dir={tmp_path / 'ckpt'}"], cwd=shard)
-    assert read_metadata(tmp_path / "ckpt").tokenizer == str(shard / "tok")
-    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
-             str(tmp_path / "hf")], cwd=tmp_path)
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (shard / "tok" / "tokenizer.json").read_bytes()
+    source = (shard / "tok" / "tokenizer.json").read_bytes()
+    (tmp_path / "moved").mkdir()
+    checkpoint = resolve_checkpoint(shutil.move(tmp_path / "ckpt", tmp_path / "moved" / "ckpt"))
+    assert read_metadata(checkpoint).tokenizer == "tokenizer"
+    assert (checkpoint / "tokenizer" / "tokenizer.json").read_bytes() == source
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf")],
+            cwd=tmp_path)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == source
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in sample_texts(6)))
+    evaluate = ["megatron_bloom.cli.eval", f"checkpoint.load={checkpoint}", f"eval.input={tmp_path / 'docs.jsonl'}",
+                "precision=fp32"]
+    own = json.loads(run_cli(evaluate).stdout.splitlines()[-1])
+    given = json.loads(run_cli([*evaluate, f"eval.tokenizer={shard / 'tok'}"]).stdout.splitlines()[-1])
+    assert own == given  # the same vocabulary given by hand: accepted
+    other = train_test_tokenizer(tmp_path / "other-tok", sample_texts(200, seed=9), vocab_size=700)
+    refused = run_cli([*evaluate, f"eval.tokenizer={other}"], check=False)
+    assert_user_error(refused, f"eval.tokenizer={other} is not the tokenizer checkpoint", "eval.force_tokenizer=true")
+    forced = json.loads(run_cli([*evaluate, f"eval.tokenizer={other}", "eval.force_tokenizer=true"]).stdout
+                        .splitlines()[-1])
+    assert forced["tokens"] != own["tokens"]
+
+
+def test_a_checkpoint_of_an_earlier_version_names_its_tokenizer_by_path(shard, tmp_path):
+    """Checkpoints written before the copy recorded the tokenizer's absolute path: read while it exists,
+    and `to-hf` says so when it is gone."""
+    run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "run", 1, 1, 1, iters=1),
+             f"checkpoint.dir={tmp_path / 'ckpt'}"])
     metadata_file = resolve_checkpoint(tmp_path / "ckpt") / "mbloom.json"
     metadata = json.loads(metadata_file.read_text())
-    metadata_file.write_text(json.dumps(dict(metadata, tokenizer=str(tmp_path / "moved-away"))))
-    result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
-                      str(tmp_path / "hf2")])
-    assert "is not there any more; the export has no tokenizer files" in " ".join(result.stderr.split())
-    assert not (tmp_path / "hf2" / "tokenizer.json").exists()
+    for recorded, exported in ((shard / "tok", True), (tmp_path / "moved-away", False)):
+        metadata_file.write_text(json.dumps(dict(metadata, tokenizer=str(recorded))))
+        output = tmp_path / f"hf-{exported}"
+        result = run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
+                          str(output)])
+        assert (output / "tokenizer.json").exists() == exported
+        assert ("is not there any more; the export has no tokenizer files" in " ".join(result.stderr.split())) \
+            != exported
 
 
 def test_a_hugging_face_import_for_a_3d_layout_trains(shard, tmp_path):

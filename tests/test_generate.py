@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -45,11 +46,12 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capac
 
 @pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
                     reason="oneDNN packs bf16 weights on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT only")
-def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
+def test_packed_cpu_inference_gives_the_plain_models_bf16_logits():
     """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head (for our bf16 kernel where
     the CPU has AVX512-BF16, else for oneDNN), and single-query attention goes through our kernel where
-    it can (heads of 32 values here); the prompt's and each decoding step's logits are exactly those of
-    the plain model."""
+    it can (heads of 32 values here); the prompt's and each decoding step's logits are the plain model's
+    within one bf16 ulp at their scale. (Not to the bit: the plain model's linears take whatever path torch
+    chooses on this CPU, AMX or AVX-512, which round a few sums differently.)"""
     config = small_config(hidden_size=128)
     plain = build_model(config, dtype=torch.bfloat16).eval()
     packed = build_model(config, dtype=torch.bfloat16)
@@ -67,7 +69,10 @@ def test_packed_cpu_inference_gives_bit_identical_bf16_logits():
             steps = [model(input_ids[:, :6], cache=cache).logits]
             steps += [model(input_ids[:, i:i + 1], cache=cache).logits for i in range(6, 9)]
             logits[name] = torch.cat(steps, dim=1)
-    assert torch.equal(logits["packed"], logits["plain"])
+    scale = logits["plain"].float().abs().max().item()
+    ulp = 2.0 ** (math.floor(math.log2(scale)) - 7)
+    torch.testing.assert_close(logits["packed"].float(), logits["plain"].float(), rtol=0, atol=ulp)
+    assert (logits["packed"] == logits["plain"]).float().mean().item() > 0.99
 
 
 def test_int8_weights_stay_close_to_the_model():

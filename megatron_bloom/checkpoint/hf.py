@@ -17,7 +17,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megatron_bloom.checkpoint.layout import CheckpointMetadata, check_files_layout, save_model_checkpoint
+from megatron_bloom.checkpoint.layout import (
+    TOKENIZER_FILES,
+    CheckpointMetadata,
+    check_files_layout,
+    checkpoint_tokenizer,
+    copy_tokenizer_files,
+    resolve_checkpoint,
+    save_model_checkpoint,
+)
 from megatron_bloom.checkpoint.safe_load import UnsafeCheckpointFile, load_checkpoint_file
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.errors import UserError
@@ -33,7 +41,6 @@ ARCHITECTURES = {
 }
 _EMBEDDING = "transformer.word_embeddings.weight"
 _SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -50,20 +57,20 @@ def convert_from_hf(hf_dir: Path, output: Path, tp: int = 1, pp: int = 1) -> Pat
     check_files_layout(model, tp, pp)
     state_dict = hf_to_state_dict(read_hf_weights(hf_dir), model, task)
     has_tokenizer = any((Path(hf_dir) / name).is_file() for name in TOKENIZER_FILES)
-    metadata = CheckpointMetadata(model=model, task=task, tp=tp, pp=pp,
-                                  tokenizer=str(Path(hf_dir).resolve()) if has_tokenizer else None)
-    return save_model_checkpoint(output, split_for_ranks(state_dict, model, tp), metadata)
+    return save_model_checkpoint(output, split_for_ranks(state_dict, model, tp),
+                                 CheckpointMetadata(model=model, task=task, tp=tp, pp=pp),
+                                 tokenizer=Path(hf_dir) if has_tokenizer else None)
 
 
 def convert_to_hf(checkpoint: Path, output: Path) -> List[Path]:
     """`mbloom-convert to-hf`: a training checkpoint of any layout as a Hugging Face directory; returns the
     files written."""
-    metadata, state_dict = load_model_state_dict(checkpoint)
-    tokenizer = Path(metadata.tokenizer) if metadata.tokenizer else None
-    if tokenizer is not None and not tokenizer.exists():
-        print(f"warning: the tokenizer {checkpoint} was trained with ({tokenizer}) is not there any more; the "
-              "export has no tokenizer files", file=sys.stderr, flush=True)
-        tokenizer = None
+    directory = resolve_checkpoint(checkpoint)
+    metadata, state_dict = load_model_state_dict(directory)
+    tokenizer = checkpoint_tokenizer(directory, metadata)
+    if tokenizer is None and metadata.tokenizer is not None:  # an older checkpoint's recorded path
+        print(f"warning: the tokenizer {checkpoint} was trained with ({metadata.tokenizer}) is not there any "
+              "more; the export has no tokenizer files", file=sys.stderr, flush=True)
     return write_hf_checkpoint(output, state_dict, metadata.model, metadata.task, tokenizer)
 
 
@@ -265,18 +272,6 @@ def write_hf_checkpoint(output: Path, state_dict: StateDict, model: ModelConfig,
     if tokenizer_dir is not None:
         written += copy_tokenizer_files(Path(tokenizer_dir), output)
     return written
-
-
-def copy_tokenizer_files(source: Path, output: Path) -> List[Path]:
-    """Copy the tokenizer files that `AutoTokenizer.from_pretrained` reads, where they exist."""
-    if source.is_file():
-        source = source.parent
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            (output / name).write_bytes((source / name).read_bytes())
-            copied.append(output / name)
-    return copied
 
 
 def _save_safetensors(tensors: StateDict, path: Path) -> Path:

@@ -6,6 +6,7 @@
         mp_rank_<tp>_model_states.pt  DeepSpeed's model file per tensor-parallel rank ({"module": ...})
         ...                           DeepSpeed's optimizer / pipeline-layer files, when training wrote them
         rng_state_<rank>.pt           every rank's random-number generators (training checkpoints)
+        tokenizer/                    a copy of the tokenizer the model was trained with (when it had one)
         mbloom.json                   model config, layout, progress, and the size of every file above
 
 A checkpoint is written under a hidden temporary name (`.global_step<N>.incomplete`), `mbloom.json` last,
@@ -36,6 +37,8 @@ from megatron_bloom.parallel.parallelize import check_tensor_parallel
 
 METADATA_FILE = "mbloom.json"
 LATEST_FILE = "latest"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what AutoTokenizer reads
 FORMAT_VERSION = 1
 
 
@@ -89,6 +92,7 @@ class CheckpointMetadata:
     consumed_samples: int = 0
     skipped_iterations: int = 0
     data_loader: Optional[dict] = None
+    # the checkpoint's own copy (TOKENIZER_DIR); older checkpoints recorded an absolute path instead
     tokenizer: Optional[str] = None
     files: Dict[str, int] = field(default_factory=dict)  # path inside the tag dir -> size in bytes
     format_version: int = FORMAT_VERSION
@@ -116,18 +120,21 @@ class CheckpointMetadata:
 
 
 def publish_checkpoint(root: Path, tag: str, write_files: Callable[[Path], None],
-                       metadata: CheckpointMetadata) -> Path:
-    """Write a checkpoint via `write_files(directory)`, then make it visible atomically; returns its dir."""
+                       metadata: CheckpointMetadata, tokenizer: Optional[Path] = None) -> Path:
+    """Write a checkpoint via `write_files(directory)`, then make it visible atomically (with a copy of
+    `tokenizer`, as `publish_staged`); returns its dir."""
     staging = staging_dir(root, tag)
     if staging.exists():
         shutil.rmtree(staging)  # left by an earlier, interrupted save of the same tag
     staging.mkdir(parents=True)
     write_files(staging)
-    return publish_staged(root, tag, metadata)
+    return publish_staged(root, tag, metadata, tokenizer)
 
 
-def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata) -> Path:
-    """Publish the files written into `staging_dir(root, tag)` (by every rank, all finished) as `tag`.
+def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata, tokenizer: Optional[Path] = None) -> Path:
+    """Publish the files written into `staging_dir(root, tag)` (by every rank, all finished) as `tag`, with a
+    copy of `tokenizer` (a tokenizer.json or its directory) in `tokenizer/`, so that the checkpoint keeps
+    it wherever it moves.
 
     Order matters for crash safety: the files are flushed to disk, `mbloom.json` (listing them and their
     sizes) is written last inside the hidden directory, the directory is renamed into place, and only
@@ -135,6 +142,8 @@ def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata) -> Path:
     the new one complete.
     """
     root, staging = Path(root), staging_dir(root, tag)
+    kept = tokenizer is not None and copy_tokenizer_files(tokenizer, staging / TOKENIZER_DIR)
+    metadata.tokenizer = TOKENIZER_DIR if kept else None
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != METADATA_FILE)
     for path in files:
         _fsync_file(path)
@@ -148,6 +157,32 @@ def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata) -> Path:
     _write_atomically(root / LATEST_FILE, tag + "\n")
     _fsync_dir(root)
     return final
+
+
+def copy_tokenizer_files(source: Path, output: Path) -> List[Path]:
+    """Copy the tokenizer files that `AutoTokenizer.from_pretrained` reads, where they exist, from a
+    directory or beside a tokenizer file (which is copied as tokenizer.json, whatever its name)."""
+    source = Path(source)
+    sources = {name: source.parent / name for name in TOKENIZER_FILES} if source.is_file() else \
+        {name: source / name for name in TOKENIZER_FILES}
+    if source.is_file():
+        sources["tokenizer.json"] = source
+    copied = []
+    for name, path in sources.items():
+        if path.is_file():
+            output.mkdir(parents=True, exist_ok=True)
+            (output / name).write_bytes(path.read_bytes())
+            copied.append(output / name)
+    return copied
+
+
+def checkpoint_tokenizer(directory: Path, metadata: CheckpointMetadata) -> Optional[Path]:
+    """The tokenizer checkpoint `directory` was made with: its own copy, or the path an older checkpoint
+    recorded; None when it has none, or the recorded path is gone."""
+    if metadata.tokenizer is None:
+        return None
+    path = Path(directory) / metadata.tokenizer  # an absolute path stays what it is
+    return path if path.exists() else None
 
 
 def checkpoint_tags(root: Path) -> List[Tuple[int, Path]]:
@@ -185,8 +220,8 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
-                          metadata: CheckpointMetadata) -> Path:
+def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]], metadata: CheckpointMetadata,
+                          tokenizer: Optional[Path] = None) -> Path:
     """A model-only checkpoint, one DeepSpeed model file per tensor-parallel rank (`shards` in tp-rank
     order, single-process names), whatever `metadata.pp`: each pipeline stage takes its layers by name.
     The keys besides `module` are those DeepSpeed's `load_checkpoint(load_module_only=True)` reads.
@@ -201,7 +236,7 @@ def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]],
                       "dp_world_size": 1, "mp_world_size": metadata.tp}
             torch.save(states, directory / model_states_file(tp_rank))
 
-    return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata)
+    return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata, tokenizer)
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -22,6 +22,7 @@ from megatron_bloom.checkpoint.layout import (
     WEIGHTS,
     CheckpointMetadata,
     check_files_layout,
+    checkpoint_tokenizer,
     publish_checkpoint,
     read_metadata,
     resolve_checkpoint,
@@ -40,10 +41,11 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
     directory = resolve_checkpoint(source)
     metadata = read_metadata(directory)
     check_files_layout(metadata.model, tp, pp)
+    tokenizer = checkpoint_tokenizer(directory, metadata)  # the reshaped checkpoint keeps a copy too
     if metadata.contents == WEIGHTS:
         _, full = load_model_state_dict(directory)
         target = dataclasses.replace(metadata, tp=tp, pp=pp, files={})
-        return save_model_checkpoint(output, split_for_ranks(full, metadata.model, tp), target)
+        return save_model_checkpoint(output, split_for_ranks(full, metadata.model, tp), target, tokenizer)
 
     target = dataclasses.replace(metadata, tp=tp, pp=pp, contents=UNIVERSAL, files={})
     weight_dtype = PRECISION_DTYPES[metadata.precision]
@@ -62,7 +64,7 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
             raise UserError(f"checkpoint {directory} holds optimizer state for layers {sorted(written)}, not "
                             f"for all of {sorted(expected)}.")
 
-    return publish_checkpoint(output, tag_for(metadata.iteration), write, target)
+    return publish_checkpoint(output, tag_for(metadata.iteration), write, target, tokenizer)
 
 
 def _source_chunks(directory: Path, metadata: CheckpointMetadata) -> Iterator[Tuple[StateTensors, int]]:

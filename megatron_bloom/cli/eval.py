@@ -1,6 +1,6 @@
 """`mbloom-eval`: loss and perplexity of a checkpoint on a jsonl file, at any tensor-parallel layout.
 
-    [torchrun --nproc-per-node N -m] mbloom-eval checkpoint.load=CKPT eval.input=DOCS.jsonl eval.tokenizer=TOK
+    [torchrun --nproc-per-node N -m] mbloom-eval checkpoint.load=CKPT eval.input=DOCS.jsonl [eval.tokenizer=TOK]
 
 Each document's `text` is tokenized without special tokens and cut to `eval.seq_length` (default: the
 model's); loss = summed next-token negative log-likelihood over all documents / number of predicted
@@ -25,13 +25,13 @@ from megatron_bloom.inference.evaluation import evaluate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 
-USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl eval.tokenizer=TOK [parallel.tp=N] [precision=fp32] ..."
+USAGE = "checkpoint.load=CKPT_DIR eval.input=DOCS.jsonl [eval.tokenizer=TOK] [parallel.tp=N] [precision=fp32] ..."
 
 
 @exit_on_user_error("mbloom-eval")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     overrides = parse_overrides(argv, "mbloom-eval", USAGE)
-    config = checkpoint_command_config(overrides, "mbloom-eval", USAGE, required=("eval.input", "eval.tokenizer"))
+    config = checkpoint_command_config(overrides, "mbloom-eval", USAGE, required=("eval.input",))
     start = time.perf_counter()
     world_size = init_distributed()
     layout = config.parallel

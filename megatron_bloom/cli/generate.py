@@ -1,6 +1,6 @@
 """`mbloom-generate`: text from a checkpoint, greedy or sampled, with a KV cache, at any tensor-parallel size.
 
-    [torchrun --nproc-per-node N -m] mbloom-generate checkpoint.load=CKPT eval.tokenizer=TOK generate.prompt="..."
+    [torchrun --nproc-per-node N -m] mbloom-generate checkpoint.load=CKPT generate.prompt="..." [eval.tokenizer=TOK]
         [generate.max_new_tokens=32] [generate.do_sample=true generate.temperature=0.8 generate.top_k=50
         generate.top_p=0.95 generate.seed=1234] [generate.input=PROMPTS.jsonl generate.batch_size=8]
 
@@ -28,13 +28,13 @@ from megatron_bloom.inference.generation import generate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 
-USAGE = 'checkpoint.load=CKPT_DIR eval.tokenizer=TOK generate.prompt="..." [generate.max_new_tokens=N] ...'
+USAGE = 'checkpoint.load=CKPT_DIR generate.prompt="..." [eval.tokenizer=TOK] [generate.max_new_tokens=N] ...'
 
 
 @exit_on_user_error("mbloom-generate")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     overrides = parse_overrides(argv, "mbloom-generate", USAGE)
-    config = checkpoint_command_config(overrides, "mbloom-generate", USAGE, required=("eval.tokenizer",),
+    config = checkpoint_command_config(overrides, "mbloom-generate", USAGE, required=(),
                                        one_of=("generate.prompt", "generate.input"))
     start = time.perf_counter()
     world_size = init_distributed()

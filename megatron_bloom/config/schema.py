@@ -181,7 +181,7 @@ class DataConfig:
     an MMIDIDX `prefix.bin` + `prefix.idx` pair."""
     tokenizer: Optional[str] = None
     """The shards' tokenizer (a tokenizer.json or its directory): checked against model.vocab_size before
-    the start, and recorded in checkpoints."""
+    the start, and copied into every checkpoint the run saves."""
     split: str = "969,30,1"
     """Train, validation and test weights: each shard's documents are split in these proportions."""
     cache_dir: Optional[str] = None
@@ -293,7 +293,10 @@ class EvalConfig:
     input: Optional[str] = None
     """mbloom-eval's jsonl file: `{"text": ...}` lines, or a fine-tuning task's format."""
     tokenizer: Optional[str] = None
-    """The tokenizer of mbloom-eval and mbloom-generate (a tokenizer.json or its directory)."""
+    """The tokenizer of mbloom-eval and mbloom-generate (a tokenizer.json or its directory); null: the copy the
+    checkpoint keeps. One whose vocabulary differs from the checkpoint's is refused (see force_tokenizer)."""
+    force_tokenizer: bool = False
+    """Use eval.tokenizer even though its vocabulary differs from the tokenizer the checkpoint keeps."""
     seq_length: Optional[int] = None
     """Tokens mbloom-eval keeps of each document; null: model.seq_length."""
     micro_batch_size: int = 1

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, resolve_checkpoint
 from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.task_evaluation import evaluate_task
+from megatron_bloom.inference.tokenizer import command_tokenizer
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.parallel import ParallelState
 
@@ -38,13 +39,11 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     """The JSON result `mbloom-eval` prints: loss, perplexity, tokens, documents and skipped lines of the
     language model, or the task's metrics for a checkpoint with a fine-tuning head."""
     sequence_parallel = config.parallel.sequence_parallel
-    model, metadata = load_model(config.checkpoint.load, state, PRECISION_DTYPES[config.precision], sequence_parallel,
+    directory = resolve_checkpoint(Path(config.checkpoint.load))
+    model, metadata = load_model(directory, state, PRECISION_DTYPES[config.precision], sequence_parallel,
                                  run_model=config.model)
     model.eval()
-    tokenizer = load_tokenizer(config.eval.tokenizer)
-    if tokenizer.get_vocab_size() > metadata.model.vocab_size:
-        raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
-                        f"the model's vocabulary ({metadata.model.vocab_size}).")
+    tokenizer = command_tokenizer(config, directory, metadata)
     pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
     if config.task.name not in ("causal_lm", metadata.task.name):  # causal_lm, the default, takes any checkpoint
         raise UserError(f"task={config.task.name}, but {config.checkpoint.load} holds a {metadata.task.name} model.")

@@ -13,21 +13,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, resolve_checkpoint
 from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.sampling import choose_tokens
+from megatron_bloom.inference.tokenizer import command_tokenizer
 from megatron_bloom.model import KVCache, ModelConfig, cpu_kernels
 from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.heads import TiedLMHead
@@ -198,13 +199,11 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
     if config.parallel.sequence_parallel:
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
     dtype = PRECISION_DTYPES[config.precision]
-    model, metadata = load_model(config.checkpoint.load, state, dtype, run_model=config.model)
+    directory = resolve_checkpoint(Path(config.checkpoint.load))
+    model, metadata = load_model(directory, state, dtype, run_model=config.model)
     decode_model = prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize,
                                          config.generate.compile)
-    tokenizer = load_tokenizer(config.eval.tokenizer)
-    if tokenizer.get_vocab_size() > metadata.model.vocab_size:
-        raise UserError(f"the tokenizer {config.eval.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
-                        f"the model's vocabulary ({metadata.model.vocab_size}).")
+    tokenizer = command_tokenizer(config, directory, metadata)
     texts = read_prompts(config.generate)
     prompts = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
     empty = [index for index, prompt in enumerate(prompts) if not prompt]

@@ -85,9 +85,8 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
             zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
             data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
-                         "global_batch_size": config.train.global_batch_size},
-            tokenizer=str(Path(config.data.tokenizer).resolve()) if config.data.tokenizer else None)  # any cwd
-        publish_staged(root, tag, metadata)
+                         "global_batch_size": config.train.global_batch_size})
+        publish_staged(root, tag, metadata, Path(config.data.tokenizer) if config.data.tokenizer else None)
         prune_checkpoints(root, config.checkpoint.keep_last)
     dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
     return root / tag
