@@ -33,7 +33,7 @@ setup(
     data_files=config_files(),
     install_requires=[
         "torch>=2.1",
-        "deepspeed>=0.14",
+        "deepspeed>=0.19,<0.20",  # the tested range (megatron_bloom/fence/deepspeed.py, TESTED_DEEPSPEED)
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "datasets>=2.19",

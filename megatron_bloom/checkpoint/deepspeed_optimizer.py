@@ -29,9 +29,23 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_bloom.checkpoint.layout import CheckpointMetadata, model_states_file, pipeline_layer_file
+from megatron_bloom.checkpoint.layout import CheckpointMetadata
 from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.errors import UserError
+from megatron_bloom.fence.deepspeed import (
+    BASE_OPTIMIZER_STATE,
+    BF16_OPTIMIZER_PREFIX,
+    MODULE,
+    OPTIMIZER,
+    OPTIMIZER_STATE,
+    PARAM_SHAPES,
+    PARAM_SLICE_MAPPINGS,
+    ZERO3_FLAT_GROUPS,
+    model_states_file,
+    pipeline_layer_file,
+    zero_model_states_file,
+    zero_optimizer_file,
+)
 from megatron_bloom.parallel.sharding import full_shapes, shard_shape
 from megatron_bloom.pipeline import names
 from megatron_bloom.pipeline.partition import stage_layers
@@ -61,11 +75,11 @@ def read_optimizer_states(directory: Path, metadata: CheckpointMetadata, stage: 
     try:
         if zero_files is None:
             return _read_unpartitioned(directory, metadata, stage, tp_rank, mp_rank)
-        partitions = [_load(path)["optimizer_state_dict"] for path in zero_files]
-        if "param_slice_mappings" in partitions[0]:
+        partitions = [_load(path)[OPTIMIZER_STATE] for path in zero_files]
+        if PARAM_SLICE_MAPPINGS in partitions[0]:
             return _read_sliced(partitions, metadata)
-        if "fp32_flat_groups" in partitions[0]:
-            shapes = _load(directory / f"zero_pp_rank_0_mp_rank_{mp_rank:02d}_model_states.pt")["param_shapes"]
+        if ZERO3_FLAT_GROUPS in partitions[0]:
+            shapes = _load(directory / zero_model_states_file(0, mp_rank))[PARAM_SHAPES]
             return _read_zero3(partitions, shapes, metadata)
     except (KeyError, IndexError, TypeError, ValueError) as error:
         raise UserError(f"checkpoint {directory}: DeepSpeed's optimizer files of pipeline stage {stage}, "
@@ -76,9 +90,8 @@ def read_optimizer_states(directory: Path, metadata: CheckpointMetadata, stage: 
 
 def _zero_files(directory: Path, dp: int, mp_rank: int) -> Optional[List[Path]]:
     """The data-parallel partitions of the optimizer state, in dp-rank order (None without ZeRO files)."""
-    for prefix in ("bf16_", ""):
-        files = [directory / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
-                 for dp_rank in range(dp)]
+    for prefix in (BF16_OPTIMIZER_PREFIX, ""):
+        files = [directory / zero_optimizer_file(dp_rank, mp_rank, prefix) for dp_rank in range(dp)]
         if files[0].is_file():
             missing = [path.name for path in files if not path.is_file()]
             if missing:
@@ -92,8 +105,8 @@ def _read_sliced(partitions: List[dict], metadata: CheckpointMetadata) -> Parame
     fragments: Dict[str, Dict[str, List[torch.Tensor]]] = {}
     steps = []
     for partition in partitions:
-        base_state = partition["base_optimizer_state"]["state"]
-        for group, mapping in enumerate(partition["param_slice_mappings"]):
+        base_state = partition[BASE_OPTIMIZER_STATE]["state"]
+        for group, mapping in enumerate(partition[PARAM_SLICE_MAPPINGS]):
             flat = {MASTER: partition["single_partition_of_fp32_groups"][group]}
             flat.update((key, base_state[group][key]) for key in MOMENTS)
             steps.append(base_state[group].get("step", 0))
@@ -131,8 +144,8 @@ def _read_zero3(partitions: List[dict], param_shapes: List[Dict[str, torch.Size]
     flats = []
     steps = []
     for partition in partitions:
-        sub_groups = partition["optimizer_state_dict"]["state"]
-        flat = {MASTER: torch.cat(list(partition["fp32_flat_groups"]))}
+        sub_groups = partition[OPTIMIZER_STATE]["state"]
+        flat = {MASTER: torch.cat(list(partition[ZERO3_FLAT_GROUPS]))}
         flat.update((key, torch.cat([sub_groups[i][key] for i in sorted(sub_groups)])) for key in MOMENTS)
         steps += [sub_groups[i].get("step", 0) for i in sub_groups]
         flats.append(flat)
@@ -155,11 +168,11 @@ def _read_zero3(partitions: List[dict], param_shapes: List[Dict[str, torch.Size]
 def _read_unpartitioned(directory: Path, metadata: CheckpointMetadata, stage: int, tp_rank: int,
                         mp_rank: int) -> ParameterStates:
     """No ZeRO: the torch optimizer's state dict, parameters numbered in `build_optimizer`'s group order."""
-    saved = _load(directory / model_states_file(mp_rank))["optimizer"]
+    saved = _load(directory / model_states_file(mp_rank))[OPTIMIZER]
     if saved is None:
         raise ValueError("the model file holds no optimizer state")
-    wrapped = "optimizer_state_dict" in saved  # DeepSpeed's fp16/bf16 wrapper: fp32 copies of its own
-    torch_state = saved["optimizer_state_dict"] if wrapped else saved
+    wrapped = OPTIMIZER_STATE in saved  # DeepSpeed's fp16/bf16 wrapper: fp32 copies of its own
+    torch_state = saved[OPTIMIZER_STATE] if wrapped else saved
     parameters = _stage_parameters(directory, metadata, stage, tp_rank)
     groups = [[p for p in parameters if p[1].ndim >= 2], [p for p in parameters if p[1].ndim < 2]]
     groups = [group for group in groups if group]  # DeepSpeed drops empty groups
@@ -184,7 +197,7 @@ def _stage_parameters(directory: Path, metadata: CheckpointMetadata, stage: int,
     optimizer's order): the stacked model's own order at pp = 1; in a pipeline of the language model the
     tied embedding first (DeepSpeed registers tied modules before the layers), then each layer's weights."""
     if metadata.pp == 1:
-        module = _load(directory / model_states_file(tp_rank))["module"]
+        module = _load(directory / model_states_file(tp_rank))[MODULE]
         return [(names.from_stacked_model(name), tensor) for name, tensor in module.items()]
     layers = stage_layers(metadata.model, metadata.pp, metadata.task.name, metadata.pipeline_partition)[stage]
     prefixes = names.layer_prefixes(metadata.model, metadata.task.name)

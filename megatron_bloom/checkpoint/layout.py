@@ -31,6 +31,7 @@ import torch
 
 from megatron_bloom.config.schema import PIPELINE_PARTITIONS
 from megatron_bloom.errors import UserError
+from megatron_bloom.fence.deepspeed import MODULE, MODULE_ONLY_KEYS, model_states_file
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.model.config import RUNTIME_FIELDS
 from megatron_bloom.parallel.parallelize import check_tensor_parallel
@@ -67,10 +68,6 @@ def tag_for(iteration: int) -> str:
 def staging_dir(root: Path, tag: str) -> Path:
     """Where a checkpoint is written before it is published (hidden, never named by `latest`)."""
     return Path(root) / f".{tag}.incomplete"
-
-
-def model_states_file(tp_rank: int) -> str:
-    return f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
 @dataclass
@@ -231,9 +228,8 @@ def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]], met
 
     def write(directory: Path) -> None:
         for tp_rank, state_dict in enumerate(shards):
-            states = {"module": state_dict, "global_steps": metadata.iteration,
-                      "global_samples": metadata.consumed_samples, "skipped_steps": 0,
-                      "dp_world_size": 1, "mp_world_size": metadata.tp}
+            states = {MODULE: state_dict, **dict(zip(MODULE_ONLY_KEYS, (
+                metadata.iteration, metadata.consumed_samples, 0, 1, metadata.tp)))}
             torch.save(states, directory / model_states_file(tp_rank))
 
     return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata, tokenizer)
@@ -295,11 +291,6 @@ def read_metadata(checkpoint: Path) -> CheckpointMetadata:
             found = "missing" if actual is None else f"{actual} bytes instead of {size}"
             raise UserError(f"checkpoint {directory} is incomplete: {name} is {found}.")
     return metadata
-
-
-def pipeline_layer_file(layer: int, tp_rank: int) -> str:
-    """DeepSpeed's file for one pipeline layer of one tensor-parallel rank (`PipelineModule.ckpt_layer_path`)."""
-    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence, Tuple, Union
 import torch
 
 from megatron_bloom.errors import UserError
+from megatron_bloom.fence.deepspeed import FILE_TYPES
 
 AllowedGlobal = Union[Callable, Tuple[Callable, str]]
 
@@ -33,15 +34,11 @@ def _enum_value(value):
     return value
 
 
-# The globals DeepSpeed's checkpoint files name (0.14 to 0.19), each with the inert stand-in our readers use.
-# DeepSpeed's own resume allows the real classes of the same names (training/safe_checkpoint_engine.py).
-DEEPSPEED_FILE_TYPES = {
-    "deepspeed.utils.tensor_fragment.fragment_address": DeepSpeedRecord,
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": DeepSpeedRecord,
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": DeepSpeedRecord,
-    "deepspeed.runtime.zero.config.ZeroStageEnum": _enum_value,
-}
-DEEPSPEED_RECORDS: Sequence[AllowedGlobal] = tuple((stand_in, name) for name, stand_in in DEEPSPEED_FILE_TYPES.items())
+# The globals DeepSpeed's checkpoint files name (`fence/deepspeed.py`), each read as an inert stand-in: enums
+# as their value, the rest as records. DeepSpeed's own resume allows the real classes of the same names
+# (training/safe_checkpoint_engine.py).
+DEEPSPEED_RECORDS: Sequence[AllowedGlobal] = tuple(
+    (_enum_value if name.endswith("Enum") else DeepSpeedRecord, name) for name in FILE_TYPES)
 
 
 class UnsafeCheckpointFile(UserError):

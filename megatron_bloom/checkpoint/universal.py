@@ -20,8 +20,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megatron_bloom.checkpoint.deepspeed_optimizer import MASTER, STATE_KEYS
-from megatron_bloom.checkpoint.layout import CheckpointMetadata, pipeline_layer_file
+from megatron_bloom.checkpoint.layout import CheckpointMetadata
 from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
+from megatron_bloom.fence.deepspeed import pipeline_layer_file
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.parallel.sharding import merge_state_dicts, shard_tensor
 from megatron_bloom.pipeline import names

@@ -24,13 +24,12 @@ from megatron_bloom.checkpoint.layout import (
     TRAINING,
     WEIGHTS,
     CheckpointMetadata,
-    model_states_file,
-    pipeline_layer_file,
     read_metadata,
     resolve_checkpoint,
 )
 from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.errors import UserError
+from megatron_bloom.fence.deepspeed import MODULE, model_states_file, pipeline_layer_file
 from megatron_bloom.model import ModelConfig, create_task_model
 from megatron_bloom.parallel import ParallelState, build_parallel_model, check_tensor_parallel, parallelize_bloom
 from megatron_bloom.parallel.sharding import merge_state_dicts
@@ -41,12 +40,12 @@ def load_model_shard(directory: Path, metadata: CheckpointMetadata, tp_rank: int
     """The weights of one tensor-parallel rank under their model names, from the checkpoint in `directory`
     (a tag dir whose `metadata` was read and verified by `read_metadata`)."""
     if metadata.contents == WEIGHTS:
-        return _torch_load(directory / model_states_file(tp_rank))["module"]
+        return _torch_load(directory / model_states_file(tp_rank))[MODULE]
     if metadata.contents == TRAINING and metadata.zero_stage == 3:
         masters = read_optimizer_states(directory, metadata, 0, tp_rank).tensors[MASTER]
         return {name: master.to(PRECISION_DTYPES[metadata.precision]) for name, master in masters.items()}
     if metadata.contents == TRAINING and metadata.pp == 1:
-        module = _torch_load(directory / model_states_file(tp_rank))["module"]
+        module = _torch_load(directory / model_states_file(tp_rank))[MODULE]
         return {names.from_stacked_model(name): tensor for name, tensor in module.items()}
     shard = {}
     for layer, prefix in enumerate(names.layer_prefixes(metadata.model, metadata.task.name)):

@@ -7,10 +7,10 @@ from typing import List, Optional
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron_bloom.fence.deepspeed import PipelineModuleChoices, pipeline_topology
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import full_shapes
@@ -51,28 +51,22 @@ def task_loss(config: ModelConfig, state: ParallelState, task: TaskConfig) -> to
     return LanguageModelLoss(config, state) if task.name == "causal_lm" else TaskLoss(task)
 
 
-class BloomPipeline(PipelineModule):
+class BloomPipeline(PipelineModuleChoices, PipelineModule):
     """DeepSpeed's pipeline module, split as `stage_layers` says and recomputing transformer blocks only
     (not the embedding or the norms)."""
 
+    recomputed_type = BlockPipe
+
     def __init__(self, *args, stages: List[range], **kwargs) -> None:
-        self.stages = stages  # read by `_partition_layers`, which DeepSpeed's __init__ calls
+        self.stages = stages  # read while DeepSpeed's __init__ partitions the layers
         super().__init__(*args, **kwargs)
-
-    def _partition_layers(self, method: str = "") -> None:
-        self.parts = [stage.start for stage in self.stages] + [self.stages[-1].stop]
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    def _is_checkpointable(self, funcs) -> bool:
-        return all(isinstance(f, BlockPipe) for f in funcs)
 
 
 def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
                    task: Optional[TaskConfig] = None, partition: str = "flops") -> PipelineModule:
     """This rank's pipeline stage; `partition` is how the stages split the layers (`pipeline.partition`)."""
     task = task or TaskConfig()
-    topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
+    topology = pipeline_topology(state.pp, state.tp, state.dp)
     return BloomPipeline(layers=layer_specs(config, state, seed, task), loss_fn=task_loss(config, state, task),
                          topology=topology, stages=stage_layers(config, state.pp, task.name, partition),
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 from typing import List
 
+from megatron_bloom.fence.deepspeed import partition_balanced
 from megatron_bloom.model import ModelConfig
 from megatron_bloom.model.flops import layer_flops_per_token, lm_head_flops_per_token
 
 
 def stage_layers(model: ModelConfig, pp: int, task_name: str = "causal_lm", method: str = "flops") -> List[range]:
     """The `layer_specs` indices of each of the `pp` stages, computed without building the module."""
-    # DeepSpeed's own balancing; imported here, so that reading a checkpoint does not import DeepSpeed
-    from deepspeed.runtime.utils import partition_balanced
-
     blocks = model.num_layers
     if method == "blocks":
         is_block = [0, 0] + [1] * blocks + [0, 0]
-        bounds = [int(bound) for bound in partition_balanced(weights=is_block, num_parts=pp)]
+        bounds = partition_balanced(is_block, pp)  # DeepSpeed's own balancing
         return [range(bounds[stage], bounds[stage + 1]) for stage in range(pp)]
     if method != "flops":
         raise ValueError(f"unknown pipeline partition {method!r}")
@@ -41,6 +39,6 @@ def stage_layers(model: ModelConfig, pp: int, task_name: str = "causal_lm", meth
     costs = [layer_flops_per_token(model, model.seq_length)] * blocks
     if task_name == "causal_lm":
         costs[-1] += lm_head_flops_per_token(model)
-    block_bounds = [int(bound) for bound in partition_balanced(weights=costs, num_parts=pp)]
+    block_bounds = partition_balanced(costs, pp)
     bounds = [0] + [2 + bound for bound in block_bounds[1:-1]] + [blocks + 4]
     return [range(bounds[stage], bounds[stage + 1]) for stage in range(pp)]

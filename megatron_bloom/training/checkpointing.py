@@ -42,6 +42,13 @@ from megatron_bloom.checkpoint.universal import StateTensors, read_rank_states
 from megatron_bloom.checkpoint.weights import load_model_state_dict
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
+from megatron_bloom.fence.deepspeed import (
+    fp32_masters_by_parameter,
+    has_fragment_mapping,
+    low_precision_groups,
+    torch_optimizer,
+    zero3_flat_partitions,
+)
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import shard_tensor
@@ -221,14 +228,12 @@ def restore_optimizer_state(engine, states: StateTensors, step: int) -> None:
     optimizer, whatever its kind: ZeRO 1-3 and DeepSpeed's BF16 optimizer through DeepSpeed's
     `safe_set_full_*` API (each rank keeps its partition), the torch optimizer itself without ZeRO."""
     wrapper = engine.optimizer
-    base = getattr(wrapper, "optimizer", wrapper)  # the torch optimizer inside DeepSpeed's wrappers
+    base = torch_optimizer(wrapper)
     _link_flat_states(wrapper, base)
-    fp32_copies = {id(low): high for lows, highs in zip(getattr(wrapper, "fp16_groups", []),
-                                                        getattr(wrapper, "fp32_groups", []))
-                   for low, high in zip(lows, highs)}  # DeepSpeed's fp16/bf16 wrapper without ZeRO
+    fp32_copies = fp32_masters_by_parameter(wrapper)  # DeepSpeed's fp16/bf16 wrapper without ZeRO
     for name, param in named_model_parameters(engine.module):
         values = {key: states[key][name].to(device=param.device, dtype=torch.float32) for key in STATE_KEYS}
-        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        if has_fragment_mapping(param):
             safe_set_full_fp32_param(param, values[MASTER])
             for key in MOMENTS:
                 safe_set_full_optimizer_state(param, values[key], key)
@@ -251,13 +256,12 @@ def _link_flat_states(wrapper, base: torch.optim.Optimizer) -> None:
     tensor per partition of a group), and ZeRO 1/2 only then let parameters reach their fragments of it;
     create it now, zeroed, so that it can be filled before any step."""
     flats = [p for group in base.param_groups for p in group["params"]]
-    flats += getattr(wrapper, "fp32_partitioned_groups_flat", [])  # ZeRO 3 hands them to Adam one at a time
+    flats += zero3_flat_partitions(wrapper)  # ZeRO 3 hands them to Adam one at a time
     for flat in flats:
         if not base.state[flat]:
             base.state[flat].update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat),
                                     step=torch.zeros((), dtype=torch.float32, device=_scalar_device(base, flat)))
-    low_precision_groups = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
-    for params, group in zip(low_precision_groups or [], base.param_groups):
+    for params, group in zip(low_precision_groups(wrapper), base.param_groups):
         lazy_init_hp_params_optimizer_state(params, group["params"][0], base.state)
 
 

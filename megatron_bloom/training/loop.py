@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import deepspeed
-from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ from megatron_bloom.config.schema import check_rampup
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
 from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.fence.deepspeed import clip_fp32_gradients_with, is_bf16_optimizer, switch_off_gradient_all_reduce
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.flops import iteration_flops
 from megatron_bloom.parallel import ParallelState
@@ -110,7 +110,7 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
         restore_optimizer_state(engine, *carried_state)
     if config.precision == "fp32" and config.zero.stage == 0:
         own_fp32_clipping(engine, state)
-    if state.dp == 1 and (config.zero.stage == 0 or isinstance(engine.optimizer, BF16_Optimizer)):
+    if state.dp == 1 and (config.zero.stage == 0 or is_bf16_optimizer(engine.optimizer)):
         skip_gradient_all_reduce(engine)
     return engine, optimizer, scheduler
 
@@ -120,18 +120,15 @@ def skip_gradient_all_reduce(engine) -> None:
     BF16 optimizer: it copies them all into one flat buffer, reduces that over a group of one rank and copies
     them back (bloom-small on 2 CPU cores: 60 ms of a 2 s step). Nothing else happens in that pass, so it is
     switched off. (ZeRO's own optimizers fill their partitions in it, so they keep it.)"""
-    engine.enable_backward_allreduce = False  # the stacked engine's switch
-    engine.pipeline_enable_backward_allreduce = False  # the pipeline engine's (tied weights are reduced apart)
+    switch_off_gradient_all_reduce(engine)
 
 
 def own_fp32_clipping(engine, state: ParallelState) -> None:
     """In fp32 without ZeRO, DeepSpeed clips with a norm over the tensor-parallel group alone (in a
     pipeline, each stage by its own) and keeps no norm for `get_global_grad_norm()`: clip with the whole
     model's norm (`clip_gradients`) and keep it, as its other optimizers do."""
-    def clip_and_keep_norm() -> None:
-        engine._global_grad_norm = clip_gradients(engine.module.parameters(), engine.gradient_clipping(), state)
-
-    engine.clip_fp32_gradients = clip_and_keep_norm
+    clip_fp32_gradients_with(engine, lambda: clip_gradients(engine.module.parameters(), engine.gradient_clipping(),
+                                                            state))
 
 
 def stacked_batch_loss(engine, batches: Iterator, state: ParallelState, accumulation: int, train: bool) -> float:

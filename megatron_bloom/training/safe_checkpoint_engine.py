@@ -1,7 +1,7 @@
 """DeepSpeed's own checkpoint loads (an exact resume: model states, ZeRO partitions, pipeline layers) made
-safe: DeepSpeed reads every file through its engine's `checkpoint_engine`, whose `load` unpickles with
-weights_only=False. Ours reads with weights_only=True and allows, by name, only the three DeepSpeed
-classes its files hold (checkpoint/safe_load.py); saving stays DeepSpeed's."""
+safe: DeepSpeed reads every file through its engine's checkpoint engine, whose `load` unpickles with
+weights_only=False. Ours reads with weights_only=True and allows, by name, only the few DeepSpeed classes
+its files hold (`fence/deepspeed.py`'s FILE_TYPES); saving stays DeepSpeed's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from megatron_bloom.checkpoint.safe_load import DEEPSPEED_FILE_TYPES, load_checkpoint_file
+from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
+from megatron_bloom.fence.deepspeed import FILE_TYPES, wrap_checkpoint_engine
 
 
 def _deepspeed_class(qualified_name: str):
@@ -19,7 +20,7 @@ def _deepspeed_class(qualified_name: str):
 
 # What DeepSpeed's optimizer files pickle besides tensors and plain values (a ZeRO stage, the addresses of
 # parameter fragments, a loss scaler): resuming needs them as DeepSpeed's own objects.
-DEEPSPEED_FILE_CLASSES = tuple((_deepspeed_class(name), name) for name in DEEPSPEED_FILE_TYPES)
+DEEPSPEED_FILE_CLASSES = tuple((_deepspeed_class(name), name) for name in FILE_TYPES)
 
 
 class SafeCheckpointLoads:
@@ -37,5 +38,5 @@ class SafeCheckpointLoads:
 
 def make_checkpoint_loads_safe(engine) -> None:
     """Route every checkpoint file DeepSpeed's `engine` loads through the safe reader."""
-    if engine.checkpoint_engine is not None and not isinstance(engine.checkpoint_engine, SafeCheckpointLoads):
-        engine.checkpoint_engine = SafeCheckpointLoads(engine.checkpoint_engine)
+    wrap_checkpoint_engine(engine, lambda wrapped: wrapped if isinstance(wrapped, SafeCheckpointLoads)
+                           else SafeCheckpointLoads(wrapped))
