@@ -111,8 +111,8 @@ class SharedMemoryGroup:
         if len({host for host, *_ in processes}) != 1 or not all(ok for _, ok, *_ in processes):
             return None  # several hosts (or no usable /dev/shm): gloo, as expected, without a word
         size = len(ranks) * (COUNTER_BYTES + slot_bytes) + slot_bytes
-        path, problem = (_create_buffer(size) if leader else (None, None))
-        path, problem = _gather((path, problem), process_group)[0]
+        path, problem = _gather(_create_buffer(size) if leader else (None, None), process_group)[0]
+        problem = problem if leader else None  # the leader's reason, said once
         buffer = None
         if path is not None:
             buffer, problem = _map_buffer(path, size)
