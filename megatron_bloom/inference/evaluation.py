@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, resolve_checkpoint
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata, resolve_checkpoint
 from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
@@ -40,10 +40,10 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     language model, or the task's metrics for a checkpoint with a fine-tuning head."""
     sequence_parallel = config.parallel.sequence_parallel
     directory = resolve_checkpoint(Path(config.checkpoint.load))
+    tokenizer = command_tokenizer(config, directory, read_metadata(directory))  # before the model: fail fast
     model, metadata = load_model(directory, state, PRECISION_DTYPES[config.precision], sequence_parallel,
                                  run_model=config.model)
     model.eval()
-    tokenizer = command_tokenizer(config, directory, metadata)
     pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
     if config.task.name not in ("causal_lm", metadata.task.name):  # causal_lm, the default, takes any checkpoint
         raise UserError(f"task={config.task.name}, but {config.checkpoint.load} holds a {metadata.task.name} model.")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, resolve_checkpoint
+from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata, resolve_checkpoint
 from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.schema import GenerateConfig
@@ -200,10 +200,10 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
         raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
     dtype = PRECISION_DTYPES[config.precision]
     directory = resolve_checkpoint(Path(config.checkpoint.load))
+    tokenizer = command_tokenizer(config, directory, read_metadata(directory))  # before the model: fail fast
     model, metadata = load_model(directory, state, dtype, run_model=config.model)
     decode_model = prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize,
                                          config.generate.compile)
-    tokenizer = command_tokenizer(config, directory, metadata)
     texts = read_prompts(config.generate)
     prompts = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
     empty = [index for index, prompt in enumerate(prompts) if not prompt]
