@@ -1,10 +1,14 @@
 """The Hydra config tree: every file composes and validates, presets have the published shapes and sizes."""
 
+import importlib
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from megatron_bloom.config import available_presets, config_dir, load_config, to_yaml
+from megatron_bloom.config.reference import config_keys
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.model import BloomForCausalLM
 
@@ -80,7 +84,9 @@ def test_resolved_yaml_round_trips():
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["model.foo=1"], ["model.foo", "not in"]),
+    (["model.foo=1"], ["model.foo is not a config key", "--help lists every key"]),
+    (["train.iter=5", "model=bloom-tiny"], ["train.iter is not a config key; did you mean train.iters"]),
+    (["parallel.tpp=2"], ["did you mean parallel.tp"]),
     (["model=bloom-9b"], ["bloom-9b", "bloom-560m"]),
     (["model.num_layers=abc"], ["model.num_layers", "abc"]),
     (["parallel.tp=3"], ["model.num_heads (16)", "parallel.tp (3)"]),
@@ -107,6 +113,26 @@ def test_bad_config_is_one_clear_message(overrides, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_a_typo_names_only_the_key_at_fault():
+    with pytest.raises(ConfigError) as error:
+        load_config(["model=bloom-tiny", "train.iter=5", "parallel.tp=2"])
+    assert "parallel.tp=2" not in str(error.value) and "schema.py" not in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "launch", "plan"])
+def test_help_lists_every_config_key_with_its_default(command, capsys):
+    """--help of each command that takes overrides lists every key of the schema, generated from it."""
+    main = importlib.import_module(f"megatron_bloom.cli.{command}").main
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_status.value.code == 0 and out.startswith(f"usage: mbloom-{command}")
+    listed = set(re.findall(r"^  ([a-z0-9_.]+)=", out, flags=re.MULTILINE))
+    leaves = {key.key for key in config_keys()}
+    assert leaves == listed and {"model.vocab_size", "checkpoint.save_interval"} <= listed
+    assert "model.vocab_size=250880  (int)" in out and "model=bloom-176b|" in out
 
 
 def test_config_dir_can_be_moved(tmp_path, monkeypatch):

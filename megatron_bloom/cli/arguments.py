@@ -49,7 +49,10 @@ def parse_command_line(argv: Optional[Sequence[str]], program: str, usage: str, 
         arg = args.pop(0)
         name = arg.split("=", 1)[0]
         if arg in ("-h", "--help"):
-            print(f"usage: {program} {usage}" + (f"\n\n{description}" if description else ""))
+            from megatron_bloom.config.reference import render_help  # reads the schema's source: only for help
+
+            print(f"usage: {program} {usage}" + (f"\n\n{description}" if description else "") + "\n\n"
+                  + render_help())
             sys.exit(0)
         elif arg in switches:
             flags[arg] = True

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import inspect
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -81,7 +85,41 @@ _NOISE = re.compile(r"To append to your config use \S+|Config search path:[\s\S]
                     r"(reference|object)_type=\S+")
 
 
+@functools.lru_cache(maxsize=None)
+def schema_keys() -> List[str]:
+    """Every dotted key of the root config, sections (`train`) and leaves (`train.iters`), in schema order."""
+    keys: List[str] = []
+
+    def visit(cls: type, prefix: str) -> None:
+        hints = inspect.get_annotations(cls, eval_str=True)
+        for item in dataclasses.fields(cls):
+            keys.append(prefix + item.name)
+            if dataclasses.is_dataclass(hints[item.name]):
+                visit(hints[item.name], f"{prefix}{item.name}.")
+
+    visit(TrainConfig, "")
+    return keys
+
+
+def unknown_keys(overrides: Sequence[str]) -> List[str]:
+    """One sentence per override whose key the schema does not have, with the keys it may have meant."""
+    known = schema_keys()
+    sentences = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in known or "=" not in override:
+            continue
+        alike = [candidate for candidate in known if candidate.count(".") == key.count(".")]  # no section for a leaf
+        close = difflib.get_close_matches(key, alike, n=3, cutoff=0.7)
+        sentences.append(f"{key} is not a config key" + (f"; did you mean {' or '.join(close)}?" if close else "."))
+    return sentences
+
+
 def _explain(error: Exception, overrides: Optional[Sequence[str]]) -> str:
+    unknown = unknown_keys(overrides or ())
+    if unknown:
+        return (f"invalid configuration: {' '.join(unknown)} The command's --help lists every key, with its "
+                "default and meaning.")
     message = str(error)
     cause = error.__cause__ or error.__context__
     if cause is not None and str(cause) and str(cause) not in message:

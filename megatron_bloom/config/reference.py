@@ -108,13 +108,32 @@ def render_markdown() -> str:
         shape = OmegaConf.load(config_dir() / "model" / f"{preset}.yaml")
         lines.append(f"| `{preset}` | {shape.num_layers} | {shape.hidden_size} | {shape.num_heads} | "
                      f"{shape.vocab_size} | {shape.seq_length} |")
-    sections: Dict[str, List[KeyReference]] = {}
-    for key in keys:
-        sections.setdefault(key.key.split(".")[0] if "." in key.key else "top-level keys", []).append(key)
-    for section, members in sections.items():
+    for section, members in _sections(keys).items():
         lines += ["", f"## {section}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         lines += [f"| `{key.key}` | {key.type} | `{key.default}` | {key.doc.replace('|', '/')} |" for key in members]
     return "\n".join(lines) + "\n"
+
+
+def _sections(keys: List[KeyReference]) -> Dict[str, List[KeyReference]]:
+    sections: Dict[str, List[KeyReference]] = {}
+    for key in keys:
+        sections.setdefault(key.key.split(".")[0] if "." in key.key else "top-level keys", []).append(key)
+    return sections
+
+
+def render_help() -> str:
+    """The keys as a command's --help lists them: per section, each key with its type, default and meaning."""
+    root = OmegaConf.load(config_dir() / "train.yaml")
+    groups = sorted(key for entry in root.defaults if OmegaConf.is_dict(entry) or isinstance(entry, dict)
+                    for key in entry)
+    lines = ["Config: key=value overrides (Hydra). Groups pick a file: "
+             + "; ".join(f"{group}={'|'.join(available_presets(group))}" for group in groups) + "."]
+    for section, members in _sections(config_keys()).items():
+        lines += ["", f"{section}:"]
+        for key in members:
+            lines.append(f"  {key.key}={key.default}  ({key.type})")
+            lines += textwrap.wrap(key.doc, width=100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
