@@ -109,6 +109,8 @@ def test_bf16_3d_run_learns(shard, tmp_path):
 
 @pytest.mark.parametrize("extra, fragments", [
     (["data.paths=[/nonexistent/corpus]"], ["data.paths names files that do not exist", "/nonexistent/corpus.bin"]),
+    (["data.paths=[/data/fort_de.bin]"], ["data.paths takes prefixes, without .bin or .idx: /data/fort_de.bin "
+                                          "should be /data/fort_de."]),
     (["data.paths=[]"], ["data.paths is empty"]),
     (["parallel.tp=3"], ["model.num_heads (4)", "parallel.tp (3)"]),
     (["parallel.pp=5"], ["model.num_layers (4)", "parallel.pp (5)"]),

@@ -42,7 +42,10 @@ def parse_blend(paths: Sequence, temperature: Optional[float] = None) -> Tuple[L
 def check_prefixes(prefixes: Sequence[str]) -> None:
     missing = [str(path) for prefix in prefixes for path in data_paths(prefix) if not path.is_file()]
     if missing:
-        raise ConfigError(f"data.paths names files that do not exist: {', '.join(missing)}.")
+        with_suffix = [prefix for prefix in prefixes if str(prefix).endswith((".bin", ".idx"))]
+        hint = (f" data.paths takes prefixes, without .bin or .idx: {with_suffix[0]} should be "
+                f"{str(with_suffix[0])[:-4]}." if with_suffix else "")
+        raise ConfigError(f"data.paths names files that do not exist: {', '.join(missing)}.{hint}")
 
 
 def split_ranges(num_documents: int, split: str) -> List[Tuple[int, int]]:
