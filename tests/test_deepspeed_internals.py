@@ -97,22 +97,24 @@ def engine_internals(rank, world_size, root):
     report["bf16_optimizer"] = fence.is_bf16_optimizer(engine.optimizer)
     report["bf16_groups"] = sum(len(group) for group in fence.low_precision_groups(engine.optimizer))
     report["bf16_mapped"] = all(fence.has_fragment_mapping(param) for param in engine.module.parameters())
-    partition = saved_files(engine, Path(root) / "bf16")[fence.zero_optimizer_file(0, 0, fence.BF16_OPTIMIZER_PREFIX)]
-    report["bf16_keys"] = {fence.BASE_OPTIMIZER_STATE, fence.PARAM_SLICE_MAPPINGS} <= set(partition[fence.OPTIMIZER_STATE])
+    bf16_file = fence.zero_optimizer_file(0, 0, fence.BF16_OPTIMIZER_PREFIX)
+    partition = saved_files(engine, Path(root) / "bf16")[bf16_file][fence.OPTIMIZER_STATE]
+    report["bf16_keys"] = {fence.BASE_OPTIMIZER_STATE, fence.PARAM_SLICE_MAPPINGS} <= set(partition)
 
     # fp32 with ZeRO 2 and ZeRO 3: their optimizers' groups, mappings and files.
     engine, _, _ = build_engine(load_config(ENGINE + ["precision=fp32", "zero.stage=2"]), state)
     report["zero2_bf16_optimizer"] = fence.is_bf16_optimizer(engine.optimizer)
     report["zero2_groups"] = sum(len(group) for group in fence.low_precision_groups(engine.optimizer))
     report["zero2_mapped"] = all(fence.has_fragment_mapping(param) for param in engine.module.parameters())
-    partition = saved_files(engine, Path(root) / "zero2")[fence.zero_optimizer_file(0, 0)]
-    report["zero2_keys"] = {fence.BASE_OPTIMIZER_STATE, fence.PARAM_SLICE_MAPPINGS} <= set(partition[fence.OPTIMIZER_STATE])
+    partition = saved_files(engine, Path(root) / "zero2")[fence.zero_optimizer_file(0, 0)][fence.OPTIMIZER_STATE]
+    report["zero2_keys"] = {fence.BASE_OPTIMIZER_STATE, fence.PARAM_SLICE_MAPPINGS} <= set(partition)
     engine, _, _ = build_engine(load_config(ENGINE + ["precision=fp32", "zero.stage=3"]), state)
     report["zero3_flats"] = len(fence.zero3_flat_partitions(engine.optimizer))
     report["zero3_mapped"] = all(fence.has_fragment_mapping(param) for param in engine.module.parameters())
     files = saved_files(engine, Path(root) / "zero3")
+    zero3_partition = files[fence.zero_optimizer_file(0, 0)][fence.OPTIMIZER_STATE]
     report["zero3_keys"] = (fence.PARAM_SHAPES in files[fence.zero_model_states_file(0, 0)]
-                            and fence.ZERO3_FLAT_GROUPS in files[fence.zero_optimizer_file(0, 0)][fence.OPTIMIZER_STATE])
+                            and fence.ZERO3_FLAT_GROUPS in zero3_partition)
     return report
 
 

@@ -258,3 +258,19 @@ def test_generate_without_a_prompt_is_a_user_error(exported):
     result = run_cli(["megatron_bloom.cli.generate", f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}"],
                      check=False)
     assert_user_error(result, "generate.prompt")
+
+
+def test_a_prompt_takes_any_text_without_quoting(exported, tmp_path):
+    """Cyrillic with a comma, `=`, quotes, brackets and `${`: each generates from exactly the text given, as
+    does a multi-line prompt from --prompt-file; no Hydra quoting needed."""
+    root, _ = exported
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Жизнь, и всё\nsecond line, with = and 'quotes'\n", encoding="utf-8")
+    symbols = "a=b 'single' \"double\" [x] ${y} back\\slash"
+    cases = {"Жизнь, и всё": ["generate.prompt=Жизнь, и всё"], symbols: [f"generate.prompt={symbols}"],
+             "Жизнь, и всё\nsecond line, with = and 'quotes'": ["--prompt-file", str(prompt_file)]}
+    for prompt, args in cases.items():
+        result = run_cli(["megatron_bloom.cli.generate", f"checkpoint.load={root / 'ckpt'}",
+                          f"eval.tokenizer={root / 'tok'}", "generate.max_new_tokens=2", "precision=fp32", *args])
+        record = json.loads(result.stdout.strip().splitlines()[-1])
+        assert record["prompt"] == prompt and len(record["token_ids"]) >= 1

@@ -23,17 +23,41 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_overrides
+from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_command_line
+from megatron_bloom.config.loading import quoted_value
+from megatron_bloom.errors import UserError
 from megatron_bloom.inference.generation import generate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 
-USAGE = 'checkpoint.load=CKPT_DIR generate.prompt="..." [eval.tokenizer=TOK] [generate.max_new_tokens=N] ...'
+USAGE = ('checkpoint.load=CKPT_DIR generate.prompt=TEXT | --prompt-file FILE|- [eval.tokenizer=TOK] '
+         '[generate.max_new_tokens=N] ...')
+DESCRIPTION = ("generate.prompt takes any text as it is (any script, commas, '=', quotes): no Hydra quoting is "
+               "needed. --prompt-file reads one prompt from a file, or from standard input with '-'.")
+OPTIONS = ("--prompt-file",)
+
+
+def literal_prompt(overrides: Sequence[str], prompt_file: Optional[str]) -> list:
+    """The overrides with `generate.prompt` passed to Hydra as the literal text given (unless the user quoted
+    it already, as earlier versions asked), and the prompt of `--prompt-file`."""
+    literal = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        literal.append(f"{key}={quoted_value(value)}" if key == "generate.prompt" and not quoted else override)
+    if prompt_file is not None:
+        try:
+            text = sys.stdin.read() if prompt_file == "-" else open(prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--prompt-file {prompt_file} cannot be read: {error}.") from None
+        literal.append(f"generate.prompt={quoted_value(text.rstrip(chr(10)))}")
+    return literal
 
 
 @exit_on_user_error("mbloom-generate")
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    overrides = parse_overrides(argv, "mbloom-generate", USAGE)
+    overrides, flags = parse_command_line(argv, "mbloom-generate", USAGE, options=OPTIONS, description=DESCRIPTION)
+    overrides = literal_prompt(overrides, flags.get("--prompt-file"))
     config = checkpoint_command_config(overrides, "mbloom-generate", USAGE, required=(),
                                        one_of=("generate.prompt", "generate.input"))
     start = time.perf_counter()

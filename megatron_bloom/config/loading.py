@@ -74,6 +74,15 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train",
         raise ConfigError(_explain(error, overrides)) from None
 
 
+def quoted_value(text: str) -> str:
+    """`text` as a Hydra override value that reads back as exactly `text`: any script, commas, `=`, quotes,
+    brackets, newlines. (Hydra's grammar escapes a backslash only before a quote or the closing quote, and
+    OmegaConf reads `${` as an interpolation.)"""
+    text = re.sub(r"(\\*)'", lambda match: match.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda match: match.group(1) * 2, text)
+    return "'" + text.replace("${", "\\${") + "'"
+
+
 def to_yaml(config: TrainConfig) -> str:
     """The fully resolved config as YAML (what a run writes to `run.dir/config.yaml`)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))

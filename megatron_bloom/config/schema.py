@@ -309,7 +309,7 @@ class EvalConfig:
 @dataclass
 class GenerateConfig:
     prompt: Optional[str] = None
-    """One prompt (or generate.input)."""
+    """One prompt (or generate.input): on mbloom-generate's command line, any text as it is."""
     input: Optional[str] = None
     """A jsonl file of `{"prompt": ...}` lines (or generate.prompt)."""
     batch_size: int = 1
