@@ -55,7 +55,9 @@ def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_pat
            "launcher.nproc_per_node=3": ["launcher.nproc_per_node (3)", "parallel.pp (2)"],
            f"data.paths=[{tmp_path / 'missing'}]": ["missing"],
            "optim.lr=1e-3,1e-4": ["optim.lr", "--multirun"],
-           "train.global_batch_size=7": ["train.global_batch_size (7)"]}
+           "train.global_batch_size=7": ["train.global_batch_size (7)"],
+           f"checkpoint.load={tmp_path / 'empty'}": [f"{tmp_path / 'empty'} is not a megatron_bloom checkpoint"]}
+    (tmp_path / "empty").mkdir()
     for override, fragments in bad.items():  # mbloom-launch's `main` in this process: refused before a start
         assert_user_error_in_process(launch, [*args, override], capsys, *fragments)
     assert not (tmp_path / "run").exists()  # nothing started

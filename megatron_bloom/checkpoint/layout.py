@@ -156,6 +156,19 @@ def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata, tokenizer
     return final
 
 
+# The fields that decide the weights' shapes; the rest (sequence length, dropout, ...) are the run's choice.
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_heads", "vocab_size")
+
+
+def check_same_shape(metadata: CheckpointMetadata, model: ModelConfig, directory: Path) -> None:
+    """A run that starts from checkpoint `directory` must train a model of its shape."""
+    differing = [f"model.{key}: checkpoint {getattr(metadata.model, key)!r}, this run {getattr(model, key)!r}"
+                 for key in ARCHITECTURE_FIELDS if getattr(metadata.model, key) != getattr(model, key)]
+    if differing:
+        raise UserError(f"checkpoint {directory} holds a model of another shape than this run's "
+                        f"({'; '.join(differing)}). Train it with the matching model= preset or overrides.")
+
+
 def copy_tokenizer_files(source: Path, output: Path) -> List[Path]:
     """Copy the tokenizer files that `AutoTokenizer.from_pretrained` reads, where they exist, from a
     directory or beside a tokenizer file (which is copied as tokenizer.json, whatever its name)."""
@@ -235,28 +248,28 @@ def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]], met
     return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata, tokenizer)
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: Path, warn: bool = True) -> Path:
     """A `checkpoint.dir` root or one tag dir -> the tag dir to load.
 
     For a root: the checkpoint `latest` names if it is complete, otherwise the newest complete one (with a
-    warning on stderr for each incomplete one passed over).
+    warning on stderr for each incomplete one passed over, when `warn`).
     """
     path = Path(path)
     if (path / METADATA_FILE).is_file():
         return path
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist.")
-    found = newest_complete_checkpoint(path)
+    found = newest_complete_checkpoint(path, warn)
     if found is not None:
         return found
     if (path / LATEST_FILE).is_file() or checkpoint_tags(path):
-        raise UserError(f"{path} holds no complete checkpoint: every one was cut off while being written "
-                        "(see the warnings above).")
+        raise UserError(f"{path} holds no complete checkpoint: every one was cut off while being written"
+                        + (" (see the warnings above)." if warn else "."))
     raise UserError(f"{path} is not a megatron_bloom checkpoint: it holds neither {METADATA_FILE} (one "
                     f"checkpoint) nor a {LATEST_FILE} file (a checkpoint.dir).")
 
 
-def newest_complete_checkpoint(root: Path) -> Optional[Path]:
+def newest_complete_checkpoint(root: Path, warn: bool = True) -> Optional[Path]:
     """`latest` if complete, else the newest complete `global_step<N>` in `root`; None if there is none."""
     root = Path(root)
     latest_file = root / LATEST_FILE
@@ -266,7 +279,8 @@ def newest_complete_checkpoint(root: Path) -> Optional[Path]:
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
-        print(f"warning: skipping checkpoint {candidate}: {problem}", file=sys.stderr, flush=True)
+        if warn:
+            print(f"warning: skipping checkpoint {candidate}: {problem}", file=sys.stderr, flush=True)
     return None
 
 

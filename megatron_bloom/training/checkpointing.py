@@ -29,6 +29,7 @@ from megatron_bloom.checkpoint.layout import (
     TRAINING,
     UNIVERSAL,
     CheckpointMetadata,
+    check_same_shape,
     newest_complete_checkpoint,
     prune_checkpoints,
     publish_staged,
@@ -150,7 +151,7 @@ def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
     if directory is None:
         return StartPoint()
     metadata = read_metadata(directory)
-    check_compatible(metadata, config, directory)
+    check_same_shape(metadata, config.model, directory)
     new_head = metadata.task.name != config.task.name
     exact = resumes_exactly(metadata, config, state)
     if metadata.contents == TRAINING and not exact and not new_head and dist.get_rank() == 0:
@@ -180,19 +181,6 @@ def same_stages(metadata: CheckpointMetadata, config: TrainConfig) -> bool:
         return True
     saved = stage_layers(metadata.model, pp, metadata.task.name, metadata.pipeline_partition)
     return saved == stage_layers(config.model, pp, config.task.name, config.parallel.pipeline_partition)
-
-
-# The fields that decide the weights' shapes; the rest (sequence length, dropout, ...) are the run's choice.
-ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_heads", "vocab_size")
-
-
-def check_compatible(metadata: CheckpointMetadata, config: TrainConfig, directory: Path) -> None:
-    """The run must train a model of the checkpoint's shape."""
-    differing = [f"model.{key}: checkpoint {getattr(metadata.model, key)!r}, this run {getattr(config.model, key)!r}"
-                 for key in ARCHITECTURE_FIELDS if getattr(metadata.model, key) != getattr(config.model, key)]
-    if differing:
-        raise UserError(f"checkpoint {directory} holds a model of another shape than this run's "
-                        f"({'; '.join(differing)}). Train it with the matching model= preset or overrides.")
 
 
 def load_weights_only(model: nn.Module, directory: Path, state: ParallelState, new_head: bool = False) -> None:

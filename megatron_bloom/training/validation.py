@@ -3,6 +3,9 @@ starts any process, mbloom-train before it joins a process group."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from megatron_bloom.checkpoint.layout import check_same_shape, read_metadata, resolve_checkpoint
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.builder import check_prefixes, parse_blend
 from megatron_bloom.data.tokenizer import load_tokenizer
@@ -11,8 +14,12 @@ from megatron_bloom.tasks.training_data import check_task_data
 
 
 def validate_training_inputs(config: TrainConfig) -> None:
-    """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's. Fine-tuning:
-    the task's files are readable and a tokenizer is named."""
+    """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's; a checkpoint
+    named by `checkpoint.load` exists, is complete and holds a model of this run's shape. Fine-tuning: the
+    task's files are readable and a tokenizer is named."""
+    if config.checkpoint.load not in (None, "auto"):
+        directory = resolve_checkpoint(Path(config.checkpoint.load), warn=False)  # the start says which it takes
+        check_same_shape(read_metadata(directory), config.model, directory)
     if config.parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
                           "is not available yet in this version.")
