@@ -52,16 +52,28 @@ def convert(*args: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary dir)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to write, and keep, its files (default: a temporary dir, removed at the end)")
     parser.add_argument("--model", default="bloom-tiny", help="model preset (default bloom-tiny)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mbloom-quickstart-"))
+    status = tour(args.model, workdir)
+    if args.workdir is None and status == 0:
+        shutil.rmtree(workdir)
+        print(f"removed its files ({workdir}); --workdir DIR keeps them")
+    else:
+        print(f"files in {workdir}" + (" (kept to look into the failure)" if status else ""))
+    return status
+
+
+def tour(model: str, workdir: Path) -> int:
+    """Every step, its files under `workdir`; 0 when every check holds."""
 
     # The reference computations (runs default to fused kernels, equal within rounding): bit-identical logits.
-    config = load_config([f"model={args.model}", "model.attention_impl=eager", "model.fused_kernels=false"]).model
+    config = load_config([f"model={model}", "model.attention_impl=eager", "model.fused_kernels=false"]).model
     ours = build_model(config, seed=1234)
     built = sum(p.numel() for p in ours.parameters())
-    print(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
+    print(f"{model}: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "
           f"vocabulary {config.vocab_size}: {config.num_parameters():,} parameters (built model: {built:,})")
 
     import transformers  # only the reference side needs it
@@ -115,7 +127,7 @@ def main() -> int:
     # Training: tp 2 x pp 2 on 4 processes (DeepSpeed pipeline with tied embeddings, ZeRO-1), in bf16 where
     # the CPU computes in bf16 (AVX512-BF16), else in fp32: elsewhere every bf16 product is emulated, 10x slower.
     precision = "bf16" if torch.cuda.is_available() or cpu_has_avx512_bf16() else "fp32"
-    overrides = [f"model={args.model}", f"data.paths=[{','.join(prefixes)}]", "data.temperature=2.0",
+    overrides = [f"model={model}", f"data.paths=[{','.join(prefixes)}]", "data.temperature=2.0",
                  f"data.tokenizer={workdir / 'tokenizer'}", "parallel.tp=2", "parallel.pp=2", f"precision={precision}",
                  f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
@@ -136,7 +148,6 @@ def main() -> int:
                   f"eval.tokenizer={workdir / 'tokenizer'}", "precision=fp32", "eval.micro_batch_size=8")
     trained_perplexity = json.loads(summary.strip().splitlines()[-1])["perplexity"]
     print(f"perplexity on the sample corpus: {perplexity:.1f} before training, {trained_perplexity:.1f} after")
-    print(f"files in {workdir}")
 
     ok = (logits_error <= 1e-5 and loss_error <= 1e-5 and round_trip_exact and built == config.num_parameters()
           and len(train) == 1000 and len(prefixes) == 12 and perplexity > 0 and losses[-1] < losses[0] - 1.0

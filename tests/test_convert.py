@@ -60,6 +60,8 @@ def test_exported_model_loads_in_transformers_and_matches_ours(tmp_path):
     save_model_checkpoint(tmp_path / "ckpt", [ours.state_dict()], CheckpointMetadata(model=config))
     run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt" / "global_step0"),
              "--output", str(tmp_path / "hf")])
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # the umask's, as every file it writes
     reference = transformers.BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
     input_ids = torch.randint(0, 1000, (2, 11))
     with torch.no_grad():

@@ -22,5 +22,5 @@ def test_quickstart_reports_parity_and_a_bit_exact_round_trip(tmp_path):
     assert "training loss fell from" in result.stdout and "iter    100/100" in result.stdout
     assert "perplexity on the sample corpus:" in result.stdout
     assert (tmp_path / "trained" / "global_step100" / "mbloom.json").is_file()
-    assert result.stdout.rstrip().endswith("quickstart: OK")
+    assert result.stdout.rstrip().endswith(f"quickstart: OK\nfiles in {tmp_path}")  # --workdir: kept
     assert (tmp_path / "checkpoint" / "latest").is_file() and (tmp_path / "hf-export" / "config.json").is_file()

@@ -277,6 +277,9 @@ def write_hf_checkpoint(output: Path, state_dict: StateDict, model: ModelConfig,
 def _save_safetensors(tensors: StateDict, path: Path) -> Path:
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # safetensors creates its files 0600; the export's others follow the umask
     os.replace(temporary, path)
     return path
 
