@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,14 +133,21 @@ def tour(model: str, workdir: Path) -> int:
                  f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
                  f"run.dir={workdir / 'run'}", f"checkpoint.dir={workdir / 'trained'}"]
-    print("$ torchrun --nproc-per-node 4 -m megatron_bloom.cli.train " + " ".join(overrides))
-    trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                              "-m", "megatron_bloom.cli.train", *overrides], capture_output=True, text=True)
-    if trained.returncode != 0:
-        print(trained.stdout[-2000:] + trained.stderr[-4000:])
+    print("$ torchrun --nproc-per-node 4 -m megatron_bloom.cli.train " + " ".join(overrides), flush=True)
+    trained = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                                "-m", "megatron_bloom.cli.train", *overrides], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    output = []
+    for line in trained.stdout:  # as the run goes: every 25th iteration's line, its saves and its summary
+        output.append(line)
+        iteration = int(line.split()[1].split("/")[0]) if line.startswith("iter ") else None
+        shown = (iteration == 1 or iteration % 25 == 0) if iteration is not None else \
+            line.startswith(("saved checkpoint", "mbloom-train: done"))
+        if shown:
+            print("  " + line.rstrip(), flush=True)
+    if trained.wait() != 0:
+        print("".join(output[-60:]))
         return 1
-    shown = [line for line in trained.stdout.splitlines() if line.startswith("iter ")]
-    print("  " + "\n  ".join(line for i, line in enumerate(shown, start=1) if i == 1 or i % 25 == 0))
     losses = [json.loads(line)["loss"] for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     print(f"training loss fell from {losses[0]:.3f} to {losses[-1]:.3f} in {TRAIN_ITERS} iterations")
 

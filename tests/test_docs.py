@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -137,3 +138,13 @@ def test_an_earlier_module_name_starts_the_command():
     result = subprocess.run([sys.executable, "-m", "megatron_bloom.train", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: mbloom-train"), result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_help_prints_no_warning(command):
+    """No accelerator warning (DeepSpeed's "Setting accelerator to CPU ...") or other noise on --help."""
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-m", f"megatron_bloom.cli.{command}", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: mbloom-{command}")
+    assert result.stderr == ""

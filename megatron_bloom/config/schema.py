@@ -248,6 +248,8 @@ class WandbConfig:
 class LoggingConfig:
     interval: int = 10
     """Iterations per line of metrics.jsonl and of the console (1: every iteration)."""
+    verbose: bool = False
+    """Show DeepSpeed's own start-up output on every rank (comm op builds, seeds, topology, memory reports)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False
     """Write TensorBoard event files under run.dir/tensorboard."""

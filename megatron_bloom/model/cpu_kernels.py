@@ -22,8 +22,12 @@ callers keep torch's own operators.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import platform
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -54,8 +58,9 @@ def kernels_available() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name="mbloom_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=COMPILER_FLAGS,
-             extra_ldflags=["-fopenmp"], is_python_module=False)
+        with announce_build("the CPU kernels"):
+            load(name="mbloom_cpu_kernels", sources=[str(source) for source in SOURCES], extra_cflags=COMPILER_FLAGS,
+                 extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # no compiler, no ninja, an old compiler without AVX512-BF16 intrinsics
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"megatron_bloom: the CPU kernels could not be built ({first_line}); torch's operators "
@@ -73,6 +78,18 @@ def kernels_available() -> bool:
     torch.library.register_fake("mbloom::cross_entropy_max_sum_exp")(
         lambda rows, real_columns: tuple(rows.new_empty(rows.shape[0], dtype=torch.float32) for _ in range(2)))
     return True
+
+
+@contextlib.contextmanager
+def announce_build(what: str, seconds: float = 2.0):
+    """Says so, once, on the first rank, when loading `what` took a build (over `seconds`): the first run on
+    a machine compiles for a while, later runs load the cached library at once."""
+    started = time.perf_counter()
+    yield
+    took = time.perf_counter() - started
+    if took > seconds and os.environ.get("RANK", "0") == "0":
+        print(f"megatron_bloom: built {what} in {took:.0f} s (once per machine: cached under TORCH_EXTENSIONS_DIR, "
+              "default ~/.cache/torch_extensions)", file=sys.stderr, flush=True)
 
 
 def fits(weight: torch.Tensor) -> bool:

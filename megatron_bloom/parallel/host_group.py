@@ -44,6 +44,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.model.cpu_kernels import announce_build
+
 SHM_DIR = Path("/dev/shm")
 SLOT_BYTES = 8 << 20  # a larger tensor goes through in chunks of this size
 COUNTER_BYTES = 64  # each rank's barrier counter and header on a cache line of its own
@@ -67,8 +69,9 @@ def barrier_available() -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name="mbloom_shm_barrier", sources=[str(Path(__file__).parent / "csrc" / "shm_barrier.cpp")],
-             extra_cflags=["-O2"], is_python_module=False)
+        with announce_build("the shared-memory barrier"):
+            load(name="mbloom_shm_barrier", sources=[str(Path(__file__).parent / "csrc" / "shm_barrier.cpp")],
+                 extra_cflags=["-O2"], is_python_module=False)
     except Exception as error:  # no compiler or ninja
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"megatron_bloom: the shared-memory barrier could not be built ({first_line}); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -74,6 +75,7 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
                              task: Optional[TaskConfig] = None) -> Path:
     """Collective: every rank calls it after the same iteration (`task`: the head trained, default the
     language model's). Returns the published checkpoint dir."""
+    started = time.perf_counter()
     root, tag = Path(config.checkpoint.dir), tag_for(progress.iteration)
     staging = staging_dir(root, tag)
     rank = dist.get_rank()
@@ -96,6 +98,8 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
                          "global_batch_size": config.train.global_batch_size})
         publish_staged(root, tag, metadata, Path(config.data.tokenizer) if config.data.tokenizer else None)
         prune_checkpoints(root, config.checkpoint.keep_last)
+        print(f"saved checkpoint {root / tag} ({sum(metadata.files.values()) / 2**20:.1f} MB, "
+              f"{time.perf_counter() - started:.1f} s)", flush=True)
     dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
     return root / tag
 

@@ -41,6 +41,7 @@ from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
+from megatron_bloom.training.quiet import deepspeed_start_up
 from megatron_bloom.training.safe_checkpoint_engine import make_checkpoint_loads_safe
 
 
@@ -83,9 +84,12 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     `start` of another layout sets the weights before DeepSpeed makes its master copies (and, from a
     reshaped checkpoint, the optimizer state after); a start of this layout is left to `resume`."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
+    quiet = deepspeed_start_up(config.logging.verbose)  # DeepSpeed's own prints, in the three calls below
+    with quiet:
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
-        model = build_pipeline(config.model, state, seed, checkpointing, task, config.parallel.pipeline_partition)
+        with quiet:
+            model = build_pipeline(config.model, state, seed, checkpointing, task, config.parallel.pipeline_partition)
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
     if config.train.compile:
@@ -102,9 +106,10 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
         load_weights_only(model, start.weights_only, state, start.new_head)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, state),
-                                           mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    with quiet:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(config, state),
+                                               mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
     make_checkpoint_loads_safe(engine)
     if carried_state is not None:
         restore_optimizer_state(engine, *carried_state)
@@ -304,6 +309,7 @@ def train(config: TrainConfig, state: ParallelState,
         else:
             if saving and saved_iteration != progress.iteration:  # the end of training is always kept
                 save_training_checkpoint(engine, config, state, progress, task)
+        metrics.summary(progress.iteration, config.checkpoint.dir)
     finally:
         stop.restore()
         metrics.close()

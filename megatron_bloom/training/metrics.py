@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,9 @@ class MetricsLog:
                  run_config: Optional[dict] = None) -> None:
         self.interval, self.enabled, self.run_dir = interval, enabled, run_dir
         self.handle = self.wandb_run = self.tensorboard = None
+        # for the summary at the end: iterations and tokens of this run, its last loss, the best validation
+        self.started, self.iterations, self.tokens, self.last_loss = time.perf_counter(), 0, 0, math.nan
+        self.best_validation: Optional[tuple] = None  # (loss, iteration)
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,9 @@ class MetricsLog:
 
     def log(self, iteration: int, total_iters: int, **values) -> None:
         """Record iteration `iteration` (1-based) if it falls on the log interval (or is the last one)."""
+        self.iterations += 1
+        self.tokens += round(values["tokens_per_s"] * values["step_s"])
+        self.last_loss = values["loss"]
         if not self.enabled or (iteration % self.interval and iteration != total_iters):
             return
         record = {"iter": iteration, **{key: values[key] for key in self.FIELDS[1:]}}
@@ -57,6 +64,8 @@ class MetricsLog:
     def log_validation(self, iteration: int, loss: float, language_model: bool = True) -> None:
         """The validation loss (and the language model's perplexity), to `run.dir/validation.jsonl`
         (metrics.jsonl holds training iterations only)."""
+        if self.best_validation is None or loss < self.best_validation[0]:
+            self.best_validation = (loss, iteration)
         if not self.enabled:
             return
         record = {"iter": iteration, "valid_loss": loss}
@@ -71,6 +80,18 @@ class MetricsLog:
                                 if key != "iter"}, step=iteration)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("valid/loss", loss, iteration)
+
+    def summary(self, iteration: int, checkpoints: Optional[str]) -> None:
+        """The line that ends a run: what it did, how long it took, where it left its checkpoints."""
+        if not self.enabled:
+            return
+        minutes, seconds = divmod(time.perf_counter() - self.started, 60)
+        best = (f"; best validation loss {self.best_validation[0]:.4f} (iteration {self.best_validation[1]})"
+                if self.best_validation is not None else "")
+        print(f"mbloom-train: done at iteration {iteration}: {self.iterations} iterations and {self.tokens:,} tokens "
+              f"in {int(minutes)} min {seconds:.0f} s; final loss {self.last_loss:.4f}{best}; "
+              + (f"checkpoints in {checkpoints}" if checkpoints else "no checkpoints (checkpoint.dir is not set)"),
+              flush=True)
 
     def close(self) -> None:
         if self.handle is not None:
