@@ -1,6 +1,7 @@
 """3D training on real gloo processes: the same losses and weights at every (tp, pp, dp) layout."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -142,6 +143,16 @@ def test_a_layout_that_does_not_match_the_processes_is_refused(shard, tmp_path):
     result = run_cli(["megatron_bloom.cli.train", *args], check=False, timeout=120)
     assert_user_error(result, "must equal the number of processes (1)")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_under_torchrun_a_config_mistake_is_said_once(shard, tmp_path):
+    """Two ranks with a layout of four: rank 0 says it in one paragraph, the other rank quietly exits 2."""
+    from tests.processes import run_module_ranks
+
+    args = [a for a in overrides(shard, tmp_path / "run", 4, 1, 1) if not a.startswith("parallel.dp=")]
+    result = run_module_ranks(2, "megatron_bloom.cli.train", args, cwd=tmp_path, env=dict(os.environ), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("mbloom-train: error") == 1 and "must equal the number of processes (2)" in result.stderr
 
 
 def test_token_ids_beyond_the_vocabulary_stop_the_run_with_a_clear_message(shard, tmp_path):

@@ -5,6 +5,7 @@ as one paragraph with exit status 2, never a traceback."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import textwrap
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -13,13 +14,15 @@ from omegaconf import OmegaConf
 
 from megatron_bloom.checkpoint.layout import read_metadata
 from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
-from megatron_bloom.errors import UserError
+from megatron_bloom.errors import ConfigError, UserError
 
 F = TypeVar("F", bound=Callable[..., object])
 
 
 def exit_on_user_error(program: str) -> Callable[[F], F]:
-    """Decorate a console-script `main`: a `UserError` prints `program: error: ...` and exits with status 2."""
+    """Decorate a console-script `main`: a `UserError` prints `program: error: ...` and exits with status 2.
+    Among several ranks, a config error (the same on every rank) is printed by rank 0 alone; another error
+    by the rank that met it, which it names."""
 
     def decorate(main: F) -> F:
         @functools.wraps(main)
@@ -27,9 +30,13 @@ def exit_on_user_error(program: str) -> Callable[[F], F]:
             try:
                 return main(*args, **kwargs)
             except UserError as error:
+                rank, ranks = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+                if isinstance(error, ConfigError) and rank != "0":
+                    sys.exit(2)
+                where = "" if ranks == 1 or isinstance(error, ConfigError) else f" (rank {rank})"
                 message = textwrap.fill(str(error), width=100, break_long_words=False,
                                         break_on_hyphens=False)
-                print(f"{program}: error: {message}", file=sys.stderr)
+                print(f"{program}: error{where}: {message}", file=sys.stderr)
                 sys.exit(2)
 
         return wrapped  # type: ignore[return-value]

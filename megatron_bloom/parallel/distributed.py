@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.errors import UserError
+from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.parallel.host_group import DEFAULT_TIMEOUT_S
 from megatron_bloom.parallel.state import ParallelState, default_device
 
@@ -93,7 +93,7 @@ def state_for_run(tp: int, pp: int, dp: Optional[int], world_size: int, require_
     if tp * pp * dp != world_size:
         launch = "" if world_size > 1 else (
             f" Start {tp * pp * dp} processes, e.g. torchrun --nproc-per-node {tp * pp * dp} -m <command> ...")
-        raise UserError(
+        raise ConfigError(
             f"parallel.tp ({tp}) x parallel.pp ({pp}) x parallel.dp ({dp}) must equal the number "
             f"of processes ({world_size}).{launch}"
         )
