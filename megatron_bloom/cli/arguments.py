@@ -33,10 +33,10 @@ def exit_on_user_error(program: str) -> Callable[[F], F]:
                 rank, ranks = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
                 if isinstance(error, ConfigError) and rank != "0":
                     sys.exit(2)
-                where = "" if ranks == 1 or isinstance(error, ConfigError) else f" (rank {rank})"
-                message = textwrap.fill(str(error), width=100, break_long_words=False,
+                where = "" if ranks == 1 or isinstance(error, ConfigError) else f"rank {rank}: "
+                message = textwrap.fill(where + str(error), width=100, break_long_words=False,
                                         break_on_hyphens=False)
-                print(f"{program}: error{where}: {message}", file=sys.stderr)
+                print(f"{program}: error: {message}", file=sys.stderr)
                 sys.exit(2)
 
         return wrapped  # type: ignore[return-value]
