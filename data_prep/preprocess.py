@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk, split_by_language
-from data_prep.progress import Progress
+from megatron_bloom.data.progress import Progress
 from data_prep.sources import check_inputs, iter_chunks
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype

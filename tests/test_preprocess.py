@@ -216,9 +216,16 @@ def test_large_vocabularies_use_int32_tokens(tmp_path):
     assert IndexedDataset(tmp_path / "wide").dtype == np.int32
 
 def test_progress_lines_when_not_a_terminal(capsys):
-    from data_prep.progress import Progress
+    from megatron_bloom.data.progress import Progress
 
     with Progress(interval=0.0) as progress:  # pytest's stderr is not a terminal
         progress.update(1500, 90_000)
     line = capsys.readouterr().err.strip()
     assert "1,500 documents (" in line and "90,000 tokens (" in line and "/s)" in line
+    with Progress(interval=0.0, total=10_700, label="mbloom-eval") as progress:
+        progress.update(2000, 50_000)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("mbloom-eval: [") and "2,000 of 10,700 documents" in line
+    with Progress(interval=0.0, enabled=False) as progress:  # ranks after the first: nothing
+        progress.update(5, 5)
+    assert capsys.readouterr().err == ""

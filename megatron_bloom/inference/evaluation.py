@@ -21,6 +21,7 @@ from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
+from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.task_evaluation import evaluate_task
 from megatron_bloom.inference.tokenizer import command_tokenizer
@@ -62,8 +63,11 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     documents = [encoding.ids[:seq_length] for encoding in tokenizer.encode_batch(mine, add_special_tokens=False)]
     nll_sum, predicted = 0.0, 0
     micro = config.eval.micro_batch_size
-    with torch.no_grad():
+    progress = Progress(total=len(documents), enabled=state.is_first_rank, label="mbloom-eval (rank 0's share)"
+                        if state.dp > 1 else "mbloom-eval")
+    with torch.no_grad(), progress:
         for start in range(0, len(documents), micro):
+            progress.update(start, predicted)
             input_ids, mask, labels = pad_batch(documents[start: start + micro], pad_id,
                                                 state.tp if sequence_parallel else 1)
             count = int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -73,6 +77,7 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
                            labels=labels.to(state.device))
             nll_sum += output.loss.double().item() * count
             predicted += count
+        progress.update(len(documents), predicted)
     totals = torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64)
     if state.dp > 1:
         dist.all_reduce(totals, group=state.dp_group)

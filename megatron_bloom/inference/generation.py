@@ -26,6 +26,7 @@ from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
+from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.sampling import choose_tokens
 from megatron_bloom.inference.tokenizer import command_tokenizer
@@ -210,20 +211,26 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
     if empty:
         raise UserError(f"prompt {empty[0] + 1} is empty after tokenization: give each prompt some text.")
     batch_size = config.generate.batch_size
-    mine, times = [], GenerationTimes()
-    for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
-        if batch_index % state.dp != state.dp_rank:
-            continue
-        generator = torch.Generator().manual_seed(config.generate.seed + batch_index)
-        batch = prompts[start: start + batch_size]
-        stream = TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0 else None
-        completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times,
-                                     stream, decode_model)
-        if stream is not None:
-            stream.close()
-        for offset, tokens in enumerate(completions):
-            mine.append({"index": start + offset, "prompt": texts[start + offset],
-                         "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
+    starts = range(state.dp_rank * batch_size, len(prompts), state.dp * batch_size)  # this rank's batches
+    mine, times, new_tokens = [], GenerationTimes(), 0
+    # more than one batch: a bar or periodic lines on stderr, from the first rank (its share of the prompts)
+    progress = Progress(total=sum(len(prompts[start: start + batch_size]) for start in starts), unit="prompts",
+                        label="mbloom-generate", enabled=state.is_first_rank and len(prompts) > batch_size)
+    with progress:
+        for start in starts:
+            generator = torch.Generator().manual_seed(config.generate.seed + start // batch_size)
+            batch = prompts[start: start + batch_size]
+            stream = (TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0
+                      else None)
+            completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times,
+                                         stream, decode_model)
+            if stream is not None:
+                stream.close()
+            for offset, tokens in enumerate(completions):
+                mine.append({"index": start + offset, "prompt": texts[start + offset],
+                             "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
+                new_tokens += len(tokens)
+            progress.update(len(mine), new_tokens)
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
