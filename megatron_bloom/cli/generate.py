@@ -69,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if state.is_first_rank:
         new_tokens = sum(len(result["token_ids"]) for result in results)
         elapsed = time.perf_counter() - start
-        print(f"mbloom-generate: {len(results)} prompts, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
+        prompts = f"{len(results)} prompt" + ("s" if len(results) != 1 else "")
+        print(f"mbloom-generate: {prompts}, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
               f"{elapsed:.1f} s with loading; {times.summary()} (rank 0)", file=sys.stderr)
         for result in results:
             print(json.dumps(result, ensure_ascii=False), flush=True)

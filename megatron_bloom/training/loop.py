@@ -84,7 +84,7 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     `start` of another layout sets the weights before DeepSpeed makes its master copies (and, from a
     reshaped checkpoint, the optimizer state after); a start of this layout is left to `resume`."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
-    quiet = deepspeed_start_up(config.logging.verbose)  # DeepSpeed's own prints, in the three calls below
+    quiet = deepspeed_start_up(config.logging.verbose)  # DeepSpeed's own prints, in the calls below
     with quiet:
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
@@ -232,7 +232,8 @@ def train(config: TrainConfig, state: ParallelState,
         task = TaskConfig()
         train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed, (*samples, 0))
     engine, optimizer, scheduler = build_engine(config, state, start, task)
-    progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
+    with deepspeed_start_up(config.logging.verbose):  # DeepSpeed's loads print debug lines too
+        progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
     if start.directory is not None and is_logger:
         how = ("everything: an exact resume" if start.exact else "weights and optimizer state (reshaped)"
                if start.universal else "weights only")
