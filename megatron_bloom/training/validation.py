@@ -9,14 +9,24 @@ from megatron_bloom.checkpoint.layout import check_same_shape, read_metadata, re
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.builder import check_prefixes, parse_blend
 from megatron_bloom.data.tokenizer import load_tokenizer
-from megatron_bloom.errors import ConfigError
+from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.tasks.training_data import check_task_data
 
 
 def validate_training_inputs(config: TrainConfig) -> None:
     """Every data prefix's .bin and .idx exist; the tokenizer's vocabulary fits the model's; a checkpoint
     named by `checkpoint.load` exists, is complete and holds a model of this run's shape. Fine-tuning: the
-    task's files are readable and a tokenizer is named."""
+    task's files are readable and a tokenizer is named. Every rank finds the same: each problem is a
+    `ConfigError`, which rank 0 alone prints."""
+    try:
+        _validate(config)
+    except ConfigError:
+        raise
+    except UserError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _validate(config: TrainConfig) -> None:
     if config.checkpoint.load not in (None, "auto"):
         directory = resolve_checkpoint(Path(config.checkpoint.load), warn=False)  # the start says which it takes
         check_same_shape(read_metadata(directory), config.model, directory)
