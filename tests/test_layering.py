@@ -24,7 +24,7 @@ LAYERS: Dict[str, Set[str]] = {
     "parallel": {"errors", "model"},
     "pipeline": {"errors", "fence", "model", "parallel"},
     "tasks": {"errors", "model", "config", "data"},
-    "checkpoint": {"errors", "fence", "model", "config", "parallel", "pipeline"},
+    "checkpoint": {"errors", "fence", "model", "config", "data", "parallel", "pipeline"},
     "training": {"errors", "fence", "model", "config", "data", "parallel", "pipeline", "tasks", "checkpoint"},
     "inference": {"errors", "model", "config", "data", "parallel", "checkpoint", "tasks"},
     "planner": {"errors", "model", "config", "pipeline"},

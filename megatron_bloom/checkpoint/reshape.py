@@ -31,6 +31,7 @@ from megatron_bloom.checkpoint.layout import (
 )
 from megatron_bloom.checkpoint.universal import StateTensors, read_layers, write_layers
 from megatron_bloom.checkpoint.weights import load_model_state_dict
+from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel.sharding import merge_state_dicts, split_for_ranks
 from megatron_bloom.pipeline import names
@@ -52,12 +53,15 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
 
     def write(staging: Path) -> None:
         written: Set[int] = set()
-        for states, step in _source_chunks(directory, metadata):
-            for name in list(states[STATE_KEYS[0]]):  # the tied embedding comes with the first and last stage
-                if names.layer_of(name, metadata.model)[0] in written:
-                    for key in STATE_KEYS:
-                        del states[key][name]
-            written.update(write_layers(staging, states, step, metadata.model, tp, weight_dtype))
+        layers = sum(prefix is not None for prefix in names.layer_prefixes(metadata.model, metadata.task.name))
+        with Progress(total=layers, unit="layers written", label="mbloom-convert reshape") as progress:
+            for states, step in _source_chunks(directory, metadata):
+                for name in list(states[STATE_KEYS[0]]):  # the tied embedding comes with the first and last stage
+                    if names.layer_of(name, metadata.model)[0] in written:
+                        for key in STATE_KEYS:
+                            del states[key][name]
+                written.update(write_layers(staging, states, step, metadata.model, tp, weight_dtype))
+                progress.update(len(written))
         prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
         expected = {layer for layer, prefix in enumerate(prefixes) if prefix is not None}
         if written != expected:

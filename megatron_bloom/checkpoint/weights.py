@@ -28,6 +28,7 @@ from megatron_bloom.checkpoint.layout import (
     resolve_checkpoint,
 )
 from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
+from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.fence.deepspeed import MODULE, model_states_file, pipeline_layer_file
 from megatron_bloom.model import ModelConfig, create_task_model
@@ -59,7 +60,11 @@ def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[st
     """The full single-process model weights of a checkpoint of any tp/pp layout, with its metadata."""
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
-    shards = [load_model_shard(directory, metadata, rank) for rank in range(metadata.tp)]
+    shards = []
+    with Progress(total=metadata.tp, unit="tensor-parallel shards read", label=f"reading {directory}") as progress:
+        for rank in range(metadata.tp):
+            shards.append(load_model_shard(directory, metadata, rank))
+            progress.update(rank + 1)
     return metadata, merge_state_dicts(shards, metadata.model)
 
 

@@ -24,18 +24,20 @@ class Progress:
                     if enabled and sys.stderr.isatty() else None)
         self.done = 0
 
-    def update(self, done: int, tokens: int) -> None:
+    def update(self, done: int, tokens: Optional[int] = None) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         if self.bar is not None:
             self.bar.update(done - self.done)
-            self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
+            if tokens is not None:
+                self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
         elif now - self.last_line >= self.interval:
             of = f" of {self.total:,}" if self.total is not None else ""
-            print(f"{self.label}[{elapsed:7.1f} s] {done:,}{of} {self.unit} ({done / elapsed:,.1f}/s), {tokens:,} "
-                  f"tokens ({tokens / elapsed:,.0f}/s)", file=sys.stderr, flush=True)
+            rate = f", {tokens:,} tokens ({tokens / elapsed:,.0f}/s)" if tokens is not None else ""
+            print(f"{self.label}[{elapsed:7.1f} s] {done:,}{of} {self.unit} ({done / elapsed:,.1f}/s){rate}",
+                  file=sys.stderr, flush=True)
             self.last_line = now
         self.done = done
 
