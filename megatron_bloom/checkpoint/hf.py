@@ -28,6 +28,7 @@ from megatron_bloom.checkpoint.layout import (
 )
 from megatron_bloom.checkpoint.safe_load import UnsafeCheckpointFile, load_checkpoint_file
 from megatron_bloom.checkpoint.weights import load_model_state_dict
+from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.parallel.sharding import full_shapes, split_for_ranks
@@ -175,8 +176,10 @@ def read_hf_weights(hf_dir: Path) -> StateDict:
             except (json.JSONDecodeError, KeyError, AttributeError) as error:
                 raise UserError(f"{index} is not a valid shard index: {error}.") from None
             weights: StateDict = {}
-            for shard in shards:
-                weights.update(loader(hf_dir / shard))
+            with Progress(total=len(shards), unit="shards read", label=f"reading {hf_dir}") as progress:
+                for number, shard in enumerate(shards, start=1):
+                    weights.update(loader(hf_dir / shard))
+                    progress.update(number)
             return weights
     for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_torch)):
         if (hf_dir / name).is_file():
