@@ -232,6 +232,10 @@ def train(config: TrainConfig, state: ParallelState,
         task = TaskConfig()
         train_set, valid_set, _ = build_datasets(config.data, seq_length, config.train.seed, (*samples, 0))
     engine, optimizer, scheduler = build_engine(config, state, start, task)
+    if is_logger:  # what DeepSpeed's start-up output said, once and in our words
+        print(f"mbloom-train: {config.model.num_parameters():,} parameters, tp {state.tp} x pp {state.pp} x dp "
+              f"{state.dp}, {config.precision}, ZeRO {config.zero.stage}; {config.train.iters} iterations of "
+              f"{global_batch} x {seq_length} tokens", flush=True)
     with deepspeed_start_up(config.logging.verbose):  # DeepSpeed's loads print debug lines too
         progress = resume(engine, start.directory, start.metadata, state) if start.exact else start.progress()
     if start.directory is not None and is_logger:
