@@ -31,7 +31,7 @@ import torch
 
 from megatron_bloom.config.schema import PIPELINE_PARTITIONS
 from megatron_bloom.errors import UserError
-from megatron_bloom.fence.deepspeed import MODULE, MODULE_ONLY_KEYS, model_states_file
+from megatron_bloom.fence.deepspeed import model_states_file, module_states
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.model.config import RUNTIME_FIELDS
 from megatron_bloom.parallel.parallelize import check_tensor_parallel
@@ -241,9 +241,8 @@ def save_model_checkpoint(root: Path, shards: List[Dict[str, torch.Tensor]], met
 
     def write(directory: Path) -> None:
         for tp_rank, state_dict in enumerate(shards):
-            states = {MODULE: state_dict, **dict(zip(MODULE_ONLY_KEYS, (
-                metadata.iteration, metadata.consumed_samples, 0, 1, metadata.tp)))}
-            torch.save(states, directory / model_states_file(tp_rank))
+            torch.save(module_states(state_dict, metadata.iteration, metadata.consumed_samples, metadata.tp),
+                       directory / model_states_file(tp_rank))
 
     return publish_checkpoint(root, tag_for(metadata.iteration), write, metadata, tokenizer)
 

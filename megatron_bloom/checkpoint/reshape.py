@@ -51,10 +51,12 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
     target = dataclasses.replace(metadata, tp=tp, pp=pp, contents=UNIVERSAL, files={})
     weight_dtype = PRECISION_DTYPES[metadata.precision]
 
+    prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
+    expected = {layer for layer, prefix in enumerate(prefixes) if prefix is not None}
+
     def write(staging: Path) -> None:
         written: Set[int] = set()
-        layers = sum(prefix is not None for prefix in names.layer_prefixes(metadata.model, metadata.task.name))
-        with Progress(total=layers, unit="layers written", label="mbloom-convert reshape") as progress:
+        with Progress(total=len(expected), unit="layers written", label="mbloom-convert reshape") as progress:
             for states, step in _source_chunks(directory, metadata):
                 for name in list(states[STATE_KEYS[0]]):  # the tied embedding comes with the first and last stage
                     if names.layer_of(name, metadata.model)[0] in written:
@@ -62,8 +64,6 @@ def reshape_checkpoint(source: Path, output: Path, tp: int, pp: int) -> Path:
                             del states[key][name]
                 written.update(write_layers(staging, states, step, metadata.model, tp, weight_dtype))
                 progress.update(len(written))
-        prefixes = names.layer_prefixes(metadata.model, metadata.task.name)
-        expected = {layer for layer, prefix in enumerate(prefixes) if prefix is not None}
         if written != expected:
             raise UserError(f"checkpoint {directory} holds optimizer state for layers {sorted(written)}, not "
                             f"for all of {sorted(expected)}.")

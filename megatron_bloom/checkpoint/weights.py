@@ -33,6 +33,7 @@ from megatron_bloom.errors import UserError
 from megatron_bloom.fence.deepspeed import MODULE, model_states_file, pipeline_layer_file
 from megatron_bloom.model import ModelConfig, create_task_model
 from megatron_bloom.parallel import ParallelState, build_parallel_model, check_tensor_parallel, parallelize_bloom
+from megatron_bloom.parallel.distributed import launch_rank
 from megatron_bloom.parallel.sharding import merge_state_dicts
 from megatron_bloom.pipeline import names
 
@@ -61,7 +62,8 @@ def load_model_state_dict(checkpoint: Path) -> Tuple[CheckpointMetadata, Dict[st
     directory = resolve_checkpoint(checkpoint)
     metadata = read_metadata(directory)
     shards = []
-    with Progress(total=metadata.tp, unit="tensor-parallel shards read", label=f"reading {directory}") as progress:
+    with Progress(total=metadata.tp, unit="tensor-parallel shards read", label=f"reading {directory}",
+                  enabled=launch_rank()[0] == 0) as progress:  # every rank of eval or generate reads them
         for rank in range(metadata.tp):
             shards.append(load_model_shard(directory, metadata, rank))
             progress.update(rank + 1)

@@ -5,7 +5,6 @@ as one paragraph with exit status 2, never a traceback."""
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import textwrap
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 from megatron_bloom.checkpoint.layout import read_metadata
 from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
 from megatron_bloom.errors import ConfigError, UserError
+from megatron_bloom.parallel.distributed import launch_rank
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -30,8 +30,8 @@ def exit_on_user_error(program: str) -> Callable[[F], F]:
             try:
                 return main(*args, **kwargs)
             except UserError as error:
-                rank, ranks = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
-                if isinstance(error, ConfigError) and rank != "0":
+                rank, ranks = launch_rank()
+                if isinstance(error, ConfigError) and rank != 0:
                     sys.exit(2)
                 where = "" if ranks == 1 or isinstance(error, ConfigError) else f"rank {rank}: "
                 message = textwrap.fill(where + str(error), width=100, break_long_words=False,

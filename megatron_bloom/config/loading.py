@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -94,20 +94,21 @@ _NOISE = re.compile(r"To append to your config use \S+|Config search path:[\s\S]
                     r"(reference|object)_type=\S+")
 
 
+def schema_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[Tuple[str, type, dataclasses.Field, bool]]:
+    """Every field of the root config, depth first in the schema's order: (dotted key, the dataclass that
+    declares it, the field, whether it is a section of its own)."""
+    hints = inspect.get_annotations(cls, eval_str=True)
+    for item in dataclasses.fields(cls):
+        section = dataclasses.is_dataclass(hints[item.name])
+        yield prefix + item.name, cls, item, section
+        if section:
+            yield from schema_fields(hints[item.name], f"{prefix}{item.name}.")
+
+
 @functools.lru_cache(maxsize=None)
 def schema_keys() -> List[str]:
     """Every dotted key of the root config, sections (`train`) and leaves (`train.iters`), in schema order."""
-    keys: List[str] = []
-
-    def visit(cls: type, prefix: str) -> None:
-        hints = inspect.get_annotations(cls, eval_str=True)
-        for item in dataclasses.fields(cls):
-            keys.append(prefix + item.name)
-            if dataclasses.is_dataclass(hints[item.name]):
-                visit(hints[item.name], f"{prefix}{item.name}.")
-
-    visit(TrainConfig, "")
-    return keys
+    return [key for key, *_ in schema_fields()]
 
 
 def unknown_keys(overrides: Sequence[str]) -> List[str]:

@@ -8,16 +8,15 @@ as Markdown: it is docs/configuration.md, which a test keeps equal to this outpu
 from __future__ import annotations
 
 import ast
-import dataclasses
+import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from omegaconf import OmegaConf
 
-from megatron_bloom.config.loading import available_presets, compose_dictconfig, config_dir
-from megatron_bloom.config.schema import TrainConfig
+from megatron_bloom.config.loading import available_presets, compose_dictconfig, config_dir, schema_fields
 
 
 @dataclass
@@ -28,6 +27,7 @@ class KeyReference:
     doc: str
 
 
+@functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> Dict[str, str]:
     """The string under each field of a dataclass, whitespace joined."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -44,26 +44,17 @@ def field_docs(cls: type) -> Dict[str, str]:
 def config_keys() -> List[KeyReference]:
     """Every leaf key of the root config, in the schema's order."""
     defaults = OmegaConf.to_container(compose_dictconfig([]), resolve=False)
-    keys: List[KeyReference] = []
-
-    def visit(cls: type, prefix: str, values: dict) -> None:
-        docs = field_docs(cls)
-        for item in dataclasses.fields(cls):
-            value = values[item.name]
-            nested = _dataclass_type(cls, item.name)
-            if nested is not None:
-                visit(nested, f"{prefix}{item.name}.", value)
-            else:
-                keys.append(KeyReference(prefix + item.name, _type_name(str(item.type)), _yaml_value(value),
-                                         docs.get(item.name, "")))
-
-    visit(TrainConfig, "", defaults)
-    return keys
+    return [KeyReference(key, _type_name(str(item.type)),
+                         _yaml_value(functools.reduce(lambda node, part: node[part], key.split("."), defaults)),
+                         field_docs(cls).get(item.name, ""))
+            for key, cls, item, section in schema_fields() if not section]
 
 
-def _dataclass_type(cls: type, name: str) -> Optional[type]:
-    hint = inspect.get_annotations(cls, eval_str=True)[name]
-    return hint if dataclasses.is_dataclass(hint) else None
+def group_defaults() -> Dict[str, str]:
+    """Each config group (`model`, `task`, ...) of configs/train.yaml, with the file it picks by default."""
+    root = OmegaConf.load(config_dir() / "train.yaml")
+    return {key: value for entry in root.defaults if isinstance(entry, dict) or OmegaConf.is_dict(entry)
+            for key, value in entry.items()}
 
 
 def _type_name(annotation: str) -> str:
@@ -96,9 +87,7 @@ def render_markdown() -> str:
         "| group | choices | default |",
         "|---|---|---|",
     ]
-    root = OmegaConf.load(config_dir() / "train.yaml")
-    chosen = {key: value for entry in root.defaults if isinstance(entry, dict) or OmegaConf.is_dict(entry)
-              for key, value in entry.items()}
+    chosen = group_defaults()
     for group in sorted(chosen):
         presets = ", ".join(f"`{name}`" for name in available_presets(group))
         lines.append(f"| `{group}=` | {presets} | `{chosen[group]}` |")
@@ -123,11 +112,8 @@ def _sections(keys: List[KeyReference]) -> Dict[str, List[KeyReference]]:
 
 def render_help() -> str:
     """The keys as a command's --help lists them: per section, each key with its type, default and meaning."""
-    root = OmegaConf.load(config_dir() / "train.yaml")
-    groups = sorted(key for entry in root.defaults if OmegaConf.is_dict(entry) or isinstance(entry, dict)
-                    for key in entry)
     lines = ["Config: key=value overrides (Hydra). Groups pick a file: "
-             + "; ".join(f"{group}={'|'.join(available_presets(group))}" for group in groups) + "."]
+             + "; ".join(f"{group}={'|'.join(available_presets(group))}" for group in sorted(group_defaults())) + "."]
     for section, members in _sections(config_keys()).items():
         lines += ["", f"{section}:"]
         for key in members:

@@ -29,11 +29,20 @@ BASE_OPTIMIZER_STATE = "base_optimizer_state"  # ZeRO 1/2 and BF16: the torch op
 PARAM_SLICE_MAPPINGS = "param_slice_mappings"  # ZeRO 1/2 and BF16: parameter name -> fragment address
 PARAM_SHAPES = "param_shapes"  # ZeRO 3's model states: every parameter's shape, in partition order
 ZERO3_FLAT_GROUPS = "fp32_flat_groups"  # ZeRO 3's partitions: the fp32 flat run of each sub-group
-# the keys besides `module` that `load_checkpoint(load_module_only=True)` reads from a model-states file
-MODULE_ONLY_KEYS = ("global_steps", "global_samples", "skipped_steps", "dp_world_size", "mp_world_size")
 # the non-tensor objects its files pickle, by the name the pickle gives them (0.14 to 0.19)
 FILE_TYPES = ("deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
               "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def module_states(module: Dict[str, torch.Tensor], global_steps: int, global_samples: int, mp_world_size: int) -> dict:
+    """A model-states file that `load_checkpoint(load_module_only=True)` reads: the module and the
+    MODULE_ONLY_KEYS."""
+    return {MODULE: module, "global_steps": global_steps, "global_samples": global_samples, "skipped_steps": 0,
+            "dp_world_size": 1, "mp_world_size": mp_world_size}
+
+
+# the keys besides `module` that `load_checkpoint(load_module_only=True)` reads from a model-states file
+MODULE_ONLY_KEYS = tuple(key for key in module_states({}, 0, 0, 1) if key != MODULE)
 
 
 def model_states_file(mp_rank: int) -> str:

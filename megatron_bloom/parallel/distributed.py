@@ -7,7 +7,7 @@ import re
 import socket
 import subprocess
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,20 +17,30 @@ from megatron_bloom.parallel.host_group import DEFAULT_TIMEOUT_S
 from megatron_bloom.parallel.state import ParallelState, default_device
 
 
+def launch_rank() -> Tuple[int, int]:
+    """(rank, world size) a launcher gave this process: torchrun's or deepspeed's RANK / WORLD_SIZE, else
+    SLURM's task (one per rank), else (0, 1). Reads the environment only: usable before any process group."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
 def launcher_env() -> Optional[dict]:
     """RANK / WORLD_SIZE / LOCAL_RANK from torchrun or deepspeed, else from SLURM (one task per rank).
 
     None when no launcher started this process: it then runs alone.
     """
     env = os.environ
+    rank, world_size = launch_rank()
     if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0))}
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return {"rank": rank, "world_size": world_size, "local_rank": int(env.get("LOCAL_RANK", 0))}
+    if world_size > 1:  # SLURM's
         os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
         os.environ.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0))}
+        return {"rank": rank, "world_size": world_size, "local_rank": int(env.get("SLURM_LOCALID", 0))}
     return None
 
 
