@@ -119,7 +119,8 @@ def test_bf16_3d_run_learns(shard, tmp_path):
     (["parallel.dp=3"], ["train.global_batch_size (8)", "parallel.dp (3)"]),
     (["model.vocab_size=512"], ["has 1024 tokens, more than model.vocab_size (512)"]),
     (["model.seq_length=0"], ["model.seq_length"]),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], ["sequence_parallel=true works for evaluation"]),
+    (["parallel.tp=2", "parallel.dp=1", "parallel.sequence_parallel=true", "model.seq_length=127"],
+     ["127 tokens (model.seq_length) over parallel.tp=2", "a multiple of 2"]),
     (["train.rampup_batch_size=[4,3,100]"], ["train.rampup_batch_size [4, 3, 100]", "whole increments of 3"]),
     (["checkpoint.save_interval=5"], ["checkpoint.save_interval and checkpoint.keep_last need checkpoint.dir"]),
 ])

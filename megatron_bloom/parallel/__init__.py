@@ -3,7 +3,7 @@ model is split (`sharding`, `parallelize`). Nothing here holds global state: gro
 
 from megatron_bloom.parallel.distributed import init_distributed
 from megatron_bloom.parallel.parallelize import (
-    allreduce_sequence_parallel_grads,
+    sum_sequence_parallel_grads,
     build_parallel_model,
     check_tensor_parallel,
     parallelize_bloom,
@@ -12,7 +12,7 @@ from megatron_bloom.parallel.sharding import merge_state_dicts, partition_dim, s
 from megatron_bloom.parallel.state import ParallelState
 
 __all__ = [
-    "ParallelState", "allreduce_sequence_parallel_grads", "build_parallel_model", "check_tensor_parallel",
+    "ParallelState", "sum_sequence_parallel_grads", "build_parallel_model", "check_tensor_parallel",
     "init_distributed", "merge_state_dicts", "parallelize_bloom", "partition_dim", "shard_state_dict",
     "shard_tensor",
 ]

@@ -59,9 +59,7 @@ def parallelize_bloom(model: nn.Module, state: ParallelState, sequence_parallel:
     elif sequence_parallel:
         for name in TASK_HEAD_NAMES.values():  # a replicated head reads the whole sequence
             if hasattr(model, name):
-                head: nn.Linear = getattr(model, name)
-                setattr(model, name, SequenceGatheredLinear(head.in_features, head.out_features, group,
-                                                            bias=head.bias is not None))
+                setattr(model, name, sequence_gathered_head(getattr(model, name), group))
     return model
 
 
@@ -104,20 +102,30 @@ def sequence_parallel_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
             yield param
 
 
-def is_sequence_parallel(model: nn.Module) -> bool:
-    return getattr(model.transformer.word_embeddings, "sequence_parallel", False)
-
-
-def allreduce_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> None:
-    """Sum the gradients of sequence-parallel parameters over the tp group (call after backward)."""
-    if state.tp == 1 or not is_sequence_parallel(model):
+def sum_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> None:
+    """Make every backward pass sum the gradients of the sequence-parallel parameters over the tp group
+    (Korthikanti et al. 2022, sec. 4.2.2): a hook on each such parameter reduces its gradient as autograd
+    produces it, before the gradient is accumulated. Whatever runs the step then sees whole gradients:
+    DeepSpeed's ZeRO hooks, its pipeline engine and its clipping alike (Megatron-LM reduces them once per
+    step instead; DeepSpeed's engines have no place between the last backward and their own gradient
+    handling). Summed in float32: one rounding to the parameter's dtype, as without SP."""
+    if state.tp == 1:
         return
-    grads = [p.grad for p in sequence_parallel_parameters(model) if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        all_reduce_(flat, state.tp_comm)
-        for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(reduced.view_as(grad))
+    group = state.tp_comm
+
+    def summed(grad: torch.Tensor) -> torch.Tensor:
+        total = grad.to(torch.float32, copy=True)
+        all_reduce_(total, group)
+        return total.to(grad.dtype)
+
+    for param in sequence_parallel_parameters(model):
+        param.register_hook(summed)
+
+
+def sequence_gathered_head(head: nn.Linear, group) -> SequenceGatheredLinear:
+    """A replicated head (a fine-tuning task's) that reads sequence-parallel activations: it gathers the
+    sequence first. Made on the meta device, like the layer it replaces."""
+    return SequenceGatheredLinear(head.in_features, head.out_features, group, bias=head.bias is not None)
 
 
 def materialize(module: nn.Module, config: ModelConfig, state: ParallelState, shapes: Dict[str, torch.Size],

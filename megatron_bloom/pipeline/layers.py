@@ -9,6 +9,10 @@ model names (`names.py`), so any layout starts from the same full weights. Betwe
 hidden states alone when batches have no padding (pre-training: each block derives ALiBi positions and
 the causal mask from the shape), or the pair (hidden states, 0/1 attention mask) for the padded batches
 of fine-tuning, which the pipeline carries from stage to stage (an integer tensor: it gets no gradient).
+
+With sequence parallelism (Korthikanti et al. 2022) the hidden states between layers are this tp rank's
+1/tp of the sequence: the embedding reduce-scatters, the LM head (or a task head) gathers, and pipeline
+stages send each other the sharded activations, 1/tp of the bytes.
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ class EmbeddingPipe(nn.Module):
 
     model_prefix = names.TRUNK  # + a parameter's name here = its model name (`names.py`)
 
-    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         with torch.device("meta"):
-            self.word_embeddings = parallel_embedding(config, state)
+            self.word_embeddings = parallel_embedding(config, state, sequence_parallel)
         materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
-        self.lm_head = VocabParallelLMHead(state.tp_comm)
+        self.lm_head = VocabParallelLMHead(state.tp_comm, sequence_parallel=sequence_parallel)
 
     def forward(self, inputs: Activations) -> Activations:
         """Token ids, or (token ids, attention mask) -> embeddings (with the mask)."""
@@ -84,17 +89,19 @@ class BlockPipe(BloomBlock):
     """Transformer block `layer_number`, taking and returning the hidden states (with the padding mask, when
     the batch has one)."""
 
-    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, layer_number: int) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, layer_number: int,
+                 sequence_parallel: bool = False) -> None:
         with torch.device("meta"):
             super().__init__(config)
             if state.tp > 1:
-                parallelize_block(self, config, state)
+                parallelize_block(self, config, state, sequence_parallel)
         self.model_prefix = names.block_prefix(layer_number)
         materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
+        self.sequence_shards = state.tp if sequence_parallel else 1  # the input holds 1/this of the sequence
 
     def forward(self, inputs: Activations) -> Activations:
         hidden_states, attention_mask = split_activations(inputs)
-        batch_size, seq_length, _ = hidden_states.shape
+        batch_size, seq_length = hidden_states.shape[0], hidden_states.shape[1] * self.sequence_shards
         positions, mask = attention_inputs(batch_size, seq_length, attention_mask, hidden_states.dtype,
                                            hidden_states.device)
         return join_activations(super().forward(hidden_states, positions, mask), attention_mask)

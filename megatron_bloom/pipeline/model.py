@@ -27,21 +27,23 @@ from megatron_bloom.pipeline.partition import stage_layers
 from megatron_bloom.pipeline.task_head import TaskHeadPipe, TaskLoss
 
 
-def layer_specs(config: ModelConfig, state: ParallelState, seed: int, task: TaskConfig) -> List[LayerSpec]:
+def layer_specs(config: ModelConfig, state: ParallelState, seed: int, task: TaskConfig,
+                sequence_parallel: bool = False) -> List[LayerSpec]:
     """The language model's layers end in the LM head, a tied copy of the embedding on the last stage; a
     fine-tuning task's end in its own head (and the embedding is an ordinary layer of the first stage)."""
     shapes = full_shapes(config, task)
-    common = (config, state, shapes, seed)
+    common, sp = (config, state, shapes, seed), {"sequence_parallel": sequence_parallel}
     if task.name == "causal_lm":
-        embedding = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, tied_weight_attr="word_embeddings.weight")
-        head = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, forward_fn=lm_head_forward,
+        embedding = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, **sp,
+                                  tied_weight_attr="word_embeddings.weight")
+        head = TiedLayerSpec(TIED_EMBEDDING, EmbeddingPipe, *common, **sp, forward_fn=lm_head_forward,
                              tied_weight_attr="word_embeddings.weight")
     else:
-        embedding, head = LayerSpec(EmbeddingPipe, *common), LayerSpec(TaskHeadPipe, *common, task)
+        embedding, head = LayerSpec(EmbeddingPipe, *common, **sp), LayerSpec(TaskHeadPipe, *common, task, **sp)
     return [
         embedding,
         LayerSpec(LayerNormPipe, *common, "word_embeddings_layernorm"),
-        *[LayerSpec(BlockPipe, *common, layer) for layer in range(config.num_layers)],
+        *[LayerSpec(BlockPipe, *common, layer, **sp) for layer in range(config.num_layers)],
         LayerSpec(LayerNormPipe, *common, "ln_f"),
         head,
     ]
@@ -63,11 +65,13 @@ class BloomPipeline(PipelineModuleChoices, PipelineModule):
 
 
 def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
-                   task: Optional[TaskConfig] = None, partition: str = "flops") -> PipelineModule:
+                   task: Optional[TaskConfig] = None, partition: str = "flops",
+                   sequence_parallel: bool = False) -> PipelineModule:
     """This rank's pipeline stage; `partition` is how the stages split the layers (`pipeline.partition`)."""
     task = task or TaskConfig()
     topology = pipeline_topology(state.pp, state.tp, state.dp)
-    return BloomPipeline(layers=layer_specs(config, state, seed, task), loss_fn=task_loss(config, state, task),
+    return BloomPipeline(layers=layer_specs(config, state, seed, task, sequence_parallel),
+                         loss_fn=task_loss(config, state, task),
                          topology=topology, stages=stage_layers(config, state.pp, task.name, partition),
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=partial(checkpoint, use_reentrant=False))
@@ -78,15 +82,15 @@ class StackedModel(nn.Module):
     (Its attribute names are what `names.from_stacked_model` maps back to model names.)"""
 
     def __init__(self, config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
-                 task: Optional[TaskConfig] = None) -> None:
+                 task: Optional[TaskConfig] = None, sequence_parallel: bool = False) -> None:
         super().__init__()
         task = task or TaskConfig()
-        shapes = full_shapes(config, task)
-        self.embedding = EmbeddingPipe(config, state, shapes, seed)
+        shapes, sp = full_shapes(config, task), sequence_parallel
+        self.embedding = EmbeddingPipe(config, state, shapes, seed, sp)
         self.embedding_norm = LayerNormPipe(config, state, shapes, seed, "word_embeddings_layernorm")
-        self.blocks = nn.ModuleList(BlockPipe(config, state, shapes, seed, i) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(BlockPipe(config, state, shapes, seed, i, sp) for i in range(config.num_layers))
         self.final_norm = LayerNormPipe(config, state, shapes, seed, "ln_f")
-        self.head = TaskHeadPipe(config, state, shapes, seed, task) if task.name != "causal_lm" else None
+        self.head = TaskHeadPipe(config, state, shapes, seed, task, sp) if task.name != "causal_lm" else None
         self.loss_fn = task_loss(config, state, task)
         self.activation_checkpointing = activation_checkpointing
 

@@ -28,23 +28,28 @@ from megatron_bloom.model.heads import (
     token_classification_loss,
 )
 from megatron_bloom.model.init import create_task_model
-from megatron_bloom.parallel.parallelize import materialize
+from megatron_bloom.parallel.parallelize import materialize, sequence_gathered_head
 from megatron_bloom.parallel.state import ParallelState
 from megatron_bloom.pipeline import names
 from megatron_bloom.pipeline.layers import Activations, split_activations
 
 
 class TaskHeadPipe(nn.Module):
-    """hidden states [b, s, h] -> per-position logits [b, s, outputs] of the task's head."""
+    """hidden states [b, s, h] (with sequence parallelism [b, s / tp, h]) -> per-position logits [b, s, outputs]
+    of the task's head."""
 
     model_prefix = names.HEAD  # the head's weights are top-level in the single-process model (`score.weight`)
 
-    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, task: TaskConfig) -> None:
+    def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, task: TaskConfig,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.head_name = TASK_HEAD_NAMES[task.name]
         with torch.device("meta"):
             task_model = create_task_model(config, task)  # on meta: nothing allocated, only its head is kept
-        self.add_module(self.head_name, getattr(task_model, self.head_name))
+            head = getattr(task_model, self.head_name)
+            if sequence_parallel:  # it reads the whole sequence: gathered from the tp ranks' shards first
+                head = sequence_gathered_head(head, state.tp_comm)
+        self.add_module(self.head_name, head)
         self.dropout = getattr(task_model, "dropout", nn.Identity())  # token classification's classifier dropout
         materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
 

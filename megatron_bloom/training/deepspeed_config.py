@@ -36,6 +36,11 @@ def deepspeed_config(config: TrainConfig, state: ParallelState) -> dict:
         # it from ZeRO 1 on (at ZeRO 1 through its BF16 optimizer); without ZeRO it has no such mode.
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
            if config.precision == "bf16" and config.zero.stage >= 1 else {}),
+        # Without sequence parallelism every tp rank of a stage holds the same activations, and DeepSpeed's
+        # pipeline sends 1/tp of them from each and all-gathers them on the next stage. With it, each tp rank
+        # holds its own 1/tp of the sequence and sends just that to its peer: DeepSpeed must not split it again.
+        "pipeline": {"pipe_partitioned": not config.parallel.sequence_parallel,
+                     "grad_partitioned": not config.parallel.sequence_parallel},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,

@@ -23,7 +23,7 @@ from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.fence.deepspeed import clip_fp32_gradients_with, is_bf16_optimizer, switch_off_gradient_all_reduce
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.flops import iteration_flops
-from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel import ParallelState, sum_sequence_parallel_grads
 from megatron_bloom.pipeline.layers import BlockPipe
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
@@ -84,14 +84,18 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     `start` of another layout sets the weights before DeepSpeed makes its master copies (and, from a
     reshaped checkpoint, the optimizer state after); a start of this layout is left to `resume`."""
     seed, checkpointing = config.train.seed, config.train.activation_checkpointing
+    sequence_parallel = config.parallel.sequence_parallel
     quiet = deepspeed_start_up(config.logging.verbose)  # DeepSpeed's own prints, in the calls below
     with quiet:
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our process group
     if state.pp > 1:
         with quiet:
-            model = build_pipeline(config.model, state, seed, checkpointing, task, config.parallel.pipeline_partition)
+            model = build_pipeline(config.model, state, seed, checkpointing, task, config.parallel.pipeline_partition,
+                                   sequence_parallel)
     else:
-        model = StackedModel(config.model, state, seed, checkpointing, task).to(state.device)
+        model = StackedModel(config.model, state, seed, checkpointing, task, sequence_parallel).to(state.device)
+    if sequence_parallel:
+        sum_sequence_parallel_grads(model, state)  # in every backward, before DeepSpeed sees the gradients
     if config.train.compile:
         if state.device.type == "cuda" and importlib.util.find_spec("triton") is None:
             raise ConfigError("train.compile=true needs triton, which torch.compile generates GPU kernels with, "

@@ -30,9 +30,12 @@ def _validate(config: TrainConfig) -> None:
     if config.checkpoint.load not in (None, "auto"):
         directory = resolve_checkpoint(Path(config.checkpoint.load), warn=False)  # the start says which it takes
         check_same_shape(read_metadata(directory), config.model, directory)
-    if config.parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true works for evaluation (mbloom-eval); training with it "
-                          "is not available yet in this version.")
+    tp = config.parallel.tp
+    if config.parallel.sequence_parallel and config.sample_length % tp:
+        key = "task.max_length" if config.fine_tuning else "model.seq_length"
+        raise ConfigError(f"parallel.sequence_parallel=true splits each sample's {config.sample_length} tokens "
+                          f"({key}) over parallel.tp={tp} ranks: make {key} a multiple of {tp}, or set "
+                          "parallel.sequence_parallel=false.")
     if config.fine_tuning:  # fine-tuning reads the task's jsonl files, not data.paths
         check_task_data(config)
     else:
