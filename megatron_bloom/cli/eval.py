@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if state.is_first_rank:
         what = (f"{result['examples']} {result['task']} examples" if "task" in result
                 else f"{result['documents']} documents, {result['tokens']} predicted tokens")
-        print(f"mbloom-eval: {what}, tp={state.tp} dp={state.dp}, {time.perf_counter() - start:.1f} s",
+        print(f"mbloom-eval: {what}, tp={state.tp} pp={state.pp} dp={state.dp}, {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
         print(json.dumps(result), flush=True)
     if dist.is_initialized():

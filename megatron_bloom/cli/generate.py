@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         new_tokens = sum(len(result["token_ids"]) for result in results)
         elapsed = time.perf_counter() - start
         prompts = f"{len(results)} prompt" + ("s" if len(results) != 1 else "")
-        print(f"mbloom-generate: {prompts}, {new_tokens} new tokens, tp={state.tp} dp={state.dp}, "
+        print(f"mbloom-generate: {prompts}, {new_tokens} new tokens, tp={state.tp} pp={state.pp} dp={state.dp}, "
               f"{elapsed:.1f} s with loading; {times.summary()} (rank 0)", file=sys.stderr)
         for result in results:
             print(json.dumps(result, ensure_ascii=False), flush=True)

@@ -1,8 +1,9 @@
-"""Loss and perplexity of a checkpoint on a jsonl file, at any tensor-parallel layout (`mbloom-eval`).
+"""Loss and perplexity of a checkpoint on a jsonl file, at any tp x pp x dp layout (`mbloom-eval`).
 
 Each document's `text` is tokenized without special tokens and cut to `eval.seq_length` (default: the
 model's); loss = summed next-token negative log-likelihood over all documents / number of predicted
-tokens. Data-parallel ranks split the documents. A checkpoint with a fine-tuning head is evaluated on
+tokens. Data-parallel ranks split the documents; at pp > 1 the micro-batches flow through the stages
+(`pipeline.py`) and the sums come from the last one. A checkpoint with a fine-tuning head is evaluated on
 `eval.input` in that task's format instead, with the task's metrics (`task_evaluation.py`).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
+from megatron_bloom.inference.pipeline import MicroBatch, from_last_stage, run_micro_batches
 from megatron_bloom.inference.task_evaluation import evaluate_task
 from megatron_bloom.inference.tokenizer import command_tokenizer
 from megatron_bloom.model.heads import IGNORE_INDEX
@@ -36,6 +38,11 @@ def pad_batch(documents: Sequence[List[int]], pad_id: int, multiple_of: int = 1)
     return input_ids, mask, input_ids.masked_fill(mask == 0, IGNORE_INDEX)
 
 
+def predicted_tokens(labels: torch.Tensor) -> int:
+    """The positions whose next token is scored: every label after the first that is not padding."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     """The JSON result `mbloom-eval` prints: loss, perplexity, tokens, documents and skipped lines of the
     language model, or the task's metrics for a checkpoint with a fine-tuning head."""
@@ -43,7 +50,7 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
     directory = resolve_checkpoint(Path(config.checkpoint.load))
     tokenizer = command_tokenizer(config, directory, read_metadata(directory))  # before the model: fail fast
     model, metadata = load_model(directory, state, PRECISION_DTYPES[config.precision], sequence_parallel,
-                                 run_model=config.model)
+                                 run_model=config.model, partition=config.parallel.pipeline_partition)
     model.eval()
     pad_id = metadata.model.pad_token_id if metadata.model.pad_token_id is not None else 0
     if config.task.name not in ("causal_lm", metadata.task.name):  # causal_lm, the default, takes any checkpoint
@@ -61,24 +68,29 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
               file=sys.stderr)
     mine = texts[state.dp_rank:: state.dp]
     documents = [encoding.ids[:seq_length] for encoding in tokenizer.encode_batch(mine, add_special_tokens=False)]
-    nll_sum, predicted = 0.0, 0
     micro = config.eval.micro_batch_size
     progress = Progress(total=len(documents), enabled=state.is_first_rank, label="mbloom-eval (rank 0's share)"
                         if state.dp > 1 else "mbloom-eval")
-    with torch.no_grad(), progress:
+
+    def micro_batches() -> Iterator[MicroBatch]:
+        predicted = 0
         for start in range(0, len(documents), micro):
             progress.update(start, predicted)
             input_ids, mask, labels = pad_batch(documents[start: start + micro], pad_id,
                                                 state.tp if sequence_parallel else 1)
-            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            if count == 0:
-                continue  # one-token documents predict nothing
-            output = model(input_ids.to(state.device), attention_mask=mask.to(state.device),
-                           labels=labels.to(state.device))
+            count = predicted_tokens(labels)
+            if count:  # one-token documents predict nothing
+                predicted += count
+                yield MicroBatch(input_ids, mask, {"labels": labels})
+        progress.update(len(documents), predicted)
+
+    nll_sum, predicted = 0.0, 0
+    with torch.no_grad(), progress:
+        for batch, output in run_micro_batches(model, state, micro_batches()):
+            count = predicted_tokens(batch.head_arguments["labels"])
             nll_sum += output.loss.double().item() * count
             predicted += count
-        progress.update(len(documents), predicted)
-    totals = torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64)
+    totals = from_last_stage(torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64), state)
     if state.dp > 1:
         dist.all_reduce(totals, group=state.dp_group)
     nll_sum, predicted, documents_seen = totals.tolist()

@@ -1,4 +1,4 @@
-"""A fine-tuned head's metrics on a task's jsonl file: `mbloom-eval task=NAME` (any tp; dp splits the rows).
+"""A fine-tuned head's metrics on a task's jsonl file: `mbloom-eval task=NAME` (any tp x pp; dp splits the rows).
 
 The file is read in the task's format (bad lines skipped and counted), turned into fixed-length features,
 run through the model in micro-batches, and scored: accuracy and macro F1 (sequence classification),
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.config import TrainConfig
+from megatron_bloom.inference.pipeline import MicroBatch, from_last_stage, run_micro_batches
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.tasks.features import predicted_answers, task_features
@@ -49,17 +50,17 @@ def evaluate_task(model, task: TaskConfig, config: TrainConfig, state: ParallelS
 @torch.no_grad()
 def _run(model, features, micro_batch_size: int, state: ParallelState) -> List[torch.Tensor]:
     """The head's outputs for every feature row (logits, or start and end logits), on every rank: each
-    data-parallel rank runs its share of the rows, then they are gathered."""
+    data-parallel rank runs its share of the rows (through the pipeline's stages at pp > 1), then they are
+    gathered."""
     rows = torch.arange(features.input_ids.shape[0])
     mine = rows[state.dp_rank:: state.dp]
+    batches = (MicroBatch(features.input_ids[index], features.attention_mask[index])
+               for index in (mine[start: start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)))
     pieces: List[List[torch.Tensor]] = []
-    for start in range(0, len(mine), micro_batch_size):
-        index = mine[start: start + micro_batch_size]
-        output = model(features.input_ids[index].to(state.device),
-                       attention_mask=features.attention_mask[index].to(state.device))
+    for _, output in run_micro_batches(model, state, batches):
         logits = [output.start_logits, output.end_logits] if hasattr(output, "start_logits") else [output.logits]
         pieces.append([tensor.float().cpu() for tensor in logits])
-    local = [torch.cat(parts) for parts in zip(*pieces)] if pieces else []
+    local = from_last_stage([torch.cat(parts) for parts in zip(*pieces)] if pieces else [], state)
     gathered = [(mine, local)]
     if state.dp > 1:
         gathered = [None] * state.dp

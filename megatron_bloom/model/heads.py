@@ -153,7 +153,12 @@ class BloomForCausalLM(nn.Module):
                 last_positions: Optional[int] = None) -> ModelOutput:
         """`last_positions`: score only the last so many positions (generation needs one: the LM head over a
         whole prompt is most of its first step's work); not with `labels`."""
-        hidden_states = self.transformer(input_ids, attention_mask, cache)
+        return self.head(self.transformer(input_ids, attention_mask, cache), input_ids, labels=labels,
+                         last_positions=last_positions)
+
+    def head(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+             last_positions: Optional[int] = None) -> ModelOutput:
+        """The final hidden states -> logits (and the loss); what the last pipeline stage runs."""
         if last_positions is not None:
             if labels is not None:
                 raise ValueError("last_positions leaves out logits the loss needs")
@@ -181,7 +186,11 @@ class BloomForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        token_logits = self.score(self.transformer(input_ids, attention_mask))
+        return self.head(self.transformer(input_ids, attention_mask), input_ids, labels=labels)
+
+    def head(self, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+             labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        token_logits = self.score(hidden_states)
         batch = torch.arange(input_ids.shape[0], device=input_ids.device)
         logits = token_logits[batch, last_token_index(input_ids, self.config.pad_token_id)]
         loss = self.loss(logits, labels) if labels is not None else None
@@ -207,7 +216,11 @@ class BloomForTokenClassification(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        logits = self.classifier(self.dropout(self.transformer(input_ids, attention_mask)))
+        return self.head(self.transformer(input_ids, attention_mask), input_ids, labels=labels)
+
+    def head(self, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+             labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        logits = self.classifier(self.dropout(hidden_states))
         loss = token_classification_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
 
@@ -226,7 +239,12 @@ class BloomForQuestionAnswering(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 start_positions: Optional[torch.Tensor] = None,
                 end_positions: Optional[torch.Tensor] = None) -> QuestionAnsweringOutput:
-        logits = self.qa_outputs(self.transformer(input_ids, attention_mask))
+        return self.head(self.transformer(input_ids, attention_mask), input_ids, start_positions=start_positions,
+                         end_positions=end_positions)
+
+    def head(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, start_positions: Optional[torch.Tensor] = None,
+             end_positions: Optional[torch.Tensor] = None) -> QuestionAnsweringOutput:
+        logits = self.qa_outputs(hidden_states)
         start_logits, end_logits = (part.squeeze(-1) for part in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
