@@ -78,7 +78,7 @@ def main() -> None:
 
     def ours_run(new_tokens: int):
         return generate_batch(ours, prompts, config, GenerateConfig(max_new_tokens=new_tokens), state,
-                              torch.Generator(), decode_model=decode)
+                              generators=(), decode_model=decode)  # greedy: no draws
 
     def theirs_run(new_tokens: int):
         with torch.no_grad():
@@ -133,11 +133,12 @@ def accuracy_cost(variants: dict, exact, prompts, input_ids, mask, config, new_t
     real = mask.bool()
     expected = exact(input_ids, attention_mask=mask).logits[real]
     settings, state = GenerateConfig(max_new_tokens=new_tokens), ParallelState.single()
-    expected_tokens = generate_batch(exact, prompts, config, settings, state, torch.Generator())
+    greedy = ()  # no generators: greedy decoding draws nothing
+    expected_tokens = generate_batch(exact, prompts, config, settings, state, greedy)
     cost = {}
     for name, model in variants.items():
         difference = (model(input_ids, attention_mask=mask).logits[real].float() - expected).abs()
-        tokens = generate_batch(model, prompts, config, settings, state, torch.Generator())
+        tokens = generate_batch(model, prompts, config, settings, state, greedy)
         agreeing = sum(next((i for i, (a, b) in enumerate(zip(row, want)) if a != b), len(want))
                        for row, want in zip(tokens, expected_tokens))
         cost[name] = {"max_logit_diff": round(difference.max().item(), 5),

@@ -18,6 +18,7 @@ from megatron_bloom.model.inference_linear import Int8Linear, KernelLinear, Pack
 from megatron_bloom.parallel import ParallelState
 from tests.conftest import assert_user_error, run_cli, run_ranks, sample_texts, small_config, train_test_tokenizer
 
+GREEDY = ()  # the generators of greedy decoding: it draws from none
 PROMPTS = ["ka lo mi", "да ни ком 你 好 世 def return", "ré"]
 
 
@@ -115,8 +116,8 @@ def test_compiled_decoding_gives_the_same_tokens_and_logits():
     torch.testing.assert_close(steps["compiled"], steps["eager"], rtol=1e-5, atol=1e-5)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     settings = GenerateConfig(max_new_tokens=10)
-    eager = generate_batch(model, prompts, config, settings, state, torch.Generator())
-    assert generate_batch(model, prompts, config, settings, state, torch.Generator(), decode_model=decode) == eager
+    eager = generate_batch(model, prompts, config, settings, state, GREEDY)
+    assert generate_batch(model, prompts, config, settings, state, GREEDY, decode_model=decode) == eager
     with pytest.raises(UserError, match="generate.compile"):
         prepare_for_inference(build_model(config), state, torch.float32, 2, quantize="int8", compile=True)
     # Weights are frozen into the compiled graph: a second model compiled in the same process must run its
@@ -164,7 +165,7 @@ def test_compiled_decoding_runs_the_packed_bf16_weights():
 def test_sampling_keeps_to_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = torch.Generator().manual_seed(0)
-    draws = lambda config: {int(choose_tokens(logits, config, generator)) for _ in range(300)}  # noqa: E731
+    draws = lambda config: {int(choose_tokens(logits, config, [generator])) for _ in range(300)}  # noqa: E731
     assert draws(GenerateConfig(do_sample=False)) == {0}
     assert draws(GenerateConfig(do_sample=True, top_k=2)) == {0, 1}
     assert draws(GenerateConfig(do_sample=True, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_command_line
 from megatron_bloom.config.loading import quoted_value
 from megatron_bloom.errors import UserError
-from megatron_bloom.inference.generation import generate
+from megatron_bloom.inference.text_generation import generate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 

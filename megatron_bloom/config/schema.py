@@ -327,16 +327,19 @@ class GenerateConfig:
     top_p: float = 1.0
     """Sample from the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
     seed: int = 1234
-    """Seed of sampling (with each batch's index): the same tokens at any layout."""
+    """Seed of sampling (with each prompt's index): the same tokens at any layout and batch size."""
     stream: bool = False
     """Also print the completions while they grow, as `{"index": i, "text": piece}` lines."""
     quantize: Optional[str] = None
     """`int8`: int8 weights with one scale per output channel (CPU, tp 1); null: the run's precision."""
     compile: bool = False
-    """Run the one-token decoding steps through torch.compile (tp 1): compiled once, then faster."""
+    """Run the one-token decoding steps through torch.compile (tp 1, pp 1): compiled once, then faster."""
+    micro_batches: Optional[int] = None
+    """At pp > 1, each batch is decoded as this many micro-batches that take turns through the stages, so
+    that every stage is busy at once; null: parallel.pp (1: one stage at a time)."""
 
     def __post_init__(self) -> None:
-        _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature")
+        _check_positive("generate", self, "batch_size", "max_new_tokens", "temperature", "micro_batches")
         if self.quantize is not None:
             _check_choice("generate.quantize", self.quantize, ("int8",))
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0:

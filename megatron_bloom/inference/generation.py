@@ -1,11 +1,10 @@
-"""Text generation with a KV cache, at any tensor-parallel size (`mbloom-generate`).
+"""Decoding with a KV cache, the whole model on each rank (pp = 1; `pipelined_generation.py` runs pp > 1).
 
-Prompts are tokenized without special tokens and left-padded into batches; the prompt runs once, then each
-new token costs one position (the cache holds the keys and values of the earlier ones). A sequence stops
-at the model's EOS token or after `generate.max_new_tokens`. Tensor-parallel ranks gather the full
-vocabulary's logits and take the same token; data-parallel ranks split the batches. Sampling draws from a
-generator seeded by `generate.seed` and the batch's index, so results do not depend on the layout. On
-CPUs in bf16 the linear layers and the LM head are packed once for fast decoding (`prepare_for_inference`).
+Prompts are left-padded into a batch; the prompt runs once, then each new token costs one position (the
+cache holds the keys and values of the earlier ones). A sequence stops at the model's EOS token or after
+`generate.max_new_tokens`. Tensor-parallel ranks gather the full vocabulary's logits and take the same
+token. On CPUs in bf16 the linear layers and the LM head are packed once for fast decoding
+(`prepare_for_inference`). `text_generation.py` is the command around it.
 """
 
 from __future__ import annotations
@@ -14,22 +13,15 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, List, Optional, Sequence, TextIO
 
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.layout import PRECISION_DTYPES, read_metadata, resolve_checkpoint
-from megatron_bloom.checkpoint.weights import load_model
-from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.schema import GenerateConfig
-from megatron_bloom.data.documents import SkipReport, read_jsonl_texts
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.sampling import choose_tokens
-from megatron_bloom.inference.tokenizer import command_tokenizer
 from megatron_bloom.model import KVCache, ModelConfig, cpu_kernels
 from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.heads import TiedLMHead
@@ -64,8 +56,10 @@ class TextStream:
         self.tokens: List[List[int]] = [[] for _ in range(rows)]
         self.shown = [""] * rows
 
-    def __call__(self, tokens: torch.Tensor, running: torch.Tensor) -> None:
-        for row, (token, active) in enumerate(zip(tokens.tolist(), running.tolist())):
+    def __call__(self, tokens: torch.Tensor, running: torch.Tensor, rows: Optional[range] = None) -> None:
+        """One step's tokens of the batch's `rows` (default: all of them)."""
+        rows = rows if rows is not None else range(len(self.tokens))
+        for row, token, active in zip(rows, tokens.tolist(), running.tolist()):
             if active:
                 self.tokens[row].append(token)
                 self._show(row, final=False)
@@ -88,10 +82,12 @@ class TextStream:
 
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
-                   state: ParallelState, generator: torch.Generator, times: Optional[GenerationTimes] = None,
+                   state: ParallelState, generators: Sequence[torch.Generator],
+                   times: Optional[GenerationTimes] = None,
                    on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
                    decode_model=None) -> List[List[int]]:
-    """The new tokens of each prompt (up to and including EOS); `times`, when given, is added to;
+    """The new tokens of each prompt (up to and including EOS), the whole model on this rank (pp = 1;
+    `pipelined_generation.py` is pp > 1's); `generators`: one per prompt; `times`, when given, is added to;
     `on_step(tokens, running)` sees each step's tokens and which rows were still generating them;
     `decode_model` (the same model, compiled) runs the one-token steps when given."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
@@ -106,12 +102,7 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
     for step in range(config.max_new_tokens):
         forward = decode_model if step > 0 and decode_model is not None else model
         logits = forward(step_input, attention_mask=mask, cache=cache, last_positions=1).logits[:, -1]
-        if state.tp > 1:  # each rank holds a slice of the vocabulary
-            logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
-        tokens = choose_tokens(logits, config, generator)
-        if state.tp > 1:  # one choice for the whole tensor-parallel group, whatever rounding did
-            dist.broadcast(tokens, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
-        tokens = tokens.masked_fill(finished, pad_id)
+        tokens = next_tokens(logits, model_config, config, state, generators).masked_fill(finished, pad_id)
         if on_step is not None:
             on_step(tokens, ~finished)
         if times is not None:
@@ -131,10 +122,22 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
         step_input = tokens[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     columns = torch.stack(generated, dim=1).tolist()
-    return [_until_eos(row, eos_id) for row in columns]
+    return [until_eos(row, eos_id) for row in columns]
 
 
-def _until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
+def next_tokens(logits: torch.Tensor, model_config: ModelConfig, config: GenerateConfig, state: ParallelState,
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Each row's next token from its last position's logits (this tp rank's slice of the vocabulary): the
+    same on every rank of the tensor-parallel group."""
+    if state.tp > 1:  # each rank holds a slice of the vocabulary
+        logits = gather_vocab_logits(logits, state.tp_group, model_config.vocab_size)
+    tokens = choose_tokens(logits, config, generators)
+    if state.tp > 1:  # one choice for the whole tensor-parallel group, whatever rounding did
+        dist.broadcast(tokens, src=dist.get_global_rank(state.tp_group, 0), group=state.tp_group)
+    return tokens
+
+
+def until_eos(tokens: List[int], eos_id: Optional[int]) -> List[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id is not None and eos_id in tokens else tokens
 
 
@@ -150,8 +153,8 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
     if quantize is not None and (state.device.type != "cpu" or state.tp > 1):
         raise UserError(f"generate.quantize={quantize} runs on CPUs at parallel.tp=1 (this run: "
                         f"{state.device.type}, tp={state.tp}).")
-    if compile and (state.tp > 1 or quantize is not None):
-        raise UserError("generate.compile=true runs at parallel.tp=1 without generate.quantize.")
+    if compile and (state.tp > 1 or state.pp > 1 or quantize is not None):
+        raise UserError("generate.compile=true runs at parallel.tp=1 and parallel.pp=1 without generate.quantize.")
     if state.device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.kernels_available():
         for module in model.modules():
             if isinstance(module, BloomAttention):
@@ -159,7 +162,8 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
     if quantize is not None or packing_available(state.device, dtype):
         # Packed before compiling too: the prompt's step runs eagerly, and is 6% faster with them.
         pack_linears(model, batch_size, quantize)
-        if isinstance(model.lm_head, TiedLMHead):  # tp = 1 (a vocab-parallel head keeps its own matmul)
+        # tp = 1 (a vocab-parallel head keeps its own matmul), and the stage holding the head
+        if isinstance(model.lm_head, TiedLMHead) and model.transformer.word_embeddings is not None:
             model.lm_head.pack(model.transformer.word_embeddings.weight, batch_size, quantize)
     return compiled_decoding(model) if compile else None
 
@@ -179,61 +183,3 @@ def compiled_decoding(model) -> Callable:
             return compiled(*args, **kwargs)
 
     return decode
-
-
-def read_prompts(config: GenerateConfig) -> List[str]:
-    if config.prompt is not None and config.input is not None:
-        raise UserError("give either generate.prompt or generate.input (a jsonl file of prompts), not both.")
-    if config.input is None:
-        return [config.prompt]
-    report = SkipReport()
-    prompts = list(read_jsonl_texts(config.input, "prompt", report))
-    if report.total:
-        print(f"mbloom-generate: skipped {report.total} lines of {config.input}: {report.summary()}", file=sys.stderr)
-    if not prompts:
-        raise UserError(f"{config.input} holds no line with a non-empty \"prompt\".")
-    return prompts
-
-
-def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], GenerationTimes]:
-    """Every prompt's completion, in prompt order (on every rank), and this rank's generation times."""
-    if config.parallel.sequence_parallel:
-        raise UserError("generation runs one position at a time: use parallel.sequence_parallel=false.")
-    dtype = PRECISION_DTYPES[config.precision]
-    directory = resolve_checkpoint(Path(config.checkpoint.load))
-    tokenizer = command_tokenizer(config, directory, read_metadata(directory))  # before the model: fail fast
-    model, metadata = load_model(directory, state, dtype, run_model=config.model)
-    decode_model = prepare_for_inference(model, state, dtype, config.generate.batch_size, config.generate.quantize,
-                                         config.generate.compile)
-    texts = read_prompts(config.generate)
-    prompts = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    empty = [index for index, prompt in enumerate(prompts) if not prompt]
-    if empty:
-        raise UserError(f"prompt {empty[0] + 1} is empty after tokenization: give each prompt some text.")
-    batch_size = config.generate.batch_size
-    starts = range(state.dp_rank * batch_size, len(prompts), state.dp * batch_size)  # this rank's batches
-    mine, times, new_tokens = [], GenerationTimes(), 0
-    # more than one batch: a bar or periodic lines on stderr, from the first rank (its share of the prompts)
-    progress = Progress(total=sum(len(prompts[start: start + batch_size]) for start in starts), unit="prompts",
-                        label="mbloom-generate", enabled=state.is_first_rank and len(prompts) > batch_size)
-    with progress:
-        for start in starts:
-            generator = torch.Generator().manual_seed(config.generate.seed + start // batch_size)
-            batch = prompts[start: start + batch_size]
-            stream = (TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0
-                      else None)
-            completions = generate_batch(model, batch, metadata.model, config.generate, state, generator, times,
-                                         stream, decode_model)
-            if stream is not None:
-                stream.close()
-            for offset, tokens in enumerate(completions):
-                mine.append({"index": start + offset, "prompt": texts[start + offset],
-                             "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
-                new_tokens += len(tokens)
-            progress.update(len(mine), new_tokens)
-    everyone = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    by_index = {record["index"]: record for records in everyone for record in records}
-    return [{key: by_index[i][key] for key in ("prompt", "completion", "token_ids")} for i in sorted(by_index)], times
