@@ -74,6 +74,29 @@ def test_eval_matches_transformers(workspace, checkpoint, nproc, overrides):
     assert "skipped 1 lines" in result.stderr and "not JSON (lines 6)" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_pipeline_checkpoint_evaluates_the_same_at_every_layout(pipeline_run, shard, tmp_path):
+    """The (tp 2, pp 2) training run's last checkpoint at (tp, pp) = (1, 1), (2, 1), (1, 2), (2, 2), (1, 4):
+    one loss within 1e-5, which is the loss transformers computes with its to-hf export within 1e-4."""
+    import transformers
+
+    texts = sample_texts(13, seed=3)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    losses = {}
+    for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2), (1, 4)):
+        result = run_ranks(tp * pp, "megatron_bloom.cli.eval", [
+            f"checkpoint.load={pipeline_run / 'ckpt'}", f"eval.input={tmp_path / 'docs.jsonl'}",
+            f"eval.tokenizer={shard / 'tok'}", "precision=fp32", "eval.micro_batch_size=2",
+            f"eval.seq_length={SEQ_LENGTH}", f"parallel.tp={tp}", f"parallel.pp={pp}"])
+        losses[tp, pp] = json.loads(result.stdout.strip().splitlines()[-1])["loss"]
+    assert max(losses.values()) - min(losses.values()) <= 1e-5, losses
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(pipeline_run / "ckpt"), "--output",
+             str(tmp_path / "hf")])
+    reference = transformers.BloomForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    expected, _ = reference_loss(reference, shard / "tok", texts)
+    assert abs(losses[2, 2] - expected) <= 1e-4, (losses, expected)
+
+
 def test_layout_errors_are_clear(workspace, tmp_path):
     root, _, _ = workspace
     result = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={root / 'tp2'}", f"eval.input={root / 'docs.jsonl'}",

@@ -191,11 +191,11 @@ def exported(tmp_path_factory):
     return root, hf
 
 
-def run_generate(root, tp, *overrides):
-    result = run_ranks(tp, "megatron_bloom.cli.generate", [
+def run_generate(root, tp, *overrides, pp=1, dp=1):
+    result = run_ranks(tp * pp * dp, "megatron_bloom.cli.generate", [
         f"checkpoint.load={root / 'ckpt'}", f"eval.tokenizer={root / 'tok'}",
         f"generate.input={root / 'prompts.jsonl'}", "generate.batch_size=3", "generate.max_new_tokens=24",
-        "precision=fp32", f"parallel.tp={tp}", *overrides])
+        "precision=fp32", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", *overrides])
     # the summary reports the speed: first-token time per batch, then the one-token steps' rate
     summary = re.search(r"time to first token \d+ ms per batch, then [\d,.]+ tokens/s", result.stderr)
     assert summary, result.stderr[-2000:]
@@ -211,13 +211,23 @@ def run_generate(root, tp, *overrides):
     return results
 
 
-def test_greedy_generation_at_tp2_equals_tp1_and_transformers(exported):
+@pytest.fixture(scope="module")
+def greedy_one_process(exported):
+    return run_generate(exported[0], 1)
+
+
+def test_greedy_generation_at_any_layout_equals_transformers(exported, greedy_one_process):
+    """(tp, pp) = (1, 1), (2, 2) streaming, and (1, 2) with dp 2 (batches of 2 and 1: a pipeline of two
+    micro-batches, then of one)."""
     from megatron_bloom.data.tokenizer import load_tokenizer
 
     root, hf = exported
-    tp1, tp2 = run_generate(root, 1), run_generate(root, 2, "generate.stream=true")
+    tp1 = greedy_one_process
     assert [r["prompt"] for r in tp1] == PROMPTS
-    assert [r["token_ids"] for r in tp2] == [r["token_ids"] for r in tp1]
+    tp2_pp2 = run_generate(root, 2, "generate.stream=true", pp=2)
+    pp2_dp2 = run_generate(root, 1, "generate.batch_size=2", pp=2, dp=2)
+    assert [r["token_ids"] for r in tp2_pp2] == [r["token_ids"] for r in tp1]
+    assert [r["token_ids"] for r in pp2_dp2] == [r["token_ids"] for r in tp1]
 
     tokenizer = load_tokenizer(root / "tok")
     prompts = [tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
@@ -246,12 +256,17 @@ def test_int8_generation_runs_from_the_command_line(exported):
 
 
 @pytest.mark.slow
-def test_sampling_is_the_same_at_any_tensor_parallel_size(exported):
+def test_sampling_is_the_same_at_any_layout(exported, greedy_one_process):
+    """Each prompt draws from its own generator: the same tokens at (1, 1) in one batch of 3, at (2, 2),
+    and at (1, 2) with dp 2 in batches of 1."""
     root, _ = exported
     sampling = ["generate.do_sample=true", "generate.top_k=50", "generate.top_p=0.9", "generate.seed=7"]
-    tp1, tp2 = run_generate(root, 1, *sampling), run_generate(root, 2, *sampling)
-    assert [r["token_ids"] for r in tp1] == [r["token_ids"] for r in tp2]
-    assert [r["token_ids"] for r in tp1] != [r["token_ids"] for r in run_generate(root, 1)]
+    one = run_generate(root, 1, *sampling)
+    tp2_pp2 = run_generate(root, 2, *sampling, pp=2)
+    pp2_dp2 = run_generate(root, 1, *sampling, "generate.batch_size=1", pp=2, dp=2)
+    assert [r["token_ids"] for r in tp2_pp2] == [r["token_ids"] for r in one]
+    assert [r["token_ids"] for r in pp2_dp2] == [r["token_ids"] for r in one]
+    assert [r["token_ids"] for r in one] != [r["token_ids"] for r in greedy_one_process]
 
 
 def test_generate_without_a_prompt_is_a_user_error(exported):

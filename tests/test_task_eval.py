@@ -1,4 +1,4 @@
-"""`mbloom-eval task=...`: fine-tuning heads imported from transformers, evaluated at tp 2 (and dp 2) on the
+"""`mbloom-eval task=...`: fine-tuning heads imported from transformers, evaluated at tp 2 x pp 2 (and dp 2) on the
 shipped task data, give the metrics of transformers' own predictions on the same inputs."""
 
 import json
@@ -66,12 +66,15 @@ def expected_metrics(reference, task_name: str, labels, tokenizer_dir) -> dict:
     return tag_metrics(predictions, features.labels, label_map.lookup("O"))
 
 
+TP2_PP2 = ["parallel.tp=2", "parallel.pp=2"]  # the head on the last stage; the metrics shared from there
+
+
 @pytest.mark.parametrize("task_name, nproc, layout", [
-    ("sequence_classification", 2, ["parallel.tp=2"]),
-    ("token_classification", 2, ["parallel.tp=2"]),
-    ("question_answering", 2, ["parallel.tp=2"]),
+    ("sequence_classification", 4, TP2_PP2),
+    ("token_classification", 4, TP2_PP2),
+    ("question_answering", 4, TP2_PP2),
     ("sequence_classification", 2, ["parallel.dp=2"]),  # the data-parallel ranks split the rows
-], ids=["sequence-tp2", "token-tp2", "qa-tp2", "sequence-dp2"])
+], ids=["sequence-tp2-pp2", "token-tp2-pp2", "qa-tp2-pp2", "sequence-dp2"])
 def test_task_metrics_match_transformers(tmp_path, tokenizer_dir, task_name, nproc, layout):
     reference, labels = exported(tmp_path, task_name)
     result = run_ranks(nproc, "megatron_bloom.cli.eval", [
