@@ -20,6 +20,7 @@ from megatron_bloom.parallel.mappings import (
     group_size,
     reduce_from_tp_region,
     reduce_scatter_to_sequence_region,
+    sequence_gathered_linear,
 )
 
 
@@ -39,10 +40,9 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = gather_from_sequence_region(x, self.group)
+            y = sequence_gathered_linear(x, self.weight, self.bias, self.group)
         else:
-            x = copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
         return gather_from_tp_region(y, self.group) if self.gather_output else y
 
 

@@ -11,6 +11,8 @@ process group, or a `SharedMemoryGroup` (CPU ranks of one host), whose all-reduc
     scatter_to_sequence_region   forward: split seq         backward: all-gather seq
     gather_from_sequence_region  forward: all-gather seq    backward: reduce-scatter seq (or split, see below)
     reduce_scatter_to_sequence_region  forward: reduce-scatter seq  backward: all-gather seq
+    sequence_gathered_linear     forward: all-gather seq, matmul    backward: all-gather seq again,
+                                 matmuls, reduce-scatter seq (only 1/tp of the input is stored)
 """
 
 from __future__ import annotations
@@ -167,6 +169,28 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return _gather(grad, SEQUENCE_DIM, ctx.group), None
 
 
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """x W^T + b of the all-gathered sequence, keeping only this rank's part of x for the backward, which
+    gathers it again: with sequence parallelism a column-parallel linear then stores 1/tp of its input
+    (Korthikanti et al. 2022, sec. 4.2.2; Megatron-LM's linear with sequence parallelism does the same)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return torch.nn.functional.linear(_gather(x, SEQUENCE_DIM, ctx.group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = _gather(x, SEQUENCE_DIM, ctx.group)
+        grad_input = _reduce_scatter(grad.matmul(weight), SEQUENCE_DIM, ctx.group)
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_rows.t().matmul(full.reshape(-1, full.shape[-1]))
+        grad_bias = grad_rows.sum(dim=0) if ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Enter a tensor-parallel computation with a replicated input (its gradient is summed over ranks)."""
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -191,6 +215,14 @@ def gather_from_sequence_region(x: torch.Tensor, group, grad_is_partial: bool = 
     """All-gather the sequence. `grad_is_partial`: the consumer is tensor-parallel, so each rank's gradient
     is a partial sum and the backward reduce-scatters; otherwise (a replicated consumer) it just splits."""
     return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group, grad_is_partial)
+
+
+def sequence_gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias, group) -> torch.Tensor:
+    """`linear(gather_from_sequence_region(x), weight, bias)` for a tensor-parallel consumer, storing only
+    this rank's part of the sequence for the backward."""
+    if group_size(group) == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _SequenceGatheredLinear.apply(x, weight, bias, group)
 
 
 def reduce_scatter_to_sequence_region(x: torch.Tensor, group) -> torch.Tensor:

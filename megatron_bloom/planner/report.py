@@ -6,8 +6,10 @@ import dataclasses
 from typing import Optional
 
 from megatron_bloom.config import TrainConfig
+from megatron_bloom.planner.communication import training_communication
 from megatron_bloom.planner.hardware import Hardware
-from megatron_bloom.planner.memory import micro_batches_per_step, plan_stages
+from megatron_bloom.planner.inference import inference_plan
+from megatron_bloom.planner.memory import GB, micro_batches_per_step, plan_stages
 from megatron_bloom.model.flops import iteration_flops
 
 
@@ -39,11 +41,18 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
         "flops_per_iter": flops,
         "bubble_fraction": (parallel.pp - 1) / micro_batches_per_step(config),
         "layout": {"tp": parallel.tp, "pp": parallel.pp, "dp": parallel.dp, "world_size": world,
-                   "zero_stage": config.zero.stage, "precision": config.precision,
-                   "micro_batches_per_step": micro_batches_per_step(config), "tokens_per_iter": tokens},
+                   "sequence_parallel": parallel.sequence_parallel, "zero_stage": config.zero.stage,
+                   "precision": config.precision, "micro_batches_per_step": micro_batches_per_step(config),
+                   "tokens_per_iter": tokens},
         "stages": [{"stage": s.stage, "blocks": s.blocks, "params_per_rank": s.params_per_rank,
-                    "memory_gb": s.memory.in_gb()} for s in stages],
+                    "memory_gb": s.memory.in_gb(),
+                    "communication_gb": {kind: round(sent / GB, 3)
+                                         for kind, sent in training_communication(config, s).items()}}
+                   for s in stages],
+        "inference": inference_plan(config),
     }
+    report["communication_per_iter_gb"] = max((stage["communication_gb"] for stage in report["stages"]),
+                                              key=lambda sent: sum(sent.values()))
     if device is not None:
         report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
                               "peak_tflops": round(device.peak_tflops(config.precision), 1),
@@ -66,19 +75,27 @@ def format_table(report: dict) -> str:
     lines = [
         f"parameters        {report['params']:,} ({report['params'] / 1e9:.1f} B); largest rank "
         f"{report['params_per_rank']:,}",
-        f"layout            tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']} = {layout['world_size']} ranks, "
-        f"ZeRO {layout['zero_stage']}, {layout['precision']}, {layout['micro_batches_per_step']} micro-batches per "
+        f"layout            tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']} = {layout['world_size']} ranks"
+        f"{' (sequence parallel)' if layout['sequence_parallel'] else ''}, ZeRO {layout['zero_stage']}, {layout['precision']}, {layout['micro_batches_per_step']} micro-batches per "
         f"step, {layout['tokens_per_iter']:,} tokens per iteration",
         f"pipeline bubble   {report['bubble_fraction']:.1%} of each step ((pp - 1) / micro-batches)",
         f"FLOPs/iteration   {report['flops_per_iter']:.3e}",
         "",
-        "stage  blocks  params/rank     weights    grads  optimizer  activations     total  (GB per rank)",
+        "training: GB per rank, and GB each rank sends per iteration over tp and between stages",
+        "stage  blocks  params/rank     weights    grads  optimizer  activations     total    tp sent  pp sent",
     ]
     for stage in report["stages"]:
-        gb = stage["memory_gb"]
+        gb, sent = stage["memory_gb"], stage["communication_gb"]
         lines.append(f"{stage['stage']:>5}  {stage['blocks']:>6}  {stage['params_per_rank']:>11,}  {gb['weights']:>10.2f} "
-                     f"{gb['grads']:>8.2f} {gb['optimizer']:>10.2f} {gb['activations']:>12.2f} {gb['total']:>9.2f}")
+                     f"{gb['grads']:>8.2f} {gb['optimizer']:>10.2f} {gb['activations']:>12.2f} {gb['total']:>9.2f} "
+                     f"{sent['tensor_parallel']:>10.2f} {sent['pipeline']:>8.2f}")
     lines.append(f"largest rank: {memory['total']:.2f} GB")
+    lines += ["", "evaluation and generation at this tp x pp: GB per rank (eval.micro_batch_size, generate.batch_size "
+              "sequences of model.seq_length), bytes sent per generated token",
+              "stage  blocks     eval  generate  (KV cache)  bytes/token"]
+    for stage in report["inference"]:
+        lines.append(f"{stage['stage']:>5}  {stage['blocks']:>6} {stage['eval_gb']:>8.2f} {stage['generate_gb']:>9.2f} "
+                     f"{stage['kv_cache_gb']:>11.2f} {stage['bytes_per_generated_token']:>12,}")
     if "hardware" in report:
         device = report["hardware"]
         verdict = "fits" if device["fits"] else "does NOT fit"
