@@ -90,7 +90,7 @@ def generate_batch_pipelined(stage, prompts: Sequence[List[int]], model_config: 
                 links.send(stage(inputs, flow.step_input, flow.attention_mask, cache=flow.cache), links.next_rank)
                 continue
             output = stage(inputs, flow.step_input, flow.attention_mask, cache=flow.cache, last_positions=1)
-            row_generators = [generators[row] for row in flow.rows]
+            row_generators = [generators[row] for row in flow.rows] if config.do_sample else ()
             tokens = next_tokens(output.logits[:, -1], model_config, config, state, row_generators)
             tokens = tokens.masked_fill(flow.finished, pad_id)
             if on_step is not None:
