@@ -1,6 +1,6 @@
 """Sequence parallelism in training: the (tp 2, pp 2) run of `pipeline_run` with it on gives the same
-losses and weights, saves the same checkpoints (a run switches it on or off when it resumes), and learns
-in bf16 without skipping a step."""
+losses and weights, and saves the same checkpoints (a run switches it on or off when it resumes). In bf16
+it learns without skipping a step: `test_training.py`'s 3D bf16 run has it on."""
 
 import json
 
@@ -50,20 +50,9 @@ def test_sequence_parallel_trains_like_without_it(pipeline_run, sequence_paralle
 @pytest.mark.parametrize("switch", ["on-then-off", "off-then-on"])
 def test_a_run_switches_sequence_parallelism_when_it_resumes(shard, pipeline_run, sequence_parallel_run, tmp_path,
                                                              switch):
-    """From iteration 4 of the run with it on (off), on to 10 with it off (on): the losses of the run that was
+    """From iteration 8 of the run with it on (off), on to 10 with it off (on): the losses of the run that was
     never interrupted."""
-    start = (sequence_parallel_run if switch == "on-then-off" else pipeline_run) / "ckpt" / "global_step4"
+    start = (sequence_parallel_run if switch == "on-then-off" else pipeline_run) / "ckpt" / "global_step8"
     args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=10) + [f"checkpoint.load={start}"]
     run_ranks(4, "megatron_bloom.cli.train", args + ([SEQUENCE_PARALLEL] if switch == "off-then-on" else []))
-    assert_same_losses(losses(tmp_path / "run"), losses(pipeline_run / "run"), range(5, 11))
-
-
-def test_bf16_with_sequence_parallelism_learns(shard, tmp_path):
-    """tp 2 x pp 2, bf16, ZeRO 1, 24 iterations: no step skipped, and the loss falls as in the 3D bf16 run."""
-    run_ranks(4, "megatron_bloom.cli.train",
-              overrides(shard, tmp_path / "run", 2, 2, 1, iters=24, precision="bf16") + [SEQUENCE_PARALLEL])
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iter"] for line in lines] == list(range(1, 25))
-    assert not any(line["skipped"] for line in lines)
-    first, last = np.mean([l["loss"] for l in lines[:8]]), np.mean([l["loss"] for l in lines[-8:]])
-    assert last < first - 0.2, (first, last)
+    assert_same_losses(losses(tmp_path / "run"), losses(pipeline_run / "run"), range(9, 11))

@@ -90,7 +90,9 @@ def evaluate(config: TrainConfig, state: ParallelState) -> dict:
             count = predicted_tokens(batch.head_arguments["labels"])
             nll_sum += output.loss.double().item() * count
             predicted += count
-    totals = from_last_stage(torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64), state)
+    # on the device: NCCL groups reduce device tensors only
+    totals = from_last_stage(torch.tensor([nll_sum, predicted, len(mine)], dtype=torch.float64, device=state.device),
+                             state)
     if state.dp > 1:
         dist.all_reduce(totals, group=state.dp_group)
     nll_sum, predicted, documents_seen = totals.tolist()

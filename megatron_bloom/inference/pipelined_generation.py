@@ -10,8 +10,8 @@ pipelined inference of DeepSpeed-Inference and Megatron-LM's server, instead of 
 
 With the tokens goes a flag, "this micro-batch goes on"; the first stage passes both down to the stages
 before the last, so every stage knows when a micro-batch has ended (all its rows at EOS) without waiting
-for the others. Messages between stages: the hidden states `[rows, positions, hidden]` (1/tp of the
-sequence with sequence parallelism is not used here: decoding runs one position at a time), and the
+for the others. Messages between stages: the hidden states `[rows, positions, hidden]` (each tp rank sends
+its own copy to its peer; sequence parallelism does not apply to one position at a time), and the
 `[1 + rows]` flag-and-tokens.
 """
 

@@ -63,8 +63,9 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
         raise UserError(f"prompt {empty[0] + 1} is empty after tokenization: give each prompt some text.")
     batch_size = config.generate.batch_size
     starts = range(state.dp_rank * batch_size, len(prompts), state.dp * batch_size)  # this rank's batches
-    mine, times, new_tokens = [], GenerationTimes(), 0
-    # more than one batch: a bar or periodic lines on stderr, from the first rank (its share of the prompts)
+    mine, times, new_tokens, done = [], GenerationTimes(), 0, 0
+    # more than one batch: a bar or periodic lines on stderr, from the first rank (its share of the prompts;
+    # at pp > 1 it is the first stage, which does not see the new tokens)
     progress = Progress(total=sum(len(prompts[start: start + batch_size]) for start in starts), unit="prompts",
                         label="mbloom-generate", enabled=state.is_first_rank and len(prompts) > batch_size)
     with progress:
@@ -74,19 +75,20 @@ def generate(config: TrainConfig, state: ParallelState) -> Tuple[List[dict], Gen
                           for index in range(start, start + len(batch))]
             stream = (TextStream(tokenizer, start, len(batch)) if config.generate.stream and state.tp_rank == 0
                       and has_outputs(state) else None)
-            if state.pp > 1:
-                completions = from_last_stage(generate_batch_pipelined(model, batch, metadata.model, config.generate,
-                                                                       state, generators, times, stream), state)
+            if state.pp > 1:  # the completions exist on the last stage; the first goes on with the next batch
+                completions = generate_batch_pipelined(model, batch, metadata.model, config.generate, state,
+                                                       generators, times, stream)
             else:
                 completions = generate_batch(model, batch, metadata.model, config.generate, state, generators, times,
                                              stream, decode_model)
             if stream is not None:
                 stream.close()
-            for offset, tokens in enumerate(completions):
+            for offset, tokens in enumerate(completions or []):
                 mine.append({"index": start + offset, "prompt": texts[start + offset],
                              "completion": tokenizer.decode(tokens, skip_special_tokens=False), "token_ids": tokens})
                 new_tokens += len(tokens)
-            progress.update(len(mine), new_tokens)
+            done += len(batch)
+            progress.update(done, new_tokens)
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
