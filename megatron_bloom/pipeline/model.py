@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import List, Optional
 
@@ -13,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_bloom.fence.deepspeed import PipelineModuleChoices, pipeline_topology
 from megatron_bloom.model import ModelConfig, TaskConfig
 from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel.parallelize import SequenceParallelGradSum
 from megatron_bloom.parallel.sharding import full_shapes
 from megatron_bloom.pipeline.layers import (
     Activations,
@@ -62,6 +64,11 @@ class BloomPipeline(PipelineModuleChoices, PipelineModule):
     def __init__(self, *args, stages: List[range], **kwargs) -> None:
         self.stages = stages  # read while DeepSpeed's __init__ partitions the layers
         super().__init__(*args, **kwargs)
+        self.gradient_sum: Optional[SequenceParallelGradSum] = None  # with sequence parallelism (training)
+
+    def forward(self, forward_input):
+        with self.gradient_sum.summed() if self.gradient_sum is not None else nullcontext():
+            return super().forward(forward_input)
 
 
 def build_pipeline(config: ModelConfig, state: ParallelState, seed: int, activation_checkpointing: bool = False,
@@ -93,6 +100,7 @@ class StackedModel(nn.Module):
         self.head = TaskHeadPipe(config, state, shapes, seed, task, sp) if task.name != "causal_lm" else None
         self.loss_fn = task_loss(config, state, task)
         self.activation_checkpointing = activation_checkpointing
+        self.gradient_sum: Optional[SequenceParallelGradSum] = None  # with sequence parallelism (training)
 
     def outputs(self, inputs: Activations) -> torch.Tensor:
         """`inputs`: token ids, or (token ids, attention mask) -> the head's per-position logits (the LM
@@ -108,4 +116,5 @@ class StackedModel(nn.Module):
 
     def forward(self, inputs: Activations, labels) -> torch.Tensor:
         """The task's loss; `labels` are what it takes (`pipeline.task_head`, or the shifted token ids)."""
-        return self.loss_fn(self.outputs(inputs), labels)
+        with self.gradient_sum.summed() if self.gradient_sum is not None else nullcontext():
+            return self.loss_fn(self.outputs(inputs), labels)

@@ -24,6 +24,7 @@ from megatron_bloom.fence.deepspeed import clip_fp32_gradients_with, is_bf16_opt
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.flops import iteration_flops
 from megatron_bloom.parallel import ParallelState, sum_sequence_parallel_grads
+from megatron_bloom.parallel.parallelize import SequenceParallelGradSum
 from megatron_bloom.pipeline.layers import BlockPipe
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
@@ -94,8 +95,11 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
                                    sequence_parallel)
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task, sequence_parallel).to(state.device)
-    if sequence_parallel:
-        sum_sequence_parallel_grads(model, state)  # in every backward, before DeepSpeed sees the gradients
+    if sequence_parallel and state.tp > 1:  # summed in every backward, before DeepSpeed sees the gradients
+        if config.zero.stage == 3:  # its parameters are whole only inside each layer's forward: one by one
+            sum_sequence_parallel_grads(model, state)
+        else:
+            model.gradient_sum = SequenceParallelGradSum(model, state)
     if config.train.compile:
         if state.device.type == "cuda" and importlib.util.find_spec("triton") is None:
             raise ConfigError("train.compile=true needs triton, which torch.compile generates GPU kernels with, "
