@@ -33,7 +33,7 @@ def test_iteration_lines_appear_while_the_run_goes_on_and_a_summary_ends_it(shar
     lines = [first, *rest.splitlines()]
     saved = [line for line in lines if line.startswith("saved checkpoint")]
     assert [line.split()[2] for line in saved] == [str(tmp_path / "ckpt" / f"global_step{i}") for i in (15, 30)]
-    assert re.fullmatch(r"mbloom-train: done at iteration 30: 30 iterations and 30,720 tokens in 0 min \d+ s; "
+    assert re.fullmatch(r"mbloom-train: done at iteration 30: 30 iterations and 30,720 tokens in \d+ min \d+ s; "
                         rf"final loss \d\.\d{{4}}; checkpoints in {re.escape(str(tmp_path / 'ckpt'))}", lines[-1])
     assert not [line for line in lines + stderr.splitlines() if any(word in line for word in DEEPSPEED_CHATTER)]
 
