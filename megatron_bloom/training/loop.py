@@ -96,7 +96,9 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     else:
         model = StackedModel(config.model, state, seed, checkpointing, task, sequence_parallel).to(state.device)
     if sequence_parallel and state.tp > 1:  # summed in every backward, before DeepSpeed sees the gradients
-        if config.zero.stage == 3:  # its parameters are whole only inside each layer's forward: one by one
+        # ZeRO 3's parameters are whole only inside each layer's forward, and compiled blocks read their own
+        # parameters: there the gradients are summed one by one
+        if config.zero.stage == 3 or config.train.compile:
             sum_sequence_parallel_grads(model, state)
         else:
             model.gradient_sum = SequenceParallelGradSum(model, state)
