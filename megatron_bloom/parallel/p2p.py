@@ -3,8 +3,8 @@
 
 Each rank talks to the ranks of its own pipeline group (same tp rank, same dp rank): the next and the
 previous stage, and, for generation's ring, the first and the last. Sends are asynchronous and at most
-`max_in_flight` stay pending: a stage runs ahead of the next by that many micro-batches (the forward half
-of 1F1B), and its memory stays bounded however many micro-batches there are. Receives block: the receiver
+`max_in_flight` messages stay pending (default 2 pp): a stage runs ahead of the next by a bounded number of
+micro-batches (the forward half of 1F1B), and its memory stays bounded however many micro-batches there are. Receives block: the receiver
 knows each message's shape and dtype from the micro-batch it is working on, so no shapes are sent.
 """
 

@@ -8,7 +8,7 @@ heads (and their ALiBi slopes: each rank must use the slopes of its own heads, n
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -113,13 +113,19 @@ def sum_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> None:
     group = state.tp_comm
 
     def summed(grad: torch.Tensor) -> torch.Tensor:
-        total = grad.to(torch.float32, copy=True)
-        all_reduce_(total, group)
-        return total.to(grad.dtype)
+        return summed_in_float32([grad], group)[0]
 
     for name, param in model.named_parameters():
         if is_sequence_parallel_parameter(name):
             param.register_hook(summed)
+
+
+def summed_in_float32(grads: List[torch.Tensor], group) -> List[torch.Tensor]:
+    """`grads` summed over the group in one all-reduce of a flat float32 buffer, each back in its dtype (one
+    rounding to a bf16 parameter's dtype, as without sequence parallelism)."""
+    flat = torch.cat([grad.reshape(-1).to(torch.float32) for grad in grads])
+    all_reduce_(flat, group)
+    return [part.view_as(grad).to(grad.dtype) for part, grad in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 class _SumGradsOverTP(torch.autograd.Function):
@@ -135,12 +141,8 @@ class _SumGradsOverTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         present = [grad for grad in grads if grad is not None]
-        if present:
-            flat = torch.cat([grad.reshape(-1).to(torch.float32) for grad in present])
-            all_reduce_(flat, ctx.group)
-            parts = iter(flat.split([grad.numel() for grad in present]))
-            grads = tuple(None if grad is None else next(parts).view_as(grad).to(grad.dtype) for grad in grads)
-        return (None, *grads)
+        summed = iter(summed_in_float32(present, ctx.group) if present else [])
+        return (None, *(None if grad is None else next(summed) for grad in grads))
 
 
 class SequenceParallelGradSum:
