@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data_prep" / "sample_corpus.jsonl"
 MODULES = {"mbloom-convert": "megatron_bloom.cli.convert", "mbloom-eval": "megatron_bloom.cli.eval",
            "mbloom-train-tokenizer": "megatron_bloom.cli.train_tokenizer", "mbloom-preprocess": "megatron_bloom.cli.preprocess"}
-TRAIN_ITERS = 100
+TRAIN_ITERS = 60
 
 
 def run(command: str, *args: str) -> str:
@@ -131,7 +131,7 @@ def tour(model: str, workdir: Path) -> int:
     overrides = [f"model={model}", f"data.paths=[{','.join(prefixes)}]", "data.temperature=2.0",
                  f"data.tokenizer={workdir / 'tokenizer'}", "parallel.tp=2", "parallel.pp=2", f"precision={precision}",
                  f"train.iters={TRAIN_ITERS}", "train.global_batch_size=8", "train.micro_batch_size=2",
-                 "optim.lr=1e-3", "optim.min_lr=1e-4", "sched.warmup_iters=20", "logging.interval=1",
+                 "optim.lr=3e-3", "optim.min_lr=3e-4", "sched.warmup_iters=10", "logging.interval=1",
                  f"run.dir={workdir / 'run'}", f"checkpoint.dir={workdir / 'trained'}"]
     print("$ torchrun --nproc-per-node 4 -m megatron_bloom.cli.train " + " ".join(overrides), flush=True)
     trained = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",

@@ -35,18 +35,17 @@ def test_the_kernels_build_on_a_cpu_that_can_run_them():
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("c++") is None,
                     reason="compiling the AVX512-BF16 kernels needs an x86-64 machine with a C++ compiler")
-def test_the_kernels_compile_on_any_x86_machine():
+def test_the_kernels_compile_on_any_x86_machine(tmp_path):
     """Compiling needs no AVX512-BF16 (running does): on a CPU without it, such as CI's, every source is
     still compiled with the build's flags, so that a kernel that does not build fails here instead of
-    hiding behind the skips above."""
+    hiding behind the skips above. The sources are checked as one translation unit that includes them all:
+    torch's headers, most of the work, are parsed once (18 s on 2 cores instead of 4 x 14 s)."""
     flags = ["-std=c++20", "-fsyntax-only", *cpu_kernels.COMPILER_FLAGS, "-DTORCH_EXTENSION_NAME=mbloom_cpu_kernels",
              *[f"-I{path}" for path in include_paths()], f"-I{sysconfig.get_paths()['include']}"]
-    compilers = {source.name: subprocess.Popen(["c++", *flags, str(source)], stdout=subprocess.PIPE,
-                                               stderr=subprocess.STDOUT, text=True)
-                 for source in cpu_kernels.SOURCES}
-    failed = {name: compiler.communicate()[0] for name, compiler in compilers.items()}
-    failed = {name: output for name, output in failed.items() if compilers[name].returncode != 0}
-    assert not failed, "\n".join(f"{name} does not compile:\n{output[-3000:]}" for name, output in failed.items())
+    unit = tmp_path / "all_kernels.cpp"
+    unit.write_text("".join(f'#include "{source}"\n' for source in cpu_kernels.SOURCES))
+    compiler = subprocess.run(["c++", *flags, str(unit)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert compiler.returncode == 0, f"the kernels do not compile:\n{compiler.stdout[-3000:]}"
 
 
 def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias, reference: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Launching for real: the torchrun and deepspeed scripts with 4 processes, `mbloom-launch` (dry run,
-validation before anything starts, a local 2x2 sweep), and SLURM: a one-node cluster started on this
+"""Launching for real: the torchrun and deepspeed scripts with 2 processes, `mbloom-launch` (dry run,
+validation before anything starts, a local sweep of 2 points), and SLURM: a one-node cluster started on this
 machine runs `launch/slurm/train.sbatch` and a job `mbloom-launch launcher=slurm` submits, preempted and
 requeued on the way."""
 
@@ -28,12 +28,13 @@ def environment(**extra):
 
 
 @pytest.mark.slow
-def test_torchrun_and_deepspeed_scripts_train_with_4_processes(shard, tmp_path):
-    """Both scripts start tp 2 x pp 2 on this node; the deepspeed launcher's run equals torchrun's."""
-    args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", "train.iters=3"]
+def test_torchrun_and_deepspeed_scripts_train_with_2_processes(shard, tmp_path):
+    """Both scripts start tp 2 on this node; the deepspeed launcher's run equals torchrun's. (The README's
+    tour and the quickstart start tp 2 x pp 2 with torchrun.)"""
+    args = TRAIN + data_args(shard) + ["parallel.tp=2", "train.iters=3"]
     for script in ("torchrun", "deepspeed"):
         result = subprocess.run([str(REPO / "launch" / f"{script}.sh"), *args, f"run.dir={tmp_path / script}"],
-                                env=environment(NPROC_PER_NODE="4"), cwd=tmp_path, capture_output=True, text=True,
+                                env=environment(NPROC_PER_NODE="2"), cwd=tmp_path, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     assert losses_by_iteration(tmp_path / "torchrun") == losses_by_iteration(tmp_path / "deepspeed")
@@ -67,19 +68,17 @@ def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_pat
 def test_a_local_sweep_runs_every_point_in_its_own_dir(shard, tmp_path):
     root = tmp_path / "sweep"
     result = run_cli(["megatron_bloom.cli.launch", "--multirun", *TRAIN, *data_args(shard), "train.iters=2",
-                      "optim.lr=1e-3,1e-4", "parallel.tp=1,2", f"run.dir={root}"], timeout=600)
+                      "optim.lr=1e-3,1e-4", f"run.dir={root}"], timeout=600)
     rows = [json.loads(line) for line in (root / "summary.jsonl").read_text().splitlines()]
-    assert [row["status"] for row in rows] == ["completed"] * 4
-    assert [row["overrides"][-4:-2] for row in rows] == [
-        ["optim.lr=0.001", "parallel.tp=1"], ["optim.lr=0.001", "parallel.tp=2"],
-        ["optim.lr=0.0001", "parallel.tp=1"], ["optim.lr=0.0001", "parallel.tp=2"]]
-    for number in range(4):
+    assert [row["status"] for row in rows] == ["completed"] * 2
+    assert [row["overrides"][-3] for row in rows] == ["optim.lr=0.001", "optim.lr=0.0001"]
+    for number in range(2):
         assert sorted(losses_by_iteration(root / str(number))) == [1, 2]
         assert (root / str(number) / "config.yaml").is_file() and (root / str(number) / "launch.log").is_file()
     table = result.stdout.strip().splitlines()
-    assert table[-6].split()[:5] == ["#", "optim.lr", "parallel.tp", "status", "iters"] and len(table) >= 6
+    assert table[-4].split()[:4] == ["#", "optim.lr", "status", "iters"] and len(table) >= 4
     losses = [row["final_loss"] for row in rows]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4) and losses[0] != losses[2]  # tp changes nothing
+    assert losses[0] != losses[1]  # the same data and initial weights, another learning rate
 
 
 @pytest.fixture
