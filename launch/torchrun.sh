@@ -8,6 +8,7 @@
 #   NNODES          nodes in the job (default 1)
 #   NODE_RANK       this node's index, 0 .. NNODES-1 (default 0)
 #   MASTER_ADDR     host of node 0 (default 127.0.0.1); MASTER_PORT its port (default 29500)
+#   MAX_RESTARTS    restarts of the ranks after one dies or hangs (default 0; launcher.max_restarts)
 # One node and no MASTER_ADDR: torchrun's standalone mode (a free local port, no clash between jobs).
 set -euo pipefail
 
@@ -23,4 +24,5 @@ else
                 --master-port "${MASTER_PORT:-29500}")
 fi
 
-exec torchrun "${rendezvous[@]}" --nproc-per-node "$ranks" -m megatron_bloom.cli.train "$@"
+exec torchrun "${rendezvous[@]}" --nproc-per-node "$ranks" --max-restarts "${MAX_RESTARTS:-0}" \
+    -m megatron_bloom.cli.train "$@"

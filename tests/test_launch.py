@@ -45,7 +45,7 @@ def test_dry_run_prints_the_command_and_bad_configs_start_nothing(shard, tmp_pat
     args = TRAIN + data_args(shard) + ["parallel.tp=2", "parallel.pp=2", f"run.dir={tmp_path / 'run'}"]
     result = run_cli(["megatron_bloom.cli.launch", "--dry-run", *args])
     command = result.stdout.strip().splitlines()[-1]
-    assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_bloom.cli.train" in command
+    assert "torch.distributed.run --standalone --nproc-per-node 4 --max-restarts 0 -m megatron_bloom.cli.train" in command
     assert "parallel.dp=1" in command and f"run.dir={tmp_path / 'run'}" in command
     script = run_cli(["megatron_bloom.cli.launch", "--dry-run", "launcher=slurm", "slurm.nodes=2", "slurm.partition=gpu",
                       *args, "parallel.dp=2"]).stdout

@@ -101,7 +101,8 @@ def test_bf16_3d_run_learns(shard, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iter"] for line in lines] == list(range(1, 25))
     assert set(lines[0]) == {"iter", "loss", "lr", "grad_norm", "consumed_samples", "step_s", "tokens_per_s",
-                             "tflops_per_rank", "skipped"}
+                             "tflops_per_rank", "skipped", "slowest_rank", "slowest_rank_step_s",
+                             "median_rank_step_s"}
     assert not any(line["skipped"] for line in lines)
     assert lines[-1]["consumed_samples"] == 24 * 8
     first, last = np.mean([l["loss"] for l in lines[:8]]), np.mean([l["loss"] for l in lines[-8:]])

@@ -88,6 +88,7 @@ class CheckpointMetadata:
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iterations: int = 0
+    skipped_samples: List[List[int]] = field(default_factory=list)  # train.skip_samples and rollbacks' ranges
     data_loader: Optional[dict] = None
     # the checkpoint's own copy (TOKENIZER_DIR); older checkpoints recorded an absolute path instead
     tokenizer: Optional[str] = None
@@ -268,12 +269,16 @@ def resolve_checkpoint(path: Path, warn: bool = True) -> Path:
                     f"checkpoint) nor a {LATEST_FILE} file (a checkpoint.dir).")
 
 
-def newest_complete_checkpoint(root: Path, warn: bool = True) -> Optional[Path]:
-    """`latest` if complete, else the newest complete `global_step<N>` in `root`; None if there is none."""
+def newest_complete_checkpoint(root: Path, warn: bool = True, before: Optional[int] = None) -> Optional[Path]:
+    """`latest` if complete, else the newest complete `global_step<N>` in `root`; None if there is none.
+    `before`: the newest complete one of an iteration below that."""
     root = Path(root)
     latest_file = root / LATEST_FILE
     latest = root / latest_file.read_text().strip() if latest_file.is_file() else None
-    candidates = ([latest] if latest is not None else []) + [p for _, p in checkpoint_tags(root) if p != latest]
+    if before is not None:
+        latest = None
+    candidates = ([latest] if latest is not None else []) + [p for number, p in checkpoint_tags(root)
+                                                             if p != latest and (before is None or number < before)]
     for candidate in candidates:
         problem = checkpoint_problem(candidate)
         if problem is None:

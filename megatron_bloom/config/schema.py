@@ -22,6 +22,7 @@ LAUNCHERS = ("local", "deepspeed", "slurm")
 # How pipeline stages split the layers (megatron_bloom/pipeline/partition.py): balanced by each layer's
 # training FLOPs (the LM head counted), or by transformer blocks alone (DeepSpeed's `type:` method)
 PIPELINE_PARTITIONS = ("flops", "blocks")
+SPIKE_POLICIES = ("off", "log", "rollback")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -45,6 +46,14 @@ def check_rampup(rampup: Optional[List[int]], global_batch_size: int, micro_batc
         return (f"train.rampup_batch_size {list(rampup)}: start and increment must be multiples of "
                 f"train.micro_batch_size x parallel.dp ({unit}), so every step has whole micro-batches")
     return None
+
+
+def check_skip_range(span: Any) -> None:
+    """One [start, end] pair of `train.skip_samples`."""
+    if (not isinstance(span, (list, tuple)) or len(span) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in span) or span[0] >= span[1]):
+        raise ConfigError(f"train.skip_samples takes [start, end] pairs of sample positions with 0 <= start < end "
+                          f"(end not included); got {span!r}.")
 
 
 def _check_positive(section: str, obj: Any, *keys: str) -> None:
@@ -89,6 +98,49 @@ class ZeroConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """A loss spike: an iteration's loss more than `sigmas` standard deviations above the mean of the previous
+    `window` iterations' losses, or `skipped_steps` non-finite steps in a row (training/spikes.py)."""
+
+    policy: str = "log"
+    """`off`, `log` (record each spike in run.dir/events.jsonl) or `rollback`: also reload the newest checkpoint
+    from before the spike, skip the samples the spike was trained on, and go on (as BLOOM and OPT did by hand)."""
+    window: int = 50
+    """Iterations of running statistics; spikes are looked for once 10 of them are in."""
+    sigmas: float = 6.0
+    """How far above the window's mean, in its standard deviations (at least 1% of the mean), a spike is."""
+    skipped_steps: int = 3
+    """Non-finite steps in a row that count as a spike (train.max_consecutive_skips still stops a run)."""
+    max_rollbacks: int = 5
+    """Rollbacks one run may make; one more spike stops it (a run that keeps spiking needs a person)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.loss_spike.policy", self.policy, SPIKE_POLICIES)
+        _check_positive("train.loss_spike", self, "window", "sigmas", "skipped_steps", "max_rollbacks")
+
+
+@dataclass
+class WatchdogConfig:
+    """A rank's training step that takes far longer than its recent ones is a hang (training/watchdog.py)."""
+
+    enabled: bool = True
+    """Watch every rank's steps; on a hang, dump every live rank's Python stack to run.dir/hangs/ and fail the
+    job (so that launcher.max_restarts restarts it)."""
+    factor: float = 10.0
+    """A step is hung after this many times the median of the rank's last 20 steps ..."""
+    min_s: float = 300.0
+    """... and never sooner than this many seconds."""
+    first_steps_s: float = 1800.0
+    """The limit for the first 5 steps of a run (start-up, compilation), before there is a median."""
+    heartbeat_s: float = 5.0
+    """How often each rank records that it is alive (run.dir/heartbeats/); a rank silent for 3 of these is
+    named as stopped."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.watchdog", self, "factor", "min_s", "first_steps_s", "heartbeat_s")
+
+
+@dataclass
 class TrainingConfig:
     micro_batch_size: int = 1
     """Samples per forward and backward pass on one rank."""
@@ -111,10 +163,17 @@ class TrainingConfig:
     rampup_batch_size: Optional[List[int]] = None
     """[start, increment, samples]: grow the global batch from start by increment over that many samples
     (Megatron-LM's --rampup-batch-size); null: constant."""
+    skip_samples: Optional[List[List[int]]] = None
+    """[[start, end], ...]: sample positions of the training data (consumed_samples, end excluded) never
+    trained on; batches take the samples after them (Megatron-LM's --skip-train-iteration-range, in samples)."""
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "micro_batch_size", "global_batch_size", "iters", "eval_interval",
                         "eval_iters", "max_consecutive_skips")
+        for span in self.skip_samples or ():
+            check_skip_range(span)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -215,6 +274,9 @@ class CheckpointConfig:
     `global_step<N>/` dir), `auto` (the newest complete one in checkpoint.dir, if any), or null."""
     keep_last: Optional[int] = None
     """Keep only the newest this many checkpoints; null: keep every one."""
+    async_save: bool = False
+    """Copy the state to host memory and write it in the background while training goes on (one save in
+    flight at a time); `latest` names it only once every rank's files are complete, as a synchronous save."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", self, "save_interval", "keep_last")
@@ -265,10 +327,15 @@ class LauncherConfig:
     (an sbatch script, submitted); chosen with `launcher=NAME`."""
     nproc_per_node: Optional[int] = None
     """Ranks per node; null: tp x pp x dp, divided over slurm.nodes."""
+    max_restarts: int = 0
+    """Restart the job's ranks up to this many times after one dies or hangs (torchrun's elastic restarts, in a
+    SLURM job too); each restart resumes from the newest complete checkpoint of checkpoint.dir."""
 
     def __post_init__(self) -> None:
         _check_choice("launcher", self.name, LAUNCHERS)
         _check_positive("launcher", self, "nproc_per_node")
+        if self.max_restarts < 0:
+            raise ConfigError(f"launcher.max_restarts must be 0 or more, got {self.max_restarts!r}.")
 
 
 @dataclass

@@ -59,6 +59,9 @@ def plan_job(overrides: Sequence[str]) -> Job:
             raise ConfigError(
                 f"{world_size} processes (parallel.tp {parallel.tp} x pp {parallel.pp} x dp {dp}) do not split "
                 f"evenly over slurm.nodes ({nodes}); set launcher.nproc_per_node or change the layout.")
+    if config.launcher.max_restarts and config.launcher.name == "deepspeed":
+        raise ConfigError(f"launcher.max_restarts={config.launcher.max_restarts} needs torchrun's elastic restarts: "
+                          "use launcher=local (torchrun) or launcher=slurm; the deepspeed launcher cannot restart ranks.")
     config.parallel = dataclasses.replace(parallel, dp=dp)
     config.check_layout()  # the batch-size checks need dp
     validate_training_inputs(config)
@@ -68,9 +71,11 @@ def plan_job(overrides: Sequence[str]) -> Job:
 
 
 def torchrun_command(job: Job) -> List[str]:
-    """One node: torchrun in standalone mode (a free port, so that jobs never clash)."""
+    """One node: torchrun in standalone mode (a free port, so that jobs never clash), restarting the ranks
+    up to launcher.max_restarts times after one fails."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(job.nproc_per_node), "-m", TRAIN_MODULE, *job.overrides]
+            str(job.nproc_per_node), "--max-restarts", str(job.config.launcher.max_restarts), "-m", TRAIN_MODULE,
+            *job.overrides]
 
 
 def deepspeed_command(job: Job) -> List[str]:

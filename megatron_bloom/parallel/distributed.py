@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import re
+import signal
 import socket
 import subprocess
 from datetime import timedelta
@@ -44,6 +47,21 @@ def launcher_env() -> Optional[dict]:
     return None
 
 
+def die_with_launcher() -> None:
+    """A rank a launcher started dies with it. torchrun starts each rank in a session of its own, so `kill -9`
+    of the launcher's process group would leave the ranks training on, orphaned, still writing checkpoints;
+    the kernel's parent-death signal (prctl PR_SET_PDEATHSIG, Linux) kills them instead."""
+    if platform.system() != "Linux":
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list (`node[03-05,07],gpu1` -> `node03`), via scontrol if present."""
     try:
@@ -66,6 +84,8 @@ def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
     if dist.is_initialized():
         return dist.get_world_size()
     env = launcher_env()
+    if env is not None:
+        die_with_launcher()
     if env is None or env["world_size"] == 1 and "MASTER_ADDR" not in os.environ:
         if not always:
             return 1
@@ -80,9 +100,21 @@ def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(env["local_rank"] % torch.cuda.device_count())
         backend = "nccl"
-    dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"],
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=rendezvous_store(env["rank"], env["world_size"], timeout),
+                            rank=env["rank"], world_size=env["world_size"], timeout=timeout)
     return env["world_size"]
+
+
+def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The key-value store the ranks meet in, as `env://` makes it (torchrun's agent hosts it; otherwise
+    rank 0 does), with the keys of each restart under a prefix of their own: torchrun keeps its store across
+    elastic restarts, and gloo's ranks would otherwise read the previous attempt's addresses and fail to
+    connect (torch 2.13, launcher.max_restarts)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"mbloom/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.sampler import PretrainingSampler
+from megatron_bloom.data.skips import SkippedSamples
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.model import TaskConfig
@@ -109,9 +110,9 @@ def build_task_data(config: TrainConfig, samples: Tuple[int, int], head: Optiona
 
 
 def build_task_loader(samples: TaskSamples, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                      dp_size: int) -> DataLoader:
+                      dp_size: int, skipped: Optional[SkippedSamples] = None) -> DataLoader:
     """Micro-batches of this data-parallel rank from `consumed_samples` on (the pre-training sampler)."""
-    sampler = PretrainingSampler(len(samples), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    sampler = PretrainingSampler(len(samples), consumed_samples, micro_batch_size, dp_rank, dp_size, skipped)
     return DataLoader(samples, batch_sampler=sampler, num_workers=0, collate_fn=collate_task_samples)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -63,8 +63,14 @@ class Progress:
     """Where a run stands; saved in `mbloom.json` and restored on resume."""
 
     iteration: int = 0
-    consumed_samples: int = 0
+    consumed_samples: int = 0  # the position in the training stream, skipped samples included
     skipped_iterations: int = 0
+    skipped_samples: List[List[int]] = field(default_factory=list)  # data/skips.py's ranges, all of them
+
+    @classmethod
+    def of(cls, metadata: CheckpointMetadata) -> "Progress":
+        return cls(metadata.iteration, metadata.consumed_samples, metadata.skipped_iterations,
+                   list(metadata.skipped_samples))
 
 
 def rng_file(rank: int) -> str:
@@ -94,7 +100,7 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
             pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING,
             zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
             consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
-            data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
+            skipped_samples=progress.skipped_samples, data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
                          "global_batch_size": config.train.global_batch_size})
         publish_staged(root, tag, metadata, Path(config.data.tokenizer) if config.data.tokenizer else None)
         prune_checkpoints(root, config.checkpoint.keep_last)
@@ -144,7 +150,7 @@ class StartPoint:
         task (fine-tuning a pre-trained model), a run starts at iteration 0."""
         if self.metadata is None or self.metadata.contents not in (TRAINING, UNIVERSAL) or self.new_head:
             return Progress()
-        return Progress(self.metadata.iteration, self.metadata.consumed_samples, self.metadata.skipped_iterations)
+        return Progress.of(self.metadata)
 
 
 def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
@@ -276,7 +282,7 @@ def resume(engine, directory: Path, metadata: CheckpointMetadata, state: Paralle
     elif dist.get_rank() == 0:
         print(f"warning: {directory} has no RNG state for rank {dist.get_rank()}; dropout masks will differ "
               "from the original run", file=sys.stderr, flush=True)
-    return Progress(metadata.iteration, metadata.consumed_samples, metadata.skipped_iterations)
+    return Progress.of(metadata)
 
 
 def _rng_states() -> Dict[str, object]:

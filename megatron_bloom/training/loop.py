@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from megatron_bloom.config import TrainConfig, to_yaml
 from megatron_bloom.config.schema import check_rampup
 from megatron_bloom.data.builder import build_datasets
 from megatron_bloom.data.sampler import build_data_loader
+from megatron_bloom.data.skips import SkippedSamples
 from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.fence.deepspeed import clip_fp32_gradients_with, is_bf16_optimizer, switch_off_gradient_all_reduce
 from megatron_bloom.model import TaskConfig
@@ -30,6 +30,7 @@ from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
 from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.checkpointing import (
+    Progress,
     StartPoint,
     load_universal_weights,
     load_weights_only,
@@ -43,6 +44,14 @@ from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
 from megatron_bloom.training.quiet import deepspeed_start_up
+from megatron_bloom.training.resilience import (
+    RunGuards,
+    StopSignal,
+    config_for_attempt,
+    exchange_iteration,
+    skipped_samples,
+)
+from megatron_bloom.training.rollback import handle_spike
 from megatron_bloom.training.safe_checkpoint_engine import make_checkpoint_loads_safe
 
 
@@ -62,14 +71,14 @@ def micro_batches(loader, vocab_size: int) -> Iterator[Tuple[torch.Tensor, torch
 
 
 def batch_reader(dataset, consumed_samples: int, config: TrainConfig, state: ParallelState,
-                 num_workers: int) -> Iterator:
-    """This data-parallel rank's micro-batches from `consumed_samples` on: (input ids, labels) of the
-    pre-training data, or ((input ids, attention mask), labels) of a fine-tuning task's."""
+                 num_workers: int, skipped: Optional[SkippedSamples] = None) -> Iterator:
+    """This data-parallel rank's micro-batches from `consumed_samples` on, past the `skipped` samples:
+    (input ids, labels) of the pre-training data, or ((input ids, attention mask), labels) of a task's."""
     micro = config.train.micro_batch_size
     if isinstance(dataset, TaskSamples):
-        return iter(build_task_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp))
+        return iter(build_task_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp, skipped))
     return micro_batches(build_data_loader(dataset, consumed_samples, micro, state.dp_rank, state.dp,
-                                           num_workers=num_workers), config.model.vocab_size)
+                                           num_workers=num_workers, skipped=skipped), config.model.vocab_size)
 
 
 def to_device(batch, device: torch.device):
@@ -191,28 +200,6 @@ class TrainResult:
     engine: object  # the DeepSpeed engine (its `module` holds this rank's layers)
 
 
-class StopSignal:
-    """SIGTERM (SLURM preemption, `scancel`, torchrun shutting down) asks the run to stop after the current
-    iteration. Ranks may receive it at different moments, so the decision is all-reduced every iteration:
-    all ranks stop after the same one."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def should_stop(self, state: ParallelState) -> bool:
-        flag = torch.tensor(float(self.received))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 class TrainingDiverged(UserError):
     """Too many consecutive iterations had a non-finite loss or gradient."""
 
@@ -221,6 +208,21 @@ def train(config: TrainConfig, state: ParallelState,
           on_engine: Optional[Callable[[object], None]] = None) -> TrainResult:
     """Train from `config` on this rank. `on_engine(engine)` runs once before the first step (profilers,
     fault injection in tests)."""
+    config = config_for_attempt(config)
+    guards = RunGuards(config, dist.get_rank())
+    try:
+        guards.take_checkpoint_dir()
+        result = _train(config, state, guards, on_engine)
+    except BaseException as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        guards.finish(f"failed: {type(error).__name__}: {first_line}")
+        raise
+    guards.finish("finished")
+    return result
+
+
+def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
+           on_engine: Optional[Callable[[object], None]]) -> TrainResult:
     run_dir = Path(config.run.dir)
     is_logger = dist.get_rank() == 0
     if is_logger:
@@ -258,6 +260,8 @@ def train(config: TrainConfig, state: ParallelState,
     if not start.exact:
         for _ in range(progress.iteration):  # a weights-only continuation keeps the LR schedule's place
             scheduler.step()
+    skipped = skipped_samples(config, progress.skipped_samples)
+    progress.skipped_samples = skipped.to_list()
     if on_engine is not None:
         on_engine(engine)
     accumulation = gradient_accumulation_steps(config, state.dp)
@@ -265,11 +269,17 @@ def train(config: TrainConfig, state: ParallelState,
         print(f"warning: zero.stage=0 in bf16 sums the gradients of {accumulation} micro-batches and "
               f"{state.dp} data-parallel replicas in bf16 (DeepSpeed has no float32 accumulation without ZeRO); "
               "zero.stage=1 sums them in float32.", flush=True)
-    batches = batch_reader(train_set, progress.consumed_samples, config, state, config.data.num_workers)
-    valid_batches = None
-    if valid_set is not None:  # validation resumes where it was too: each evaluation reads the next batches
+
+    def readers(progress: Progress, skipped: SkippedSamples):
+        """The training batches from where `progress` stands and, when there are any, the validation ones:
+        validation resumes where it was too, each evaluation reading the next batches."""
+        batches = batch_reader(train_set, progress.consumed_samples, config, state, config.data.num_workers, skipped)
+        if valid_set is None:
+            return batches, None
         valid_consumed = progress.iteration // config.train.eval_interval * config.train.eval_iters * global_batch
-        valid_batches = batch_reader(valid_set, valid_consumed, config, state, num_workers=0)
+        return batches, batch_reader(valid_set, valid_consumed, config, state, num_workers=0)
+
+    batches, valid_batches = readers(progress, skipped)
     flops = iteration_flops(config.model, global_batch, seq_length, config.train.activation_checkpointing,
                             lm_head=not fine_tuning)
     metrics = MetricsLog(run_dir, config.logging.interval, is_logger, config.logging,
@@ -279,29 +289,47 @@ def train(config: TrainConfig, state: ParallelState,
     saving = config.checkpoint.dir is not None
     saved_iteration = progress.iteration if start.exact else None
     stop = StopSignal()
+    guards.start(progress.iteration)
     try:
-        for iteration in range(progress.iteration + 1, config.train.iters + 1):
+        iteration = progress.iteration
+        while iteration < config.train.iters:
+            iteration += 1
             lr = scheduler.get_last_lr()[0]
             optimizer.skipped = False
             batch = global_batch_size_at(progress.consumed_samples, global_batch, config.train.rampup_batch_size)
             if batch != engine.train_batch_size():
                 engine.set_train_batch_size(batch)  # more micro-batches per step, same micro-batch size
+            guards.step_started()
             started = time.perf_counter()
             loss = train_step(engine, batches, state, batch // (config.train.micro_batch_size * state.dp))
             step_s = time.perf_counter() - started
+            guards.step_ended(iteration, step_s)
             losses.append(loss)
-            progress.iteration, progress.consumed_samples = iteration, progress.consumed_samples + batch
+            read_from = progress.consumed_samples
+            progress.iteration, progress.consumed_samples = iteration, skipped.advance(read_from, batch)
             grad_norm = engine.get_global_grad_norm()
             # DeepSpeed's ZeRO and fp16 optimizers skip an invalid step themselves; ours covers the rest.
-            skipped = optimizer.skipped or not engine.was_step_applied()
-            progress.skipped_iterations += skipped
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            skipped_step = optimizer.skipped or not engine.was_step_applied()
+            progress.skipped_iterations += skipped_step
+            consecutive_skips = consecutive_skips + 1 if skipped_step else 0
+            ranks = exchange_iteration(stop, step_s)  # collective: SIGTERM anywhere, and the slowest rank
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                         consumed_samples=progress.consumed_samples, step_s=step_s,
                         tokens_per_s=batch * seq_length / step_s,
                         tflops_per_rank=flops * batch / global_batch / step_s / state.world_size / 1e12,
-                        skipped=skipped)
+                        skipped=skipped_step, slowest_rank=ranks.slowest_rank,
+                        slowest_rank_step_s=ranks.slowest_step_s, median_rank_step_s=ranks.median_step_s)
+            spike = guards.spikes.check(loss, skipped_step)
+            if spike is not None:
+                rolled_back = handle_spike(engine, config, state, guards, progress, iteration, loss, spike,
+                                        [read_from, progress.consumed_samples])
+                if rolled_back is not None:  # go on from the checkpoint, past the spike's samples
+                    progress, skipped = rolled_back, SkippedSamples(rolled_back.skipped_samples)
+                    batches, valid_batches = readers(progress, skipped)
+                    iteration = saved_iteration = progress.iteration
+                    consecutive_skips = 0
+                    continue
             if consecutive_skips >= config.train.max_consecutive_skips:
                 raise TrainingDiverged(
                     f"stopped at iteration {iteration}: the last {consecutive_skips} iterations had a non-finite "
@@ -311,11 +339,10 @@ def train(config: TrainConfig, state: ParallelState,
             if valid_batches is not None and iteration % config.train.eval_interval == 0:
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
                                                                   config.train.eval_iters), not fine_tuning)
-            stopping = stop.should_stop(state)
-            if saving and (stopping or iteration % (config.checkpoint.save_interval or math.inf) == 0):
+            if saving and (ranks.stop or iteration % (config.checkpoint.save_interval or math.inf) == 0):
                 save_training_checkpoint(engine, config, state, progress, task)
                 saved_iteration = iteration
-            if stopping:
+            if ranks.stop:
                 if is_logger:
                     saved = f", checkpoint saved in {config.checkpoint.dir}" if saving else ""
                     print(f"received SIGTERM: stopped cleanly after iteration {iteration} "

@@ -16,8 +16,9 @@ from megatron_bloom.config.schema import LoggingConfig
 
 
 class MetricsLog:
+    # step_s is rank 0's; the slowest rank's step time, next to the median over ranks, shows a straggler
     FIELDS = ("iter", "loss", "lr", "grad_norm", "consumed_samples", "step_s", "tokens_per_s", "tflops_per_rank",
-              "skipped")
+              "skipped", "slowest_rank", "slowest_rank_step_s", "median_rank_step_s")
 
     def __init__(self, run_dir: Path, interval: int, enabled: bool, logging: Optional[LoggingConfig] = None,
                  run_config: Optional[dict] = None) -> None:

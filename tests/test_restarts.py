@@ -1,0 +1,116 @@
+"""Runs that survive their ranks: `launcher.max_restarts` (torchrun's elastic restarts) after a rank is
+killed and after a rank hangs, the watchdog's stack dumps, `events.jsonl`, the lock on checkpoint.dir, and
+ranks that die with their launcher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_bloom.training.events import read_events
+from tests.conftest import REPO, assert_user_error, overrides, run_cli
+from tests.test_checkpoints import losses_by_iteration
+
+pytestmark = pytest.mark.slow
+
+
+def heartbeat(run_dir, rank):
+    return json.loads((run_dir / "heartbeats" / f"rank-{rank:05d}.json").read_text())
+
+
+def wait_for_iteration(run_dir, iteration, process, timeout=300):
+    """Until metrics.jsonl has a line for `iteration` written since the last restart."""
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        assert process.poll() is None, "the job ended early"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        if lines and json.loads(lines[-1])["iter"] >= iteration:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no iteration {iteration} after {timeout} s")
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def launch(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "megatron_bloom.cli.launch", *args], cwd=cwd,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_a_killed_rank_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(shard, pipeline_run, tmp_path):
+    """tp 2 x pp 2 through mbloom-launch with launcher.max_restarts=2: rank 2 gets SIGKILL after iteration 4,
+    rank 1 SIGSTOP after iteration 7. The watchdog finds the hang, names rank 1, dumps the live ranks'
+    stacks; each restart resumes from the newest checkpoint (every 3 iterations); the job exits 0 and every
+    iteration's last loss is the uninterrupted run's (`pipeline_run`), bit for bit."""
+    run_dir = tmp_path / "run"
+    args = overrides(shard, run_dir, 2, 2, 1, iters=10) + [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=2",
+        "train.watchdog.min_s=4", "train.watchdog.factor=5", "train.watchdog.heartbeat_s=0.5",
+        "train.watchdog.first_steps_s=60"]
+    job = launch(args, tmp_path)
+    wait_for_iteration(run_dir, 4, job)
+    os.kill(heartbeat(run_dir, 2)["pid"], signal.SIGKILL)
+    time.sleep(2)  # the survivors leave, torchrun restarts the ranks
+    wait_for_iteration(run_dir, 7, job)
+    stopped = heartbeat(run_dir, 1)
+    assert stopped["attempt"] == 1
+    os.kill(stopped["pid"], signal.SIGSTOP)
+    output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output[-5000:]
+
+    assert losses_by_iteration(run_dir) == losses_by_iteration(pipeline_run / "run")
+    events = read_events(run_dir)
+    assert [event["event"] for event in events] == ["restart", "hang", "restart"], events
+    first, hang, second = events
+    assert first["restart"] == 1 and first["rank"] == 2 and "without an exit" in first["reason"]
+    assert first["resumed_from"] == 3 and first["iterations_lost"] in (1, 2)  # 2: rank 0 had begun iteration 5
+    assert hang["not_responding"] == [1] and hang["iteration"] in (8, 9), hang
+    assert second["restart"] == 2 and second["resumed_from"] == 6 and second["iterations_lost"] in (1, 2)
+    assert any("hang" in failed["reason"] for failed in second["failed_ranks"]), second
+    dumps = sorted(path.name for path in (run_dir / "hangs").glob("attempt-1-rank-*.txt"))
+    assert "attempt-1-rank-00001.txt" not in dumps and len(dumps) >= 1, dumps  # a stopped rank cannot dump
+    text = (run_dir / "hangs" / dumps[0]).read_text()
+    assert "Ranks not responding: [1]" in text or "another rank found a hang" in text
+    assert "File " in text  # a Python stack
+    assert "restart 1: rank 2 died without an exit" in output
+
+
+def test_ranks_die_with_their_launcher_and_one_run_holds_a_checkpoint_dir(shard, tmp_path):
+    """`kill -9` of mbloom-launch's process group leaves no rank alive (torchrun puts each in a session of its
+    own; the parent-death signal ends them); while a run lives, a second on its checkpoint.dir is refused
+    naming it; the lock file a killed run leaves does not block the next."""
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "ckpt"
+    args = overrides(shard, run_dir, 2, 1, 1, iters=100000) + [f"checkpoint.dir={checkpoints}"]
+    job = launch(args, tmp_path)
+    wait_for_iteration(run_dir, 2, job)
+    pids = [heartbeat(run_dir, rank)["pid"] for rank in (0, 1)]
+
+    second = run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "second", 1, 1, 1, iters=2),
+                      f"checkpoint.dir={checkpoints}"], check=False)
+    assert_user_error(second, f"checkpoint.dir {checkpoints} is in use by another run", f"process {pids[0]}",
+                      str(run_dir))
+
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "ranks outlived their launcher"
+
+    assert (checkpoints / ".lock").read_text()  # left behind, naming the dead run
+    run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "third", 1, 1, 1, iters=2),
+             f"checkpoint.dir={checkpoints}"])
+    assert sorted(losses_by_iteration(tmp_path / "third")) == [1, 2]
