@@ -1,20 +1,16 @@
-"""Training checkpoints on real processes: exact resume after SIGKILL, crashes at every moment of a save,
-fallback past a damaged checkpoint, pruning, and the weights of any layout read back (to-hf, eval)."""
+"""Training checkpoints on real processes: crashes at every moment of a save, fallback past a damaged
+checkpoint, pruning, and the weights of any layout read back (to-hf, eval). (A killed rank's run resuming
+bit for bit: tests/test_restarts.py.)"""
 
 import json
 import os
 import shutil
-import subprocess
-import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from megatron_bloom.checkpoint.layout import (
-    LATEST_FILE,
-    checkpoint_tags,
     newest_complete_checkpoint,
     read_metadata,
     resolve_checkpoint,
@@ -28,7 +24,6 @@ from tests.conftest import (
     run_cli,
     run_ranks,
     sample_texts,
-    torchrun_command,
     train_test_tokenizer,
 )
 from tests.processes import run_module
@@ -45,63 +40,10 @@ def losses_by_iteration(run_dir):
     return losses
 
 
-def kill_everything(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers (each worker runs in a session of its own, see NOTES)."""
-    parent = psutil.Process(process.pid)
-    for proc in parent.children(recursive=True) + [parent]:
-        proc.kill()
-    process.wait(timeout=60)
-
-
-def wait_for_iterations(run_dir, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
-            return
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"the run did not reach {count} iterations in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(shard, pipeline_run, tmp_path_factory):
-    """A (tp 2, pp 2) run killed with SIGKILL at iteration 6 (checkpoints every 4) and resumed with
-    checkpoint.load=auto, next to the same run never interrupted (`pipeline_run`)."""
-    root = tmp_path_factory.mktemp("killed")
-    whole = pipeline_run / "run"
-    args = overrides(shard, root / "run", 2, 2, 1, iters=10) + [
-        f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4", "checkpoint.load=auto"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    process = subprocess.Popen(torchrun_command(4, "megatron_bloom.cli.train", args), cwd=root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_iterations(root / "run", 6, process)
-    kill_everything(process)
-    latest_after_kill = (root / "ckpt" / LATEST_FILE).read_text().strip()
-    resumed = run_ranks(4, "megatron_bloom.cli.train", args)
-    return root, whole, latest_after_kill, resumed
-
-
-def test_a_run_killed_with_sigkill_resumes_bit_for_bit(killed_and_resumed):
-    root, whole, latest_after_kill, resumed = killed_and_resumed
-    assert latest_after_kill == "global_step4"
-    expected, actual = losses_by_iteration(whole), losses_by_iteration(root / "run")
-    assert list(actual) == list(range(1, 11))
-    for iteration in range(1, 11):
-        assert actual[iteration] == expected[iteration], iteration  # bit for bit, not approximately
-    iterations = [json.loads(line)["iter"] for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert iterations[:6] == [1, 2, 3, 4, 5, 6] and iterations[6:] == list(range(5, 11))  # 5, 6 run again
-    assert "iter     10/10" in resumed.stdout and "iter      4/10" not in resumed.stdout
-    metadata = read_metadata(root / "ckpt")
-    assert (metadata.iteration, metadata.consumed_samples, metadata.tp, metadata.pp) == (10, 80, 2, 2)
-    assert [tag.name for _, tag in checkpoint_tags(root / "ckpt")] == ["global_step10", "global_step8",
-                                                                      "global_step4"]
-
-
-def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(killed_and_resumed, shard, tmp_path):
+def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(pipeline_run, shard, tmp_path):
     import transformers
 
-    root = killed_and_resumed[0]
+    root = pipeline_run
     run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(root / "ckpt"), "--output", str(tmp_path / "hf")])
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:40]]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from megatron_bloom.checkpoint.layout import checkpoint_tags, read_metadata
 from megatron_bloom.training.events import read_events
 from tests.conftest import REPO, assert_user_error, overrides, run_cli
 from tests.test_checkpoints import losses_by_iteration
@@ -72,6 +73,12 @@ def test_a_killed_rank_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(sh
     assert job.returncode == 0, output[-5000:]
 
     assert losses_by_iteration(run_dir) == losses_by_iteration(pipeline_run / "run")
+    iterations = [json.loads(line)["iter"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert iterations[-4:] == [7, 8, 9, 10] and iterations.count(4) == 2 and iterations.count(7) == 2
+    metadata = read_metadata(tmp_path / "ckpt")
+    assert (metadata.iteration, metadata.consumed_samples, metadata.tp, metadata.pp) == (10, 80, 2, 2)
+    assert [tag.name for _, tag in checkpoint_tags(tmp_path / "ckpt")] == [
+        "global_step10", "global_step9", "global_step6", "global_step3"]
     events = read_events(run_dir)
     assert [event["event"] for event in events] == ["restart", "hang", "restart"], events
     first, hang, second = events

@@ -8,8 +8,9 @@ The same thread times the rank's training steps. A step that runs `factor` times
 the rank's last 20 (never less than `min_s`; `first_steps_s` for the first 5) is a hang:
   - the rank names the ranks that stopped beating (a stopped or frozen process: SIGSTOP, a dead node) and
     the ones furthest behind (the last to arrive), in `run.dir/events.jsonl` and on stderr;
-  - it dumps its Python stacks (every thread) to `run.dir/hangs/rank-NNNNN.txt` and leaves a marker, upon
-    which every other live rank dumps its stacks too;
+  - it dumps its Python stacks (every thread) to `run.dir/hangs/attempt-K-rank-NNNNN.txt` and leaves a
+    marker, upon which every other live rank dumps its stacks too; a stopped rank of its own host (state T)
+    is killed, since it would take no other signal;
   - then it exits with status 75, so that the launcher restarts the job (launcher.max_restarts) or ends it.
 The next attempt's rank 0 reads the heartbeats to record why the previous attempt ended (a rank whose file
 still says `running` died without running any Python: SIGKILL, the OOM killer, a crash).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -143,6 +145,7 @@ class Watchdog:
                    f"{self.limit_s():.0f} s: a hang. Ranks not responding: {silent or 'none'}; last to arrive: "
                    f"{last_to_arrive or 'unknown'} (at iteration {behind}).")
         self._dump_stacks(summary)
+        self._end_stopped_peers([beats[rank] for rank in silent])
         if not live or self.rank == live[0]:  # one record per hang: the lowest-numbered live rank's
             record_event(self.run_dir, "hang", rank=self.rank, iteration=self.iteration + 1,
                          elapsed_s=round(elapsed, 1), limit_s=round(self.limit_s(), 1), not_responding=silent,
@@ -158,6 +161,21 @@ class Watchdog:
         self._beat()
         time.sleep(2 * self.tick_s)  # the other ranks see the marker and dump their stacks
         os._exit(EXIT_HUNG)
+
+    def _end_stopped_peers(self, beats: List[dict]) -> None:
+        """A silent rank of this host that is stopped (SIGSTOP, state T) can take no signal but SIGKILL:
+        kill it, so that the launcher restarts the job now instead of after its grace period (torchrun
+        waits 30 s for ranks to take SIGTERM). Ranks of other hosts end with the job."""
+        for beat in beats:
+            if beat.get("host") != self._host:
+                continue
+            try:
+                with open(f"/proc/{beat['pid']}/stat") as stat:
+                    stopped = stat.read().rsplit(")", 1)[1].split()[0] == "T"
+                if stopped:
+                    os.kill(int(beat["pid"]), signal.SIGKILL)
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
 
     def _dump_stacks(self, header: str) -> None:
         path = self.run_dir / HANGS / f"attempt-{self.attempt}-rank-{self.rank:05d}.txt"
