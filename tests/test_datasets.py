@@ -158,3 +158,43 @@ def test_sampler_resumes_with_exactly_the_next_batch(shards):
 def test_bad_data_paths(shards, paths, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         build_datasets(config(shards, f"data.paths={paths}"), 16, 1, (10, 0, 0))
+
+
+def test_skipped_samples_are_stepped_over_and_positions_count_them():
+    """Ranges merge; a batch takes the next positions outside them; `advance` agrees with the sampler, so
+    consumed_samples is where the next batch starts; a bad range is a config error."""
+    import itertools
+
+    from megatron_bloom.data.skips import SkippedSamples
+
+    skipped = SkippedSamples([[10, 20], [5, 12], [30, 31]])
+    assert skipped.to_list() == [[5, 20], [30, 31]] and skipped.within(0, 100) == 16
+    assert skipped.take(0, 8) == ([0, 1, 2, 3, 4, 20, 21, 22], 23)
+    assert skipped.advance(0, 16) == 32 and SkippedSamples().advance(7, 8) == 15
+    ranks = [list(itertools.islice(PretrainingSampler(100, 0, 2, rank, 2, skipped), 4)) for rank in (0, 1)]
+    assert ranks == [[[0, 1], [4, 20], [23, 24], [27, 28]], [[2, 3], [21, 22], [25, 26], [29, 31]]]
+    resumed = list(itertools.islice(PretrainingSampler(100, skipped.advance(0, 8), 2, 0, 2, skipped), 1))
+    assert resumed == [[23, 24]]  # the third step of the uninterrupted sampler
+    near_end = list(itertools.islice(PretrainingSampler(10, 6, 2, 0, 1, SkippedSamples([[7, 9]])), 3))
+    assert near_end == [[6, 9], [0, 1], [2, 3]]  # past the dataset's end: from its start again
+    for bad in ([3, 1], [1], [-1, 2]):
+        with pytest.raises(ConfigError, match="train.skip_samples"):
+            load_config([f"train.skip_samples=[{bad}]".replace(" ", "")])
+
+
+def test_a_loss_spike_is_far_above_the_recent_statistics_or_a_run_of_skipped_steps():
+    from megatron_bloom.config.schema import LossSpikeConfig
+    from megatron_bloom.training.spikes import SpikeDetector
+
+    detector = SpikeDetector(LossSpikeConfig(window=20, sigmas=6.0, skipped_steps=3))
+    losses = [7.0 - 0.05 * step + 0.02 * (-1) ** step for step in range(20)]
+    assert all(detector.check(loss, skipped=False) is None for loss in losses)
+    assert detector.check(losses[-1] + 0.3, skipped=False) is None  # 0.3 is within 6 sigma of these
+    reason = detector.check(9.0, skipped=False)
+    assert reason is not None and "standard deviations above the mean" in reason
+    assert detector.check(6.1, skipped=False) is None  # the spike did not enter the statistics
+    skips = [detector.check(float("nan"), skipped=True) for _ in range(3)]
+    assert skips[:2] == [None, None] and "3 non-finite steps in a row" in skips[2]
+    detector.reset()
+    assert detector.check(float("nan"), skipped=True) is None and len(detector.window) == 0
+    assert SpikeDetector(LossSpikeConfig(policy="off")).check(float("nan"), True) is None

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_bloom.checkpoint.layout import checkpoint_tags, read_metadata
 from megatron_bloom.training.events import read_events
-from tests.conftest import REPO, assert_user_error, overrides, run_cli
+from tests.conftest import REPO, assert_user_error, overrides, run_cli, run_ranks
 from tests.test_checkpoints import losses_by_iteration
 
 pytestmark = pytest.mark.slow
@@ -121,3 +121,79 @@ def test_ranks_die_with_their_launcher_and_one_run_holds_a_checkpoint_dir(shard,
     run_cli(["megatron_bloom.cli.train", *overrides(shard, tmp_path / "third", 1, 1, 1, iters=2),
              f"checkpoint.dir={checkpoints}"])
     assert sorted(losses_by_iteration(tmp_path / "third")) == [1, 2]
+
+
+def test_skipped_samples_are_kept_in_the_checkpoint_and_a_resume_skips_them(shard, tmp_path):
+    """train.skip_samples=[[16,24]]: iteration 3 reads positions 24-31 (consumed_samples 32 after it); the
+    range goes into every checkpoint, so a resume from one (without the key) reads what the run read."""
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=6) + [
+        "train.skip_samples=[[16,24]]", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3"]
+    run_ranks(1, "megatron_bloom.cli.train", args)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["consumed_samples"] for line in lines] == [8, 16, 32, 40, 48, 56]
+    assert read_metadata(tmp_path / "ckpt" / "global_step3").skipped_samples == [[16, 24]]
+    run_ranks(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "resumed", 1, 1, 1, iters=6) + [
+        f"checkpoint.load={tmp_path / 'ckpt' / 'global_step3'}"])
+    resumed = losses_by_iteration(tmp_path / "resumed")
+    assert list(resumed) == [4, 5, 6]
+    assert all(resumed[i] == losses_by_iteration(tmp_path / "run")[i] for i in (4, 5, 6))
+
+
+def plant_garbage(shard, prefix, data_args, positions, seed=0):
+    """A copy of `shard`'s corpus at `prefix` whose training samples at `positions` (of the dataset the run
+    with `data_args` builds) are random tokens from the upper half of the vocabulary: a block of garbage text
+    the run reads in one batch. Document lengths stay, so every index is the same."""
+    import shutil
+
+    import numpy as np
+
+    from megatron_bloom.config import load_config
+    from megatron_bloom.data.builder import build_datasets
+    from megatron_bloom.data.indexed_dataset import IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{shard / 'corpus'}{suffix}", f"{prefix}{suffix}")
+    config = load_config(data_args)
+    dataset = build_datasets(config.data, config.model.seq_length, config.train.seed,
+                             (config.train.iters * config.train.global_batch_size, 0, 0))[0]
+    indexed = IndexedDataset(prefix)
+    tokens = np.memmap(f"{prefix}.bin", dtype=indexed.dtype, mode="r+")
+    rng = np.random.default_rng(seed)
+    for position in positions:
+        sample = int(dataset.sample_order[position])
+        (first_slot, first_offset), (last_slot, last_offset) = dataset.sample_starts[sample:sample + 2]
+        for slot in range(int(first_slot), int(last_slot) + 1):
+            document = int(dataset.document_order[slot])
+            start = int(first_offset) if slot == first_slot else 0
+            end = int(last_offset) + 1 if slot == last_slot else int(indexed.lengths[document])
+            offset = int(indexed.pointers[document]) // indexed.dtype.itemsize
+            tokens[offset + start: offset + end] = rng.integers(512, 1024, end - start)
+    tokens.flush()
+
+
+def test_a_loss_spike_rolls_back_past_the_garbage_and_a_resume_skips_it_too(shard, tmp_path):
+    """A shard whose iteration-20 batch is garbage: the spike is found, the run reloads its checkpoint of
+    iteration 15, steps over exactly the 8 samples recorded in events.jsonl, and ends below the spike. A
+    later start from that checkpoint in the same run.dir skips them too: its iteration 20 is the rolled-back
+    run's, bit for bit. (A learning rate that has the model past uniform guessing by then.)"""
+    prefix = tmp_path / "garbage"
+    args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=25) + [
+        f"data.paths=[{prefix}]", f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=5", "optim.lr=6e-3", "train.loss_spike.policy=rollback",
+        "train.loss_spike.window=10"]
+    plant_garbage(shard, prefix, args, range(19 * 8, 20 * 8))
+    result = run_ranks(1, "megatron_bloom.cli.train", args)
+    events = read_events(tmp_path / "run")
+    assert [event["event"] for event in events] == ["loss_spike", "rollback"], events
+    spike, rollback = events
+    assert spike["iteration"] == 20 and spike["samples"] == [152, 160] and spike["policy"] == "rollback"
+    assert rollback["to_iteration"] == 15 and rollback["skipped_samples"] == [152, 160]
+    losses = losses_by_iteration(tmp_path / "run")  # the last line of an iteration counts
+    assert list(losses) == list(range(1, 26)) and losses[20] < spike["loss"] - 1 and losses[25] < spike["loss"]
+    assert "loss spike at iteration 20" in result.stderr and "rolled back to" in result.stderr
+    assert read_metadata(tmp_path / "ckpt").skipped_samples == [[152, 160]]
+
+    resumed = args + [f"checkpoint.load={tmp_path / 'ckpt' / 'global_step15'}", "checkpoint.dir=null",
+                      "checkpoint.save_interval=null"]
+    run_ranks(1, "megatron_bloom.cli.train", resumed)
+    assert losses_by_iteration(tmp_path / "run")[20] == losses[20]  # appended by the resumed run
