@@ -66,12 +66,15 @@ def test_to_hf_of_a_pipeline_checkpoint_matches_mbloom_eval(pipeline_run, shard,
     assert abs(summary["loss"] - nll / tokens) <= 1e-4, (summary["loss"], nll / tokens)
 
 
-def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, monkeypatch):
-    """12 processes in a row, each killed just before a different step of its first or second save; each
-    next one resumes with `auto`. The newest complete checkpoint never goes backwards, and the finished
-    run's losses equal those of a run that never crashed."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, monkeypatch, async_save):
+    """12 processes in a row, each killed just before a different step of its first or second save (with
+    `checkpoint.async_save`, steps of the background writer while training goes on); each next one resumes
+    with `auto`. The newest complete checkpoint never goes backwards, and the finished run's losses equal
+    those of a synchronous run that never crashed."""
     args = overrides(shard, tmp_path / "run", 1, 1, 1, iters=12) + [
-        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto"]
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto",
+        f"checkpoint.async_save={str(async_save).lower()}"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every run alike: thread counts change float sums
     env = dict(os.environ, PYTHONPATH=str(REPO))
     newest = 0

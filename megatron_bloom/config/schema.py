@@ -274,6 +274,9 @@ class CheckpointConfig:
     `global_step<N>/` dir), `auto` (the newest complete one in checkpoint.dir, if any), or null."""
     keep_last: Optional[int] = None
     """Keep only the newest this many checkpoints; null: keep every one."""
+    async_save: bool = False
+    """Copy the state to host memory and write it in the background while training goes on (one save in
+    flight at a time); `latest` names it only once every rank's files are complete, as a synchronous save."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", self, "save_interval", "keep_last")

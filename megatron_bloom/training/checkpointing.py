@@ -46,6 +46,7 @@ from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.fence.deepspeed import (
     fp32_masters_by_parameter,
+    wrap_checkpoint_engine,
     has_fragment_mapping,
     low_precision_groups,
     torch_optimizer,
@@ -56,6 +57,7 @@ from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.sharding import shard_tensor
 from megatron_bloom.pipeline.names import named_model_parameters
 from megatron_bloom.pipeline.partition import stage_layers
+from megatron_bloom.training.async_checkpoint import AsyncCheckpointWrites
 
 
 @dataclass
@@ -77,10 +79,21 @@ def rng_file(rank: int) -> str:
     return f"rng_state_{rank:05d}.pt"
 
 
-def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress,
-                             task: Optional[TaskConfig] = None) -> Path:
-    """Collective: every rank calls it after the same iteration (`task`: the head trained, default the
-    language model's). Returns the published checkpoint dir."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written into its staging directory; rank 0 publishes it."""
+
+    root: Path
+    tag: str
+    metadata: CheckpointMetadata
+    tokenizer: Optional[Path]
+    started: float
+
+
+def stage_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress,
+                              task: Optional[TaskConfig] = None) -> PendingSave:
+    """Collective: every rank hands its files to DeepSpeed's checkpoint engine (which writes them, or with
+    `checkpoint.async_save` queues them) in the staging directory of the tag."""
     started = time.perf_counter()
     root, tag = Path(config.checkpoint.dir), tag_for(progress.iteration)
     staging = staging_dir(root, tag)
@@ -92,22 +105,84 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     dist.barrier()
     engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
     staging.mkdir(parents=True, exist_ok=True)  # DeepSpeed made it only on the ranks that wrote files
-    torch.save(_rng_states(), staging / rng_file(rank))
+    rng_path = staging / rng_file(rank)
+    if isinstance(engine.checkpoint_engine, AsyncCheckpointWrites):
+        engine.checkpoint_engine.save_file(_rng_states(), str(rng_path))
+    else:
+        torch.save(_rng_states(), rng_path)
+    metadata = CheckpointMetadata(
+        model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp,
+        pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING,
+        zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
+        consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
+        skipped_samples=list(progress.skipped_samples), data_loader={
+            "consumed_samples": progress.consumed_samples, "seed": config.train.seed,
+            "global_batch_size": config.train.global_batch_size})
+    return PendingSave(root, tag, metadata, Path(config.data.tokenizer) if config.data.tokenizer else None,
+                       started)
+
+
+def publish_pending(pending: PendingSave, keep_last: Optional[int]) -> None:
+    """Rank 0, once every rank's files are written: `mbloom.json`, the rename, `latest`, then pruning."""
+    publish_staged(pending.root, pending.tag, pending.metadata, pending.tokenizer)
+    prune_checkpoints(pending.root, keep_last)
+    print(f"saved checkpoint {pending.root / pending.tag} ({sum(pending.metadata.files.values()) / 2**20:.1f} MB, "
+          f"{time.perf_counter() - pending.started:.1f} s)", flush=True)
+
+
+def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, progress: Progress,
+                             task: Optional[TaskConfig] = None) -> Path:
+    """Collective and synchronous: every rank calls it after the same iteration (`task`: the head trained,
+    default the language model's). Returns the published checkpoint dir."""
+    pending = stage_training_checkpoint(engine, config, state, progress, task)
     dist.barrier()  # every rank's files are written
-    if rank == 0:
-        metadata = CheckpointMetadata(
-            model=config.model, task=task or TaskConfig(), tp=state.tp, pp=state.pp, dp=state.dp,
-            pipeline_partition=config.parallel.pipeline_partition, contents=TRAINING,
-            zero_stage=config.zero.stage, precision=config.precision, iteration=progress.iteration,
-            consumed_samples=progress.consumed_samples, skipped_iterations=progress.skipped_iterations,
-            skipped_samples=progress.skipped_samples, data_loader={"consumed_samples": progress.consumed_samples, "seed": config.train.seed,
-                         "global_batch_size": config.train.global_batch_size})
-        publish_staged(root, tag, metadata, Path(config.data.tokenizer) if config.data.tokenizer else None)
-        prune_checkpoints(root, config.checkpoint.keep_last)
-        print(f"saved checkpoint {root / tag} ({sum(metadata.files.values()) / 2**20:.1f} MB, "
-              f"{time.perf_counter() - started:.1f} s)", flush=True)
+    if dist.get_rank() == 0:
+        publish_pending(pending, config.checkpoint.keep_last)
     dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
-    return root / tag
+    return pending.root / pending.tag
+
+
+class CheckpointSaver:
+    """The saves of one run: synchronous, or with `checkpoint.async_save` written in the background while
+    training goes on, at most one in flight, published once every rank has written its files (`poll`,
+    with the flags every rank exchanges each iteration)."""
+
+    def __init__(self, engine, config: TrainConfig, state: ParallelState, task: Optional[TaskConfig]) -> None:
+        self.engine, self.config, self.state, self.task = engine, config, state, task
+        self.pending: Optional[PendingSave] = None
+        self.writes: Optional[AsyncCheckpointWrites] = None
+        if config.checkpoint.async_save:
+            wrap_checkpoint_engine(engine, AsyncCheckpointWrites)
+            self.writes = engine.checkpoint_engine
+
+    def save(self, progress: Progress) -> None:
+        if self.writes is None:
+            save_training_checkpoint(self.engine, self.config, self.state, progress, self.task)
+            return
+        self.finish()  # at most one save in flight
+        self.pending = stage_training_checkpoint(self.engine, self.config, self.state, progress, self.task)
+
+    def written_here(self) -> bool:
+        """This rank has nothing left to write."""
+        return self.pending is None or self.writes.written()
+
+    def poll(self, written_everywhere: bool) -> None:
+        """After each iteration's exchange: publish the save in flight once every rank has written it."""
+        if self.pending is not None and written_everywhere:
+            if dist.get_rank() == 0:
+                publish_pending(self.pending, self.config.checkpoint.keep_last)
+            self.pending = None
+
+    def finish(self) -> None:
+        """Collective: wait for the save in flight (every rank's files) and publish it."""
+        if self.pending is None:
+            return
+        self.writes.wait()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            publish_pending(self.pending, self.config.checkpoint.keep_last)
+        dist.barrier()
+        self.pending = None
 
 
 def checkpoint_to_load(config: TrainConfig) -> Optional[Path]:

@@ -36,7 +36,7 @@ from megatron_bloom.training.checkpointing import (
     load_weights_only,
     restore_optimizer_state,
     resume,
-    save_training_checkpoint,
+    CheckpointSaver,
     start_point,
 )
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
@@ -287,6 +287,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
     losses: List[float] = []
     consecutive_skips = 0
     saving = config.checkpoint.dir is not None
+    saver = CheckpointSaver(engine, config, state, task)
     saved_iteration = progress.iteration if start.exact else None
     stop = StopSignal()
     guards.start(progress.iteration)
@@ -312,7 +313,9 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
             skipped_step = optimizer.skipped or not engine.was_step_applied()
             progress.skipped_iterations += skipped_step
             consecutive_skips = consecutive_skips + 1 if skipped_step else 0
-            ranks = exchange_iteration(stop, step_s)  # collective: SIGTERM anywhere, and the slowest rank
+            # collective: SIGTERM anywhere, the slowest rank, and whether an async save is written everywhere
+            ranks = exchange_iteration(stop, step_s, saver.written_here())
+            saver.poll(ranks.all_written)
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                         consumed_samples=progress.consumed_samples, step_s=step_s,
@@ -322,6 +325,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
                         slowest_rank_step_s=ranks.slowest_step_s, median_rank_step_s=ranks.median_step_s)
             spike = guards.spikes.check(loss, skipped_step)
             if spike is not None:
+                saver.finish()  # a save in flight may be the checkpoint to go back to
                 rolled_back = handle_spike(engine, config, state, guards, progress, iteration, loss, spike,
                                         [read_from, progress.consumed_samples])
                 if rolled_back is not None:  # go on from the checkpoint, past the spike's samples
@@ -340,7 +344,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
                                                                   config.train.eval_iters), not fine_tuning)
             if saving and (ranks.stop or iteration % (config.checkpoint.save_interval or math.inf) == 0):
-                save_training_checkpoint(engine, config, state, progress, task)
+                saver.save(progress)
                 saved_iteration = iteration
             if ranks.stop:
                 if is_logger:
@@ -350,7 +354,8 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
                 break
         else:
             if saving and saved_iteration != progress.iteration:  # the end of training is always kept
-                save_training_checkpoint(engine, config, state, progress, task)
+                saver.save(progress)
+        saver.finish()  # the run ends once its last checkpoint is published
         metrics.summary(progress.iteration, config.checkpoint.dir)
     finally:
         stop.restore()

@@ -61,20 +61,22 @@ class IterationStats:
     slowest_rank: int
     slowest_step_s: float
     median_step_s: float
+    all_written: bool  # every rank has written its files of the async save in flight
 
 
-def exchange_iteration(stop: StopSignal, step_s: float) -> IterationStats:
-    """One all-gather per iteration of (SIGTERM received, step time) from every rank: whether to stop, and
-    the straggler (the slowest rank's step next to the median) for metrics.jsonl."""
-    mine = torch.tensor([float(stop.received), step_s], dtype=torch.float64)
+def exchange_iteration(stop: StopSignal, step_s: float, written: bool = True) -> IterationStats:
+    """One all-gather per iteration of (SIGTERM received, step time, async save written) from every rank:
+    whether to stop, the straggler (the slowest rank's step next to the median) for metrics.jsonl, and
+    whether the checkpoint in flight can be published."""
+    mine = torch.tensor([float(stop.received), step_s, float(written)], dtype=torch.float64)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return IterationStats(stop.received, 0, step_s, step_s)
+        return IterationStats(stop.received, 0, step_s, step_s, written)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     steps = [float(row[1]) for row in gathered]
     slowest = max(range(len(steps)), key=steps.__getitem__)
     return IterationStats(any(float(row[0]) > 0 for row in gathered), slowest, steps[slowest],
-                          statistics.median(steps))
+                          statistics.median(steps), all(float(row[2]) > 0 for row in gathered))
 
 
 def rollback_skips(run_dir: Path) -> SkippedSamples:

@@ -1,0 +1,108 @@
+"""How long a checkpoint save stops training: synchronous against `checkpoint.async_save=true`.
+
+    python benchmarks/async_save.py [--model bloom-small] [--precision fp32] [--repeats 3]
+
+One process trains `--model` (ZeRO 1, micro-batch 1 at the model's sequence length, random tokens) and
+saves its full training state (weights, fp32 masters, Adam moments, RNG) into a temporary checkpoint dir:
+  - synchronous: the time `save_training_checkpoint` takes, files written, fsynced and published;
+  - asynchronous: the time `CheckpointSaver.save` takes (the copy to host memory), plus what the training
+    steps run while the files are written lose against steps without a save in flight, plus the publish.
+Prints one JSON line per mode and the ratio (the issue's goal: asynchronous at most 0.2 of synchronous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bloom-small")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    import torch
+
+    from megatron_bloom.config import load_config
+    from megatron_bloom.parallel.distributed import init_distributed, state_for_run
+    from megatron_bloom.training.checkpointing import CheckpointSaver, Progress, save_training_checkpoint
+    from megatron_bloom.training.loop import build_engine, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"model={args.model}", f"precision={args.precision}", "train.micro_batch_size=1",
+                     "train.global_batch_size=1", "zero.stage=1", f"checkpoint.dir={tmp}/ckpt",
+                     f"run.dir={tmp}/run"]
+        config = load_config(overrides)
+        init_distributed(always=True)
+        state = state_for_run(1, 1, 1, 1, require_groups=True)
+        engine, _, _ = build_engine(config, state)
+        generator = torch.Generator().manual_seed(0)
+        length = config.model.seq_length
+
+        def batches():
+            while True:
+                tokens = torch.randint(0, config.model.vocab_size, (1, length + 1), generator=generator)
+                yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+        data = batches()
+
+        def step() -> float:
+            started = time.perf_counter()
+            train_step(engine, data, state, 1)
+            return time.perf_counter() - started
+
+        for _ in range(2):
+            step()  # warm-up: optimizer state, allocator
+        baseline = statistics.median(step() for _ in range(5))
+        progress = Progress(iteration=0)
+
+        synchronous = []
+        for _ in range(args.repeats):
+            progress.iteration += 1
+            started = time.perf_counter()
+            save_training_checkpoint(engine, config, state, progress)
+            synchronous.append(time.perf_counter() - started)
+            step()
+
+        async_config = load_config(overrides + ["checkpoint.async_save=true"])
+        saver = CheckpointSaver(engine, async_config, state, None)
+        asynchronous, steps_during = [], []
+        for _ in range(args.repeats):
+            progress.iteration += 1
+            started = time.perf_counter()
+            saver.save(progress)
+            stall = time.perf_counter() - started
+            count = 0
+            while not saver.written_here():
+                stall += max(0.0, step() - baseline)
+                count += 1
+            started = time.perf_counter()
+            saver.poll(True)
+            stall += time.perf_counter() - started
+            asynchronous.append(stall)
+            steps_during.append(count)
+        size_mb = sum(f.stat().st_size for f in Path(tmp, "ckpt").rglob("*") if f.is_file()) / 2**20 / (
+            2 * args.repeats)
+        sync_s, async_s = statistics.median(synchronous), statistics.median(asynchronous)
+        print(json.dumps({"mode": "synchronous", "model": args.model, "checkpoint_mb": round(size_mb, 1),
+                          "stall_s": [round(x, 3) for x in synchronous], "median_s": round(sync_s, 3)}))
+        print(json.dumps({"mode": "asynchronous", "model": args.model, "step_s": round(baseline, 3),
+                          "stall_s": [round(x, 3) for x in asynchronous], "steps_while_writing": steps_during,
+                          "median_s": round(async_s, 3)}))
+        print(json.dumps({"async_over_sync": round(async_s / sync_s, 3)}))
+
+
+if __name__ == "__main__":
+    main()
