@@ -214,17 +214,20 @@ def test_a_pretraining_checkpoint_starts_the_trunk_and_a_new_head(layouts):
 def resume_worker(rank, world_size, overrides, checkpoints):
     from megatron_bloom.training.loop import train
 
-    state = ParallelState.create(tp=1, pp=1, dp=1)
+    state = ParallelState.create(tp=1, pp=1, dp=world_size)
     first = train(load_config(overrides + [f"checkpoint.dir={checkpoints}", "checkpoint.save_interval=5"]), state)
     resumed = train(load_config(overrides + [f"checkpoint.dir={checkpoints}",
                                              f"checkpoint.load={checkpoints / 'global_step5'}"]), state)
     return first.losses, resumed.losses
 
 
-def test_fine_tuning_resumes_exactly(tokenizer_dir, tmp_path):
-    overrides = task_overrides("sequence_classification", tokenizer_dir, tmp_path / "run") + ["train.iters=10"]
-    first, resumed = run_distributed(resume_worker, 1, overrides, tmp_path / "ckpt")[0]
-    assert len(first) == 10 and resumed == first[5:]  # the data position and optimizer state carry over
+@pytest.mark.parametrize("dp, precision", [(1, "fp32"), (2, "bf16")], ids=["fp32", "bf16-dp2"])
+def test_fine_tuning_resumes_exactly(tokenizer_dir, tmp_path, dp, precision):
+    """... in fp32 on one rank, and under the defaults a cluster run has: bf16, ZeRO 1, 2 replicas."""
+    overrides = task_overrides("sequence_classification", tokenizer_dir, tmp_path / "run") + [
+        "train.iters=10", f"precision={precision}", f"parallel.dp={dp}"]
+    for first, resumed in run_distributed(resume_worker, dp, overrides, tmp_path / "ckpt"):
+        assert len(first) == 10 and resumed == first[5:]  # the data position and optimizer state carry over
 
 
 def test_fine_tuned_bloom_tiny_beats_chance_and_exports_the_same_predictions(tmp_path, tokenizer_dir):

@@ -197,3 +197,16 @@ def test_a_loss_spike_rolls_back_past_the_garbage_and_a_resume_skips_it_too(shar
                       "checkpoint.save_interval=null"]
     run_ranks(1, "megatron_bloom.cli.train", resumed)
     assert losses_by_iteration(tmp_path / "run")[20] == losses[20]  # appended by the resumed run
+
+
+def test_a_resume_under_the_cluster_defaults_is_exact(shard, tmp_path):
+    """bf16, ZeRO 1, 2 data-parallel replicas and 2 data-loader workers each: a run started from its
+    checkpoint of iteration 3 continues with the losses of the run that went on, bit for bit."""
+    args = overrides(shard, tmp_path / "run", 1, 1, 2, iters=6, precision="bf16") + [
+        "data.num_workers=2", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3"]
+    run_ranks(2, "megatron_bloom.cli.train", args)
+    run_ranks(2, "megatron_bloom.cli.train", overrides(shard, tmp_path / "resumed", 1, 1, 2, iters=6,
+                                                        precision="bf16") + [
+        "data.num_workers=2", f"checkpoint.load={tmp_path / 'ckpt' / 'global_step3'}"])
+    whole, resumed = losses_by_iteration(tmp_path / "run"), losses_by_iteration(tmp_path / "resumed")
+    assert list(resumed) == [4, 5, 6] and all(resumed[i] == whole[i] for i in (4, 5, 6)), (whole, resumed)
