@@ -76,6 +76,12 @@ CONF
     ;;
 stop)
     dir=$(realpath -m "${2:?usage: local_cluster.sh stop DIR}")
+    # jobs still running (a test that failed half-way) end first: their ranks would outlive the daemons
+    SLURM_CONF="$dir/slurm.conf" scancel --full --quiet 2>/dev/null || true
+    for _ in 1 2 3 4 5; do
+        [[ -z "$(SLURM_CONF="$dir/slurm.conf" squeue --noheader --states=RUNNING,COMPLETING 2>/dev/null)" ]] && break
+        sleep 1
+    done
     for daemon in slurmd slurmctld; do
         if [[ -s "$dir/$daemon.pid" ]]; then
             kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true
