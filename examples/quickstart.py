@@ -138,10 +138,10 @@ def tour(model: str, workdir: Path) -> int:
                                 "-m", "megatron_bloom.cli.train", *overrides], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     output = []
-    for line in trained.stdout:  # as the run goes: every 25th iteration's line, its saves and its summary
+    for line in trained.stdout:  # as the run goes: every 20th iteration's line, its saves and its summary
         output.append(line)
         iteration = int(line.split()[1].split("/")[0]) if line.startswith("iter ") else None
-        shown = (iteration == 1 or iteration % 25 == 0) if iteration is not None else \
+        shown = (iteration == 1 or iteration % 20 == 0) if iteration is not None else \
             line.startswith(("saved checkpoint", "mbloom-train: done"))
         if shown:
             print("  " + line.rstrip(), flush=True)
