@@ -1,6 +1,8 @@
 """`python -m tests.crash_during_save N [mbloom-train overrides]`: mbloom-train in this process, killed with
 SIGKILL just before its N-th file-system step of checkpointing (a `torch.save`, `os.fsync`, `os.replace` or
-tree removal). The steps run for real; only their count decides the moment of the crash."""
+tree removal; with `checkpoint.async_save`, steps of the background writer too). The steps run for real;
+only their count decides the moment of the crash. Among several ranks, only the rank CRASH_RANK (default:
+every rank) crashes; the launcher then stops the others, as torchrun does."""
 
 import os
 import shutil
@@ -12,6 +14,8 @@ import torch
 
 def main() -> None:
     kill_at, argv = int(sys.argv[1]), sys.argv[2:]
+    if os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        kill_at = 0  # this rank runs on until the launcher stops it
     count = 0
 
     def counted(function):

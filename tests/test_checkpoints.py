@@ -26,7 +26,7 @@ from tests.conftest import (
     sample_texts,
     train_test_tokenizer,
 )
-from tests.processes import run_module
+from tests.processes import run_module, run_module_ranks
 
 pytestmark = pytest.mark.slow  # every test trains, converts or evaluates on real processes
 
@@ -92,6 +92,30 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
     assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(tmp_path / "whole")
     # keep_last pruned old checkpoints and the leftovers of interrupted saves
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["global_step11", "global_step12"]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_rank_of_four_killed_at_moments_of_a_save_never_loses_the_run(shard, pipeline_run, tmp_path, async_save):
+    """tp 2 x pp 2, a save every iteration: 3 jobs in a row, each with one rank (a different one each time)
+    killed just before one of its file-system steps of a save, the rest then stopped; each next job
+    resumes with `auto`. The newest complete checkpoint never goes backwards, and the finished run's
+    losses equal the uninterrupted run's (`pipeline_run`), bit for bit."""
+    args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=10) + [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto",
+        f"checkpoint.async_save={str(async_save).lower()}"]
+    newest = 0
+    for crash, kill_at in enumerate((3, 11, 19) if async_save else (5, 14, 23)):
+        crashed = run_module_ranks(4, "tests.crash_during_save", [str(kill_at), *args], cwd=REPO, timeout=300,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO), CRASH_RANK=str(crash % 4)))
+        assert crashed.returncode != 0, crashed.stderr[-3000:]
+        found = newest_complete_checkpoint(tmp_path / "ckpt")
+        if found is not None:
+            iteration = read_metadata(found).iteration
+            assert iteration >= newest, (kill_at, iteration, newest)
+            newest = iteration
+    assert newest >= 1
+    run_ranks(4, "megatron_bloom.cli.train", args)
+    assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(pipeline_run / "run")
 
 
 def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, capsys):

@@ -30,13 +30,13 @@ from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
 from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.checkpointing import (
+    CheckpointSaver,
     Progress,
     StartPoint,
     load_universal_weights,
     load_weights_only,
     restore_optimizer_state,
     resume,
-    CheckpointSaver,
     start_point,
 )
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
@@ -314,7 +314,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
             progress.skipped_iterations += skipped_step
             consecutive_skips = consecutive_skips + 1 if skipped_step else 0
             # collective: SIGTERM anywhere, the slowest rank, and whether an async save is written everywhere
-            ranks = exchange_iteration(stop, step_s, saver.written_here())
+            ranks = exchange_iteration(stop, step_s, saver.written_here(), state.device)
             saver.poll(ranks.all_written)
             metrics.log(iteration, config.train.iters, loss=loss, lr=lr,
                         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,

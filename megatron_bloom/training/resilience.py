@@ -64,15 +64,18 @@ class IterationStats:
     all_written: bool  # every rank has written its files of the async save in flight
 
 
-def exchange_iteration(stop: StopSignal, step_s: float, written: bool = True) -> IterationStats:
+def exchange_iteration(stop: StopSignal, step_s: float, written: bool = True,
+                       device: torch.device = torch.device("cpu")) -> IterationStats:
     """One all-gather per iteration of (SIGTERM received, step time, async save written) from every rank:
     whether to stop, the straggler (the slowest rank's step next to the median) for metrics.jsonl, and
-    whether the checkpoint in flight can be published."""
-    mine = torch.tensor([float(stop.received), step_s, float(written)], dtype=torch.float64)
+    whether the checkpoint in flight can be published. (`device`: where the backend takes tensors, a GPU
+    for NCCL.)"""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return IterationStats(stop.received, 0, step_s, step_s, written)
+    mine = torch.tensor([float(stop.received), step_s, float(written)], dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
+    gathered = [row.cpu() for row in gathered]
     steps = [float(row[1]) for row in gathered]
     slowest = max(range(len(steps)), key=steps.__getitem__)
     return IterationStats(any(float(row[0]) > 0 for row in gathered), slowest, steps[slowest],
