@@ -11,6 +11,7 @@ so a kill at any moment of an async save leaves the previous complete checkpoint
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, List
 
@@ -42,13 +43,22 @@ def write_file(state: Any, path: str) -> None:
         os.close(fd)
 
 
+def lower_priority() -> None:
+    """The writer thread yields the cores to training: on Linux a thread has its own nice value."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class AsyncCheckpointWrites:
     """A DeepSpeed checkpoint engine whose `save` returns once the state is on the host; loads and the rest
     go to the engine it wraps."""
 
     def __init__(self, checkpoint_engine) -> None:
         self._wrapped = checkpoint_engine
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbloom-checkpoint-writer")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbloom-checkpoint-writer",
+                                          initializer=lower_priority)
         self._writes: List[Future] = []
 
     def save(self, state_dict: Any, path: str) -> None:
