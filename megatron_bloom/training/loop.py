@@ -325,7 +325,8 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
                         slowest_rank_step_s=ranks.slowest_step_s, median_rank_step_s=ranks.median_step_s)
             spike = guards.spikes.check(loss, skipped_step)
             if spike is not None:
-                saver.finish()  # a save in flight may be the checkpoint to go back to
+                if config.train.loss_spike.policy == "rollback":
+                    saver.finish()  # a save in flight may be the checkpoint to go back to
                 rolled_back = handle_spike(engine, config, state, guards, progress, iteration, loss, spike,
                                         [read_from, progress.consumed_samples])
                 if rolled_back is not None:  # go on from the checkpoint, past the spike's samples
