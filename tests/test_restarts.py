@@ -1,6 +1,7 @@
 """Runs that survive their ranks: `launcher.max_restarts` (torchrun's elastic restarts) after a rank is
-killed and after a rank hangs, the watchdog's stack dumps, `events.jsonl`, the lock on checkpoint.dir, and
-ranks that die with their launcher."""
+killed and after a rank hangs, the watchdog's stack dumps, `events.jsonl`, the lock on checkpoint.dir,
+ranks that die with their launcher, skipped samples, a loss spike rolled back past garbage data, and an
+exact resume under the defaults of a cluster run."""
 
 import json
 import os
