@@ -144,7 +144,7 @@ def publish_staged(root: Path, tag: str, metadata: CheckpointMetadata, tokenizer
     metadata.tokenizer = TOKENIZER_DIR if kept else None
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != METADATA_FILE)
     for path in files:
-        _fsync_file(path)
+        fsync_file(path)
     metadata.files = {str(p.relative_to(staging)): p.stat().st_size for p in files}
     _write_atomically(staging / METADATA_FILE, metadata.to_json())
     _fsync_dir(staging)
@@ -320,7 +320,7 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 

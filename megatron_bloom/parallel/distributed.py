@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 from datetime import timedelta
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron_bloom.errors import ConfigError, UserError
 from megatron_bloom.parallel.host_group import DEFAULT_TIMEOUT_S
 from megatron_bloom.parallel.state import ParallelState, default_device
+
+T = TypeVar("T")
 
 
 def launch_rank() -> Tuple[int, int]:
@@ -115,6 +117,15 @@ def rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Sto
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_hosts and rank == 0, timeout=timeout)
     return dist.PrefixStore(f"mbloom/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def decided_on_rank_zero(decide: Callable[[], T]) -> T:
+    """Collective: `decide()` runs on global rank 0 only (it may read files other nodes cannot see, or print
+    once), and every rank returns its (picklable) result."""
+    holder = [decide() if dist.get_rank() == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def free_port() -> int:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, List
 
 import torch
+
+from megatron_bloom.checkpoint.layout import fsync_file
 
 
 def host_snapshot(value: Any) -> Any:
@@ -36,11 +39,7 @@ def host_snapshot(value: Any) -> Any:
 def write_file(state: Any, path: str) -> None:
     """torch.save, then fsync: a file reported written survives a crash of the machine."""
     torch.save(state, path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(Path(path))
 
 
 def lower_priority() -> None:

@@ -54,6 +54,7 @@ from megatron_bloom.fence.deepspeed import (
 )
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel.distributed import decided_on_rank_zero
 from megatron_bloom.parallel.sharding import shard_tensor
 from megatron_bloom.pipeline.names import named_model_parameters
 from megatron_bloom.pipeline.partition import stage_layers
@@ -230,9 +231,7 @@ class StartPoint:
 
 def start_point(config: TrainConfig, state: ParallelState) -> StartPoint:
     """Rank 0 chooses the checkpoint (and warns about any it passes over); every rank loads that one."""
-    chosen = [checkpoint_to_load(config) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)
-    directory = chosen[0]
+    directory = decided_on_rank_zero(lambda: checkpoint_to_load(config))
     if directory is None:
         return StartPoint()
     metadata = read_metadata(directory)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.skips import SkippedSamples
+from megatron_bloom.parallel.distributed import decided_on_rank_zero
 from megatron_bloom.training.events import read_events, record_event
 from megatron_bloom.training.run_lock import CheckpointDirLock, lock_checkpoint_dir
 from megatron_bloom.training.spikes import SpikeDetector
@@ -92,13 +93,9 @@ def rollback_skips(run_dir: Path) -> SkippedSamples:
 def skipped_samples(config: TrainConfig, saved: Optional[List[List[int]]]) -> SkippedSamples:
     """Every range this run skips: `train.skip_samples`, the checkpoint's, and earlier rollbacks' (rank 0
     reads run.dir, which other nodes may not see, and tells every rank)."""
-    ranges = [None]
-    if dist.get_rank() == 0:
-        ranges[0] = (SkippedSamples(config.train.skip_samples or []).union(SkippedSamples(saved or []))
-                     .union(rollback_skips(Path(config.run.dir))).to_list())
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(ranges, src=0)
-    return SkippedSamples(ranges[0])
+    return SkippedSamples(decided_on_rank_zero(lambda: (
+        SkippedSamples(config.train.skip_samples or []).union(SkippedSamples(saved or []))
+        .union(rollback_skips(Path(config.run.dir))).to_list())))
 
 
 class RunGuards:

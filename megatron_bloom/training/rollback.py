@@ -19,6 +19,7 @@ from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.skips import SkippedSamples
 from megatron_bloom.errors import UserError
 from megatron_bloom.parallel import ParallelState
+from megatron_bloom.parallel.distributed import decided_on_rank_zero
 from megatron_bloom.training.checkpointing import Progress, resume, resumes_exactly
 from megatron_bloom.training.events import record_event
 from megatron_bloom.training.resilience import RunGuards
@@ -27,14 +28,15 @@ from megatron_bloom.training.resilience import RunGuards
 def checkpoint_before(config: TrainConfig, state: ParallelState, iteration: int) -> Optional[Path]:
     """Rank 0's choice, shared: the newest complete checkpoint of checkpoint.dir saved before `iteration`
     that this run can load exactly."""
-    chosen: List[Optional[Path]] = [None]
-    if dist.get_rank() == 0 and config.checkpoint.dir:
+    def choose() -> Optional[Path]:
+        if not config.checkpoint.dir:
+            return None
         directory = newest_complete_checkpoint(Path(config.checkpoint.dir), warn=False, before=iteration)
         if directory is not None and resumes_exactly(read_metadata(directory), config, state):
-            chosen[0] = directory
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    return chosen[0]
+            return directory
+        return None
+
+    return decided_on_rank_zero(choose)
 
 
 def handle_spike(engine, config: TrainConfig, state: ParallelState, guards: RunGuards, progress: Progress,

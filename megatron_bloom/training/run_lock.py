@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
-
 from megatron_bloom.errors import UserError
+from megatron_bloom.parallel.distributed import decided_on_rank_zero
 
 LOCK_FILE = ".lock"
 
@@ -63,14 +62,17 @@ def describe_owner(text: str) -> str:
 
 def lock_checkpoint_dir(root: Path, run_dir: Path) -> Optional[CheckpointDirLock]:
     """Collective: rank 0 takes the lock of `root`; every rank raises the same error when another run has it."""
-    lock, problem = None, None
-    if dist.get_rank() == 0:
+    lock = None
+
+    def acquire() -> Optional[str]:
+        nonlocal lock
         got = CheckpointDirLock.try_acquire(root, run_dir)
-        lock, problem = (got, None) if isinstance(got, CheckpointDirLock) else (None, got)
-    if dist.get_world_size() > 1:
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
+        if isinstance(got, CheckpointDirLock):
+            lock = got
+            return None
+        return got
+
+    problem = decided_on_rank_zero(acquire)
     if problem is not None:
         raise UserError(f"checkpoint.dir {root} is in use by another run: {problem}. Two runs writing the same "
                         "checkpoints would overwrite each other's; wait for that run to end (or stop it), or give "

@@ -130,7 +130,7 @@ class Watchdog:
                 self._dump_stacks(f"rank {self.rank}: another rank found a hang (see events.jsonl)")
 
     def _hang(self, elapsed: float, marker: Path) -> None:
-        now = time.time()
+        now, limit = time.time(), self.limit_s()
         beats = read_heartbeats(self.run_dir)
         silent = sorted(rank for rank, beat in beats.items() if beat.get("attempt") == self.attempt
                         and beat.get("state") == "running"
@@ -142,13 +142,13 @@ class Watchdog:
         live = sorted(rank for rank, beat in beats.items() if beat.get("attempt") == self.attempt
                       and rank not in silent)
         summary = (f"rank {self.rank}: iteration {self.iteration + 1} has run {elapsed:.0f} s, more than its limit of "
-                   f"{self.limit_s():.0f} s: a hang. Ranks not responding: {silent or 'none'}; last to arrive: "
+                   f"{limit:.0f} s: a hang. Ranks not responding: {silent or 'none'}; last to arrive: "
                    f"{last_to_arrive or 'unknown'} (at iteration {behind}).")
         self._dump_stacks(summary)
         self._end_stopped_peers([beats[rank] for rank in silent])
         if not live or self.rank == live[0]:  # one record per hang: the lowest-numbered live rank's
             record_event(self.run_dir, "hang", rank=self.rank, iteration=self.iteration + 1,
-                         elapsed_s=round(elapsed, 1), limit_s=round(self.limit_s(), 1), not_responding=silent,
+                         elapsed_s=round(elapsed, 1), limit_s=round(limit, 1), not_responding=silent,
                          last_to_arrive=last_to_arrive, stacks=str(self.run_dir / HANGS))
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
