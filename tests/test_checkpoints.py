@@ -76,7 +76,7 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
         f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto",
         f"checkpoint.async_save={str(async_save).lower()}"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every run alike: thread counts change float sums
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))  # TMPDIR: the step counters
     newest = 0
     for kill_at in range(2, 26, 2):
         crashed = run_module("tests.crash_during_save", [str(kill_at), *args], cwd=REPO, env=env, timeout=300)
@@ -106,7 +106,8 @@ def test_a_rank_of_four_killed_at_moments_of_a_save_never_loses_the_run(shard, p
     newest = 0
     for crash, kill_at in enumerate((3, 11, 19) if async_save else (5, 14, 23)):
         crashed = run_module_ranks(4, "tests.crash_during_save", [str(kill_at), *args], cwd=REPO, timeout=300,
-                                   env=dict(os.environ, PYTHONPATH=str(REPO), CRASH_RANK=str(crash % 4)))
+                                   env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path),
+                                            CRASH_RANK=str(crash % 4)))
         assert crashed.returncode != 0, crashed.stderr[-3000:]
         found = newest_complete_checkpoint(tmp_path / "ckpt")
         if found is not None:

@@ -275,8 +275,9 @@ class CheckpointConfig:
     keep_last: Optional[int] = None
     """Keep only the newest this many checkpoints; null: keep every one."""
     async_save: bool = False
-    """Copy the state to host memory and write it in the background while training goes on (one save in
-    flight at a time); `latest` names it only once every rank's files are complete, as a synchronous save."""
+    """Copy the state to host memory and write it from a background process while training goes on (one
+    save in flight at a time); `latest` names it only once every rank's files are complete, as a synchronous
+    save. Costs a host copy of each rank's checkpoint files; for GPU nodes, not for CPUs busy training."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", self, "save_interval", "keep_last")

@@ -49,10 +49,11 @@ def launcher_env() -> Optional[dict]:
     return None
 
 
-def die_with_launcher() -> None:
-    """A rank a launcher started dies with it. torchrun starts each rank in a session of its own, so `kill -9`
-    of the launcher's process group would leave the ranks training on, orphaned, still writing checkpoints;
-    the kernel's parent-death signal (prctl PR_SET_PDEATHSIG, Linux) kills them instead."""
+def die_with_parent() -> None:
+    """This process dies with the one that started it (the kernel's parent-death signal, prctl
+    PR_SET_PDEATHSIG, Linux). A rank dies with its launcher: torchrun starts each rank in a session of its own,
+    so `kill -9` of the launcher's process group would leave the ranks training on, orphaned, still writing
+    checkpoints. A checkpoint writer dies with its rank."""
     if platform.system() != "Linux":
         return
     parent = os.getppid()
@@ -87,7 +88,7 @@ def init_distributed(timeout_minutes: int = 30, always: bool = False) -> int:
         return dist.get_world_size()
     env = launcher_env()
     if env is not None:
-        die_with_launcher()
+        die_with_parent()
     if env is None or env["world_size"] == 1 and "MASTER_ADDR" not in os.environ:
         if not always:
             return 1

@@ -185,6 +185,11 @@ class CheckpointSaver:
         dist.barrier()
         self.pending = None
 
+    def close(self) -> None:
+        """The run is over (or failed): stop the background writer."""
+        if self.writes is not None:
+            self.writes.close()
+
 
 def checkpoint_to_load(config: TrainConfig) -> Optional[Path]:
     """The checkpoint dir `checkpoint.load` names: None (fresh start), `auto` (the newest complete one in

@@ -359,6 +359,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
         saver.finish()  # the run ends once its last checkpoint is published
         metrics.summary(progress.iteration, config.checkpoint.dir)
     finally:
+        saver.close()
         stop.restore()
         metrics.close()
     return TrainResult(losses=losses, engine=engine)
