@@ -48,7 +48,8 @@ def main() -> None:
 
     from megatron_bloom.config import load_config
     from megatron_bloom.parallel.distributed import init_distributed, state_for_run
-    from megatron_bloom.training.checkpointing import CheckpointSaver, Progress, save_training_checkpoint
+    from megatron_bloom.training.checkpointing import (CheckpointSaver, Progress, save_training_checkpoint,
+                                                       start_writer)
     from megatron_bloom.training.loop import build_engine, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,6 +59,8 @@ def main() -> None:
         config = load_config(overrides)
         init_distributed(always=True)
         state = state_for_run(1, 1, 1, 1, require_groups=True)
+        async_config = load_config(overrides + ["checkpoint.async_save=true"])
+        writer = start_writer(async_config)  # as a run does: before the model is built
         engine, _, _ = build_engine(config, state)
         generator = torch.Generator().manual_seed(0)
         length = config.model.seq_length
@@ -87,8 +90,7 @@ def main() -> None:
             synchronous.append(time.perf_counter() - started)
             step()
 
-        async_config = load_config(overrides + ["checkpoint.async_save=true"])
-        saver = CheckpointSaver(engine, async_config, state, None)
+        saver = CheckpointSaver(engine, async_config, state, None, writer)
         asynchronous, steps_during, save_calls = [], [], []
         for _ in range(args.repeats):
             progress.iteration += 1
@@ -105,7 +107,7 @@ def main() -> None:
             stall += sum(during) - sum(step() for _ in during)
             asynchronous.append(stall)
             steps_during.append(len(during))
-        saver.close()
+        writer.close()
         size_mb = sum(f.stat().st_size for f in Path(tmp, "ckpt").rglob("*") if f.is_file()) / 2**20 / (
             2 * args.repeats)
         sync_s, async_s = statistics.median(synchronous), statistics.median(asynchronous)

@@ -247,11 +247,11 @@ def shard(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_run(shard, tmp_path_factory) -> Path:
-    """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1 on `shard`: `run/` (its metrics.jsonl) and `ckpt/`
-    (checkpoints after iterations 4, 8 and 10). The uninterrupted run the resume tests compare against, and
-    the checkpoint the reshape tests start from."""
+    """A (tp 2, pp 2) fp32 run of 12 iterations with ZeRO 1 on `shard`: `run/` (its metrics.jsonl) and `ckpt/`
+    (checkpoints after iterations 4, 8 and 12). The uninterrupted run the resume and restart tests compare
+    against, and the checkpoint the reshape tests start from."""
     def build(root: Path) -> None:
-        run_ranks(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=10) + [
+        run_ranks(4, "megatron_bloom.cli.train", overrides(shard, root / "run", 2, 2, 1, iters=12) + [
             f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
 
     return built_once(tmp_path_factory, "pipeline-run", build)

@@ -94,29 +94,58 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["global_step11", "global_step12"]
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_rank_of_four_killed_at_moments_of_a_save_never_loses_the_run(shard, pipeline_run, tmp_path, async_save):
-    """tp 2 x pp 2, a save every iteration: 3 jobs in a row, each with one rank (a different one each time)
-    killed just before one of its file-system steps of a save, the rest then stopped; each next job
-    resumes with `auto`. The newest complete checkpoint never goes backwards, and the finished run's
-    losses equal the uninterrupted run's (`pipeline_run`), bit for bit."""
-    args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=10) + [
+def kill_ranks_during_saves(shard, pipeline_run, tmp_path, async_save, kills):
+    """tp 2 x pp 2, a save every iteration: a job in a row for each `(rank, step)` of `kills`, whose `rank`
+    is killed just before its `step`-th file-system step (the rest then stopped); each next job resumes with
+    `auto`. The newest complete checkpoint never goes backwards, and the finished run's losses equal the
+    uninterrupted run's (`pipeline_run`), bit for bit."""
+    args = overrides(shard, tmp_path / "run", 2, 2, 1, iters=12) + [
         f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1", "checkpoint.load=auto",
         f"checkpoint.async_save={str(async_save).lower()}"]
     newest = 0
-    for crash, kill_at in enumerate((3, 11, 19) if async_save else (5, 14, 23)):
+    for rank, kill_at in kills:
         crashed = run_module_ranks(4, "tests.crash_during_save", [str(kill_at), *args], cwd=REPO, timeout=300,
                                    env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path),
-                                            CRASH_RANK=str(crash % 4)))
-        assert crashed.returncode != 0, crashed.stderr[-3000:]
+                                            CRASH_RANK=str(rank)))
+        assert crashed.returncode != 0, (rank, kill_at, crashed.stderr[-3000:])
         found = newest_complete_checkpoint(tmp_path / "ckpt")
         if found is not None:
             iteration = read_metadata(found).iteration
-            assert iteration >= newest, (kill_at, iteration, newest)
+            assert iteration >= newest, (rank, kill_at, iteration, newest)
             newest = iteration
-    assert newest >= 1
     run_ranks(4, "megatron_bloom.cli.train", args)
     assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(pipeline_run / "run")
+
+
+# The file-system steps of a job at tp 2 x pp 2, counted from its start (tests/crash_during_save.py):
+# - rank 0: 3 at start (the checkpoint-dir lock, a DeepSpeed op probe, the first heartbeat); then each save:
+#   its 8 files (5 pipeline layers, model states, ZeRO partition, RNG), the publish's fsync of all 26 files
+#   of the 4 ranks, mbloom.json (fsync, rename), the staging dir's fsync, its rename, `latest` (fsync,
+#   rename), the root's fsync: 41 steps, one more (removing an interrupted save's staging dir) after a crash;
+# - rank 1: 2 at start, then 8 files a save; ranks 2 and 3 (the last stage): 2 at start, then 5 files.
+# With async saves each file is a torch.save and an fsync of the rank's writer process, in the same count.
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_rank_of_four_killed_at_moments_of_a_save_never_loses_the_run(shard, pipeline_run, tmp_path, async_save):
+    """Three moments per mode, on three ranks: a file write, and (rank 0) the publish."""
+    kills = [(0, 9), (1, 13), (2, 19)] if async_save else [(0, 5), (1, 12), (0, 40)]
+    kill_ranks_during_saves(shard, pipeline_run, tmp_path, async_save, kills)
+
+
+@pytest.mark.exhaustive
+def test_a_rank_of_four_killed_at_every_step_of_a_synchronous_save(shard, pipeline_run, tmp_path):
+    """Rank 0 at each of steps 4 to 45 (every step of its first save in the job), and every other rank at
+    each step of its first save: 60 jobs."""
+    kills = ([(0, step) for step in range(4, 46)] + [(1, step) for step in range(3, 11)]
+             + [(rank, step) for rank in (2, 3) for step in range(3, 8)])
+    kill_ranks_during_saves(shard, pipeline_run, tmp_path, False, kills)
+
+
+@pytest.mark.exhaustive
+def test_a_rank_of_four_killed_at_ten_moments_of_async_saves(shard, pipeline_run, tmp_path):
+    """Ten moments of async saves: the writer's file writes and fsyncs on each stage and tp rank, the
+    publish's fsyncs, renames and `latest` on rank 0."""
+    kills = [(0, 4), (0, 11), (0, 18), (1, 5), (1, 12), (2, 6), (3, 9), (0, 30), (0, 45), (0, 51)]
+    kill_ranks_during_saves(shard, pipeline_run, tmp_path, True, kills)
 
 
 def test_a_damaged_checkpoint_is_passed_over_with_a_warning(shard, tmp_path, capsys):

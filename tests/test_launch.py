@@ -116,29 +116,33 @@ def wait_for_state(job_id, env, states=("COMPLETED", "FAILED", "CANCELLED", "TIM
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_sbatch_trains_and_a_preempted_job_requeues_and_resumes(shard, pipeline_run, tmp_path, slurm):
-    # 1. sbatch the script itself: 2 tasks on the node (overcommitted), each a torchrun of 2 ranks meeting
-    # through c10d rendezvous: tp 2 x pp 2. Rank 3 is killed after iteration 4; with launcher.max_restarts=1
-    # both tasks restart their ranks from the checkpoint of iteration 3, and the job ends with the losses of
-    # the run never interrupted (`pipeline_run`), bit for bit.
+    # 1. sbatch the script itself: 2 tasks on the node (overcommitted), each a torchrun of 2 ranks: tp 2 x
+    # pp 2, a checkpoint every 3 iterations, launcher.max_restarts=2. Rank 3 is killed after iteration 5 and
+    # rank 1 after iteration 8; both tasks restart their ranks each time from the newest checkpoint, and the
+    # job ends with the losses of the run never interrupted (`pipeline_run`), bit for bit.
     run_dir = tmp_path / "sbatch"
-    args = overrides(shard, run_dir, 2, 2, 1, iters=10) + [
-        f"checkpoint.dir={tmp_path / 'sbatch-ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=1"]
+    args = overrides(shard, run_dir, 2, 2, 1, iters=12) + [
+        f"checkpoint.dir={tmp_path / 'sbatch-ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=2"]
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--overcommit", f"--output={tmp_path / 'sbatch-%j.out'}",
          str(REPO / "launch" / "slurm" / "train.sbatch"), *args],
         env={**slurm, "NPROC_PER_TASK": "2"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job_id = int(submitted.stdout.strip())
-    deadline = time.time() + 240
-    while not any(json.loads(line)["iter"] >= 4 for line in (
-            (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else [])):
-        assert time.time() < deadline and scontrol_field(job_id, "JobState", slurm) in ("PENDING", "RUNNING")
-        time.sleep(0.1)
-    os.kill(json.loads((run_dir / "heartbeats" / "rank-00003.json").read_text())["pid"], signal.SIGKILL)
+    for attempt, (rank, after) in enumerate([(3, 5), (1, 8)]):
+        deadline = time.time() + 240
+        while not any(json.loads(line)["iter"] >= after for line in (
+                (run_dir / "metrics.jsonl").read_text().splitlines()[-1:] if (run_dir / "metrics.jsonl").is_file()
+                else [])):
+            assert time.time() < deadline and scontrol_field(job_id, "JobState", slurm) in ("PENDING", "RUNNING")
+            time.sleep(0.1)
+        victim = json.loads((run_dir / "heartbeats" / f"rank-{rank:05d}.json").read_text())
+        assert victim["attempt"] == attempt, victim
+        os.kill(victim["pid"], signal.SIGKILL)
     assert wait_for_state(job_id, slurm) == "COMPLETED", (tmp_path / f"sbatch-{job_id}.out").read_text()[-3000:]
     assert losses_by_iteration(run_dir) == losses_by_iteration(pipeline_run / "run")
     restarts = [event for event in read_events(run_dir) if event["event"] == "restart"]
-    assert len(restarts) == 1 and restarts[0]["rank"] == 3 and restarts[0]["resumed_from"] == 3, restarts
+    assert [(event["rank"], event["resumed_from"]) for event in restarts] == [(3, 3), (1, 6)], restarts
 
     # 2. mbloom-launch writes and submits the script; SLURM's end-of-time warning (SIGUSR1 to the batch
     # script) makes the ranks save a checkpoint and the job requeue itself; it resumes and completes.

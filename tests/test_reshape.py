@@ -22,7 +22,7 @@ LAYOUTS = [(1, 1), (4, 1), (1, 4)]
 
 @pytest.fixture(scope="module")
 def trained(pipeline_run, tmp_path_factory):
-    """A (tp 2, pp 2) fp32 run of 10 iterations with ZeRO 1 (`pipeline_run`), its checkpoint of iteration 4
+    """A (tp 2, pp 2) fp32 run of 12 iterations with ZeRO 1 (`pipeline_run`), its checkpoint of iteration 4
     reshaped to each of LAYOUTS."""
     root = tmp_path_factory.mktemp("reshape")
     (root / "run").symlink_to(pipeline_run / "run")
@@ -90,19 +90,19 @@ def test_reshaped_checkpoints_evaluate_to_the_same_loss(trained, shard, tmp_path
 @pytest.mark.parametrize("layout", [(1, 1, 1, 1), (4, 1, 1, 0), (1, 4, 1, 1), (1, 1, 2, 3)],
                          ids=["tp1-zero1", "tp4-zero0", "pp4-zero1", "dp2-zero3"])
 def test_training_continues_after_a_reshape_with_the_optimizer_state(trained, shard, tmp_path, layout):
-    """Iterations 5-10 from the reshaped iteration-4 checkpoint, at a new (tp, pp, dp, ZeRO stage), give the
+    """Iterations 5-12 from the reshaped iteration-4 checkpoint, at a new (tp, pp, dp, ZeRO stage), give the
     losses of the original run; starting with a fresh optimizer instead visibly does not."""
     root, source = trained
     tp, pp, dp, zero = layout
     reference = losses_by_iteration(root / "run")
-    args = overrides(shard, tmp_path / "run", tp, pp, dp, zero=zero, iters=10)
+    args = overrides(shard, tmp_path / "run", tp, pp, dp, zero=zero, iters=12)
     run_ranks(tp * pp * dp, "megatron_bloom.cli.train", args + [f"checkpoint.load={root / f'reshaped-{tp}-{pp}'}"])
     continued = losses_by_iteration(tmp_path / "run")
-    assert sorted(continued) == list(range(5, 11))
+    assert sorted(continued) == list(range(5, 13))
     for iteration, loss in continued.items():
         assert abs(loss - reference[iteration]) <= 1e-5 * reference[iteration], (iteration, loss, reference[iteration])
     if layout == (1, 1, 1, 1):
-        run_ranks(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=10) + [
+        run_ranks(1, "megatron_bloom.cli.train", overrides(shard, tmp_path / "fresh", 1, 1, 1, iters=12) + [
             f"checkpoint.load={source}"])
         fresh = losses_by_iteration(tmp_path / "fresh")
         assert max(abs(fresh[i] - reference[i]) / reference[i] for i in fresh) > 2e-4

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from megatron_bloom.checkpoint.layout import checkpoint_tags, read_metadata
+from megatron_bloom.checkpoint.layout import read_metadata
 from megatron_bloom.training.events import read_events
 from tests.conftest import REPO, assert_user_error, overrides, run_cli, run_ranks
 from tests.test_checkpoints import losses_by_iteration
@@ -38,12 +38,21 @@ def wait_for_iteration(run_dir, iteration, process, timeout=300):
 
 
 def alive(pid):
-    """Whether process `pid` runs (a zombie waiting for its reaper does not)."""
+    """Whether any thread of process `pid` runs. A zombie waiting for its reaper does not; a killed process
+    whose first thread is a zombie may still have threads ending (one in an fsync, say), and it holds its
+    files, and so its locks, until the last one has ended."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def launch(args, cwd):
@@ -52,50 +61,48 @@ def launch(args, cwd):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_a_killed_rank_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(shard, tmp_path, monkeypatch):
-    """tp 2 through mbloom-launch with launcher.max_restarts=2: rank 1 gets SIGKILL after iteration 4, rank 0
-    SIGSTOP after iteration 7. The watchdog of rank 1 finds the hang, names rank 0, dumps its stacks; each
-    restart resumes from the newest checkpoint (every 3 iterations); the job exits 0 and every iteration's
-    last loss is the uninterrupted run's, bit for bit. (4 ranks, tp 2 x pp 2, with a killed rank: the SLURM
-    test in test_launch.py.)"""
+def test_killed_ranks_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(shard, pipeline_run, tmp_path):
+    """tp 2 x pp 2 through mbloom-launch with launcher.max_restarts=3 and a checkpoint every 3 iterations:
+    rank 2 gets SIGKILL after iteration 5, rank 1 after iteration 8, and rank 3 SIGSTOP after iteration 10.
+    The watchdogs of the live ranks find the hang, name rank 3 and dump their stacks; each restart resumes
+    from the newest checkpoint; the job exits 0 and every iteration's last loss is the uninterrupted run's
+    (`pipeline_run`), bit for bit. (The same two kills on SLURM: test_launch.py.)"""
     run_dir = tmp_path / "run"
-    common = overrides(shard, run_dir, 2, 1, 1, iters=10)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as mbloom-launch gives 2 ranks on 2 cores: sums alike
-    run_ranks(2, "megatron_bloom.cli.train", overrides(shard, tmp_path / "whole", 2, 1, 1, iters=10))
-    args = common + [
-        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=2",
+    args = overrides(shard, run_dir, 2, 2, 1, iters=12) + [
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=3",
         "train.watchdog.min_s=4", "train.watchdog.factor=5", "train.watchdog.heartbeat_s=0.5",
         "train.watchdog.first_steps_s=60"]
     job = launch(args, tmp_path)
-    wait_for_iteration(run_dir, 4, job)
-    os.kill(heartbeat(run_dir, 1)["pid"], signal.SIGKILL)
-    time.sleep(2)  # the survivor leaves, torchrun restarts the ranks
-    wait_for_iteration(run_dir, 7, job)
-    stopped = heartbeat(run_dir, 0)
-    assert stopped["attempt"] == 1
-    os.kill(stopped["pid"], signal.SIGSTOP)
+    for attempt, (rank, after, stop) in enumerate([(2, 5, signal.SIGKILL), (1, 8, signal.SIGKILL),
+                                                   (3, 10, signal.SIGSTOP)]):
+        wait_for_iteration(run_dir, after, job)
+        victim = heartbeat(run_dir, rank)
+        assert victim["attempt"] == attempt
+        os.kill(victim["pid"], stop)
+        time.sleep(2)  # the survivors leave, torchrun restarts the ranks
     output, _ = job.communicate(timeout=400)
     assert job.returncode == 0, output[-5000:]
 
-    assert losses_by_iteration(run_dir) == losses_by_iteration(tmp_path / "whole")
+    assert losses_by_iteration(run_dir) == losses_by_iteration(pipeline_run / "run")
     iterations = [json.loads(line)["iter"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert iterations[-4:] == [7, 8, 9, 10] and iterations.count(4) == 2 and iterations.count(7) == 2
+    assert iterations[-3:] == [10, 11, 12] and all(iterations.count(i) == 2 for i in (4, 5, 7, 8, 10)), iterations
     metadata = read_metadata(tmp_path / "ckpt")
-    assert (metadata.iteration, metadata.consumed_samples, metadata.tp, metadata.pp) == (10, 80, 2, 1)
-    assert [tag.name for _, tag in checkpoint_tags(tmp_path / "ckpt")] == [
-        "global_step10", "global_step9", "global_step6", "global_step3"]
+    assert (metadata.iteration, metadata.consumed_samples, metadata.tp, metadata.pp) == (12, 96, 2, 2)
     events = read_events(run_dir)
-    assert [event["event"] for event in events] == ["restart", "hang", "restart"], events
-    first, hang, second = events
-    assert first["restart"] == 1 and first["rank"] == 1 and "without an exit" in first["reason"]
-    assert first["resumed_from"] == 3 and first["iterations_lost"] in (1, 2)  # 2: rank 0 had begun iteration 5
-    assert hang["rank"] == 1 and hang["not_responding"] == [0] and hang["iteration"] in (8, 9), hang
-    assert second["restart"] == 2 and second["resumed_from"] == 6 and second["iterations_lost"] in (1, 2)
-    assert any("hang" in failed["reason"] for failed in second["failed_ranks"]), second
-    text = (run_dir / "hangs" / "attempt-1-rank-00001.txt").read_text()
-    assert "Ranks not responding: [0]" in text and "File " in text  # the live rank's Python stack
-    assert not (run_dir / "hangs" / "attempt-1-rank-00000.txt").exists()  # a stopped rank cannot dump
-    assert "restart 1: rank 1 died without an exit" in output
+    assert [event["event"] for event in events] == ["restart", "restart", "hang", "restart"], events
+    first, second, hang, third = events
+    assert first["restart"] == 1 and first["rank"] == 2 and "without an exit" in first["reason"]
+    assert first["resumed_from"] == 3 and first["iterations_lost"] in (2, 3)  # 3: a rank had begun iteration 6
+    assert second["restart"] == 2 and second["rank"] == 1 and second["resumed_from"] == 6
+    assert second["iterations_lost"] in (2, 3)
+    assert hang["not_responding"] == [3] and hang["iteration"] in (11, 12), hang
+    assert third["restart"] == 3 and third["resumed_from"] == 9 and third["iterations_lost"] in (1, 2, 3)
+    assert any("hang" in failed["reason"] for failed in third["failed_ranks"]), third
+    dumps = {path.name: path.read_text() for path in (run_dir / "hangs").glob("attempt-2-rank-*.txt")}
+    assert dumps and "attempt-2-rank-00003.txt" not in dumps  # a stopped rank cannot dump
+    assert all("File " in text for text in dumps.values()), dumps  # the live ranks' Python stacks
+    assert any("Ranks not responding: [3]" in text for text in dumps.values()), dumps
+    assert "restart 1: rank 2 died without an exit" in output
 
 
 def test_ranks_die_with_their_launcher_and_one_run_holds_a_checkpoint_dir(shard, tmp_path):

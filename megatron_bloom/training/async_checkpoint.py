@@ -158,18 +158,22 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-class AsyncCheckpointWrites:
-    """A DeepSpeed checkpoint engine whose `save` returns once the state is staged in host memory; loads and
-    the rest go to the engine it wraps."""
+class CheckpointWriter:
+    """A rank's writer process and its staging buffers: `submit` a file, then `written` or `wait`.
 
-    def __init__(self, checkpoint_engine) -> None:
-        self._wrapped = checkpoint_engine
-        context = torch.multiprocessing.get_context("spawn")
+    Forked, so it starts at once with every module the files' objects need already imported (a spawned
+    writer imports torch and DeepSpeed again, seconds of CPU per rank). It only unpickles, torch.saves and
+    fsyncs: no CUDA, no lock another thread of the rank may hold. Start it before the model is built: a fork
+    shares the rank's memory of that moment copy-on-write, which the rank's later writes would duplicate.
+    """
+
+    def __init__(self) -> None:
+        context = torch.multiprocessing.get_context(
+            "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn")
         self._requests, self._replies = context.Queue(), context.Queue()
-        # started now, so that its imports overlap the run's setup rather than the first save
-        self._writer = context.Process(target=serve_writes, args=(self._requests, self._replies),
-                                       name="mbloom-checkpoint-writer", daemon=True)
-        self._writer.start()
+        self._process = context.Process(target=serve_writes, args=(self._requests, self._replies),
+                                        name="mbloom-checkpoint-writer", daemon=True)
+        self._process.start()
         self._buffers: List[StagingBuffer] = []
         self._pending: Dict[int, Tuple[str, StagingBuffer]] = {}
         self._submitted = 0
@@ -186,18 +190,15 @@ class AsyncCheckpointWrites:
         self._buffers.append(StagingBuffer(nbytes))
         return self._buffers[-1]
 
-    def save(self, state_dict: Any, path: str) -> None:
-        buffer = self._free_buffer(max(staged_size(state_dict), 1))
-        skeleton = pickle.dumps(buffer.stage(state_dict))  # the non-tensor values, as they are now
+    def submit(self, state: Any, path: str) -> None:
+        """Copy `state`'s tensors to host memory, then have the file written; returns once copied."""
+        buffer = self._free_buffer(max(staged_size(state), 1))
+        skeleton = pickle.dumps(buffer.stage(state))  # the non-tensor values, as they are now
         if buffer.pinned:
             torch.cuda.synchronize()  # the copies from the GPU have landed
         self._submitted += 1
         self._pending[self._submitted] = (path, buffer)
         self._requests.put((self._submitted, path, skeleton, buffer.bytes))
-
-    def save_file(self, state: Any, path: str) -> None:
-        """A file of our own (a rank's RNG state) in the same queue."""
-        self.save(state, path)
 
     def _collect(self, timeout: Optional[float]) -> None:
         """Take the writer's replies: every one waiting, or (`timeout`) at least one."""
@@ -206,9 +207,9 @@ class AsyncCheckpointWrites:
             try:
                 number, error = self._replies.get(block=block, timeout=timeout)
             except queue.Empty:
-                if block and not self._writer.is_alive():
+                if block and not self._process.is_alive():
                     raise CheckpointWriteError(
-                        f"the checkpoint writer process died (exit code {self._writer.exitcode}) with "
+                        f"the checkpoint writer process died (exit code {self._process.exitcode}) with "
                         f"{len(self._pending)} file(s) of the save in flight unwritten, e.g. "
                         f"{next(iter(self._pending.values()))[0]}; the checkpoint was not published. Look for "
                         "an out-of-memory kill in the system log.") from None
@@ -220,7 +221,7 @@ class AsyncCheckpointWrites:
             block = False
 
     def written(self) -> bool:
-        """Whether every file given so far is on disk (raises the first failed write's error)."""
+        """Whether every file submitted so far is on disk (raises the first failed write's error)."""
         self._collect(None)
         return not self._pending
 
@@ -231,16 +232,28 @@ class AsyncCheckpointWrites:
     def close(self) -> None:
         """Stop the writer: at once if a save is still in flight (an error stopped the run), otherwise once
         it has taken its last request."""
-        if self._writer.is_alive():
+        if self._process.is_alive():
             if not self._pending:
                 self._requests.put(None)
-                self._writer.join(timeout=30)
-            if self._writer.is_alive():
-                self._writer.kill()
-                self._writer.join()
+                self._process.join(timeout=30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
         for buffer in self._buffers:
             buffer.release()
         self._buffers = []
+
+
+class AsyncCheckpointWrites:
+    """A DeepSpeed checkpoint engine whose `save` hands the file to a `CheckpointWriter` (returning once the
+    state is in host memory); loads and the rest go to the engine it wraps."""
+
+    def __init__(self, checkpoint_engine, writer: CheckpointWriter) -> None:
+        self._wrapped = checkpoint_engine
+        self.writer = writer
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.writer.submit(state_dict, path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wrapped, name)

@@ -58,7 +58,7 @@ from megatron_bloom.parallel.distributed import decided_on_rank_zero
 from megatron_bloom.parallel.sharding import shard_tensor
 from megatron_bloom.pipeline.names import named_model_parameters
 from megatron_bloom.pipeline.partition import stage_layers
-from megatron_bloom.training.async_checkpoint import AsyncCheckpointWrites
+from megatron_bloom.training.async_checkpoint import AsyncCheckpointWrites, CheckpointWriter
 
 
 @dataclass
@@ -107,8 +107,8 @@ def stage_training_checkpoint(engine, config: TrainConfig, state: ParallelState,
     engine.save_checkpoint(str(root), tag=staging.name, save_latest=False)
     staging.mkdir(parents=True, exist_ok=True)  # DeepSpeed made it only on the ranks that wrote files
     rng_path = staging / rng_file(rank)
-    if isinstance(engine.checkpoint_engine, AsyncCheckpointWrites):
-        engine.checkpoint_engine.save_file(_rng_states(), str(rng_path))
+    if isinstance(engine.checkpoint_engine, AsyncCheckpointWrites):  # in the same queue as DeepSpeed's files
+        engine.checkpoint_engine.writer.submit(_rng_states(), str(rng_path))
     else:
         torch.save(_rng_states(), rng_path)
     metadata = CheckpointMetadata(
@@ -143,21 +143,29 @@ def save_training_checkpoint(engine, config: TrainConfig, state: ParallelState, 
     return pending.root / pending.tag
 
 
+def start_writer(config: TrainConfig) -> Optional[CheckpointWriter]:
+    """With `checkpoint.async_save`, the rank's writer process; call it before the model is built."""
+    if config.checkpoint.async_save and config.checkpoint.dir is not None:
+        return CheckpointWriter()
+    return None
+
+
 class CheckpointSaver:
     """The saves of one run: synchronous, or with `checkpoint.async_save` written in the background while
     training goes on, at most one in flight, published once every rank has written its files (`poll`,
     with the flags every rank exchanges each iteration)."""
 
-    def __init__(self, engine, config: TrainConfig, state: ParallelState, task: Optional[TaskConfig]) -> None:
+    def __init__(self, engine, config: TrainConfig, state: ParallelState, task: Optional[TaskConfig],
+                 writer: Optional[CheckpointWriter] = None) -> None:
+        """`writer`: with `checkpoint.async_save`, the rank's writer process (`start_writer`)."""
         self.engine, self.config, self.state, self.task = engine, config, state, task
         self.pending: Optional[PendingSave] = None
-        self.writes: Optional[AsyncCheckpointWrites] = None
-        if config.checkpoint.async_save:
-            wrap_checkpoint_engine(engine, AsyncCheckpointWrites)
-            self.writes = engine.checkpoint_engine
+        self.writer = writer
+        if writer is not None:
+            wrap_checkpoint_engine(engine, lambda wrapped: AsyncCheckpointWrites(wrapped, writer))
 
     def save(self, progress: Progress) -> None:
-        if self.writes is None:
+        if self.writer is None:
             save_training_checkpoint(self.engine, self.config, self.state, progress, self.task)
             return
         self.finish()  # at most one save in flight
@@ -165,7 +173,7 @@ class CheckpointSaver:
 
     def written_here(self) -> bool:
         """This rank has nothing left to write."""
-        return self.pending is None or self.writes.written()
+        return self.pending is None or self.writer.written()
 
     def poll(self, written_everywhere: bool) -> None:
         """After each iteration's exchange: publish the save in flight once every rank has written it."""
@@ -178,17 +186,12 @@ class CheckpointSaver:
         """Collective: wait for the save in flight (every rank's files) and publish it."""
         if self.pending is None:
             return
-        self.writes.wait()
+        self.writer.wait()
         dist.barrier()
         if dist.get_rank() == 0:
             publish_pending(self.pending, self.config.checkpoint.keep_last)
         dist.barrier()
         self.pending = None
-
-    def close(self) -> None:
-        """The run is over (or failed): stop the background writer."""
-        if self.writes is not None:
-            self.writes.close()
 
 
 def checkpoint_to_load(config: TrainConfig) -> Optional[Path]:

@@ -28,6 +28,7 @@ from megatron_bloom.parallel.parallelize import SequenceParallelGradSum
 from megatron_bloom.pipeline.layers import BlockPipe
 from megatron_bloom.pipeline.model import StackedModel, build_pipeline
 from megatron_bloom.tasks.training_data import TaskSamples, build_task_data, build_task_loader
+from megatron_bloom.training.async_checkpoint import CheckpointWriter
 from megatron_bloom.training.batch_schedule import global_batch_size_at
 from megatron_bloom.training.checkpointing import (
     CheckpointSaver,
@@ -37,6 +38,7 @@ from megatron_bloom.training.checkpointing import (
     load_weights_only,
     restore_optimizer_state,
     resume,
+    start_writer,
     start_point,
 )
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
@@ -223,6 +225,16 @@ def train(config: TrainConfig, state: ParallelState,
 
 def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
            on_engine: Optional[Callable[[object], None]]) -> TrainResult:
+    writer = start_writer(config)  # forked while the rank holds little memory
+    try:
+        return _train_with(config, state, guards, on_engine, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _train_with(config: TrainConfig, state: ParallelState, guards: RunGuards,
+                on_engine: Optional[Callable[[object], None]], writer: Optional[CheckpointWriter]) -> TrainResult:
     run_dir = Path(config.run.dir)
     is_logger = dist.get_rank() == 0
     if is_logger:
@@ -287,7 +299,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
     losses: List[float] = []
     consecutive_skips = 0
     saving = config.checkpoint.dir is not None
-    saver = CheckpointSaver(engine, config, state, task)
+    saver = CheckpointSaver(engine, config, state, task, writer)
     saved_iteration = progress.iteration if start.exact else None
     stop = StopSignal()
     guards.start(progress.iteration)
@@ -359,7 +371,6 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
         saver.finish()  # the run ends once its last checkpoint is published
         metrics.summary(progress.iteration, config.checkpoint.dir)
     finally:
-        saver.close()
         stop.restore()
         metrics.close()
     return TrainResult(losses=losses, engine=engine)
