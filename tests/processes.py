@@ -93,6 +93,8 @@ def run_module_ranks(nproc: int, module: str, argv: Sequence[str], cwd: Path, en
     environment torchrun gives its workers, and all share one stdout and one stderr as they share torchrun's.
     When a rank fails the others are stopped and the status is 1, as torchrun does."""
     port = str(free_port())
+    if nproc > 1 and "OMP_NUM_THREADS" not in env:
+        env = dict(env, OMP_NUM_THREADS="1")  # torchrun's default for several workers
     envs = [dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                  GROUP_RANK="0", ROLE_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                  ROLE_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1", ROLE_NAME="default",

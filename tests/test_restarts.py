@@ -71,7 +71,7 @@ def test_killed_ranks_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(sha
     args = overrides(shard, run_dir, 2, 2, 1, iters=12) + [
         f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=3", "launcher.max_restarts=3",
         "train.watchdog.min_s=4", "train.watchdog.factor=5", "train.watchdog.heartbeat_s=0.5",
-        "train.watchdog.first_steps_s=60"]
+        "train.watchdog.first_steps_s=15"]
     job = launch(args, tmp_path)
     for attempt, (rank, after, stop) in enumerate([(2, 5, signal.SIGKILL), (1, 8, signal.SIGKILL),
                                                    (3, 10, signal.SIGSTOP)]):
@@ -93,8 +93,10 @@ def test_killed_ranks_and_a_hung_rank_restart_the_job_which_ends_bit_for_bit(sha
     first, second, hang, third = events
     assert first["restart"] == 1 and first["rank"] == 2 and "without an exit" in first["reason"]
     assert first["resumed_from"] == 3 and first["iterations_lost"] in (2, 3)  # 3: a rank had begun iteration 6
-    assert second["restart"] == 2 and second["rank"] == 1 and second["resumed_from"] == 6
+    assert second["restart"] == 2 and "without an exit" in second["reason"] and second["resumed_from"] == 6
     assert second["iterations_lost"] in (2, 3)
+    # ranks that die within one heartbeat of each other cannot be told apart: the killed one is among them
+    assert 1 in [failed["rank"] for failed in second["failed_ranks"] if "without an exit" in failed["reason"]]
     assert hang["not_responding"] == [3] and hang["iteration"] in (11, 12), hang
     assert third["restart"] == 3 and third["resumed_from"] == 9 and third["iterations_lost"] in (1, 2, 3)
     assert any("hang" in failed["reason"] for failed in third["failed_ranks"]), third
