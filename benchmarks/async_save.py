@@ -12,10 +12,9 @@ saves its full training state (weights, fp32 masters, Adam moments, RNG) into a 
     steps' noise up as stall. A median near zero or below says the loss is within the steps' noise.
 Prints one JSON line per mode and the ratio (the issue's goal: asynchronous at most 0.2 of synchronous).
 
-Training runs on `--train-threads` cores, by default all but one. On a GPU node the host cores are mostly
-idle while the GPUs train, and the writer process uses them; training on a CPU that keeps every core busy
-leaves the writer none, so it slows every step while the file is written (2 cores, training on both:
-async 5.9 s against sync 2.9 s; see docs/files.md).
+Training runs on `--train-threads` cores, by default all but one: on a GPU node the host cores are mostly
+idle while the GPUs train, and the writer process uses them. With training on every core the writer (nice
+19) gets only what training leaves, takes many steps to finish, and the paired differences get noisy.
 """
 
 from __future__ import annotations

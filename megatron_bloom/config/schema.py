@@ -277,7 +277,7 @@ class CheckpointConfig:
     async_save: bool = False
     """Copy the state to host memory and write it from a background process while training goes on (one
     save in flight at a time); `latest` names it only once every rank's files are complete, as a synchronous
-    save. Costs a host copy of each rank's checkpoint files; for GPU nodes, not for CPUs busy training."""
+    save. Costs a host copy of each rank's checkpoint files in RAM."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", self, "save_interval", "keep_last")
