@@ -94,6 +94,37 @@ def test_crashes_at_every_moment_of_a_save_never_lose_the_run(shard, tmp_path, m
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["global_step11", "global_step12"]
 
 
+def test_the_async_writer_writes_what_was_staged_even_if_the_state_changes_after(tmp_path):
+    """A CheckpointWriter round trip: every kind of value a DeepSpeed file holds comes back equal from the
+    writer process's file, with each tensor's own bytes only, though the live tensors changed as soon as
+    `submit` returned; the reused buffer takes a second save; a failed write is raised on the rank."""
+    from megatron_bloom.training.async_checkpoint import CheckpointWriteError, CheckpointWriter
+
+    live = {"weight": torch.randn(64, 32), "step": torch.tensor(3), "bf16": torch.randn(5, dtype=torch.bfloat16),
+            "strided": torch.randn(8, 8)[:, ::2], "nested": [torch.zeros(0, 4), (torch.arange(6), "text")],
+            "scalar": 1.5}
+    expected = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in live.items()}
+    writer = CheckpointWriter()
+    try:
+        writer.submit(live, str(tmp_path / "first.pt"))
+        live["weight"].add_(1.0)  # training goes on
+        writer.wait()
+        writer.submit({"weight": live["weight"]}, str(tmp_path / "second.pt"))
+        writer.wait()
+        with pytest.raises(CheckpointWriteError, match="missing"):
+            writer.submit({"weight": live["weight"]}, str(tmp_path / "missing" / "third.pt"))
+            writer.wait()
+    finally:
+        writer.close()
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    for key in ("weight", "step", "bf16", "strided"):
+        assert torch.equal(first[key], expected[key]) and first[key].dtype == expected[key].dtype, key
+    assert first["nested"][0].shape == (0, 4) and torch.equal(first["nested"][1][0], torch.arange(6))
+    assert first["nested"][1][1] == "text" and first["scalar"] == 1.5
+    assert first["weight"].untyped_storage().nbytes() == 64 * 32 * 4  # not the whole staging buffer
+    assert torch.equal(torch.load(tmp_path / "second.pt", weights_only=True)["weight"], expected["weight"] + 1)
+
+
 def kill_ranks_during_saves(shard, pipeline_run, tmp_path, async_save, kills):
     """tp 2 x pp 2, a save every iteration: a job in a row for each `(rank, step)` of `kills`, whose `rank`
     is killed just before its `step`-th file-system step (the rest then stopped); each next job resumes with

@@ -18,13 +18,14 @@ with its rank (a kill -9 of the rank leaves an unpublished staging dir, nothing 
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import queue
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing
@@ -55,23 +56,15 @@ def _map_tensors(value: Any, fn: Callable[[Any], Any], leaf_type: type) -> Any:
     return value
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        for item in value:
-            yield from _tensors(item)
-
-
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def staged_size(state: Any) -> int:
-    return sum(_aligned(tensor.numel() * tensor.element_size()) for tensor in _tensors(state))
+    """The bytes `StagingBuffer.stage` needs for `state`."""
+    sizes: List[int] = []
+    _map_tensors(state, lambda tensor: sizes.append(_aligned(tensor.numel() * tensor.element_size())), torch.Tensor)
+    return sum(sizes)
 
 
 class StagingBuffer:
@@ -113,9 +106,7 @@ def unstage(skeleton: Any, staged_bytes: torch.Tensor) -> Any:
     memory = staged_bytes.numpy()
 
     def view(staged: StagedTensor) -> torch.Tensor:
-        numel = 1
-        for size in staged.shape:
-            numel *= size
+        numel = math.prod(staged.shape)
         if numel == 0:
             return torch.empty(staged.shape, dtype=staged.dtype)
         return torch.frombuffer(memory, dtype=staged.dtype, count=numel, offset=staged.offset).view(staged.shape)
