@@ -212,29 +212,24 @@ def train(config: TrainConfig, state: ParallelState,
     fault injection in tests)."""
     config = config_for_attempt(config)
     guards = RunGuards(config, dist.get_rank())
+    writer = None
     try:
         guards.take_checkpoint_dir()
-        result = _train(config, state, guards, on_engine)
+        writer = start_writer(config)  # forked before the model is built, while the rank holds little memory
+        result = _train(config, state, guards, on_engine, writer)
     except BaseException as error:
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         guards.finish(f"failed: {type(error).__name__}: {first_line}")
         raise
+    finally:
+        if writer is not None:
+            writer.close()
     guards.finish("finished")
     return result
 
 
 def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
-           on_engine: Optional[Callable[[object], None]]) -> TrainResult:
-    writer = start_writer(config)  # forked while the rank holds little memory
-    try:
-        return _train_with(config, state, guards, on_engine, writer)
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def _train_with(config: TrainConfig, state: ParallelState, guards: RunGuards,
-                on_engine: Optional[Callable[[object], None]], writer: Optional[CheckpointWriter]) -> TrainResult:
+           on_engine: Optional[Callable[[object], None]], writer: Optional[CheckpointWriter]) -> TrainResult:
     run_dir = Path(config.run.dir)
     is_logger = dist.get_rank() == 0
     if is_logger:
