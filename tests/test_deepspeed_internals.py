@@ -2,7 +2,10 @@
 installed DeepSpeed on real engines: each name still exists, and still does what we rely on. An upgrade
 that renames, drops or stops reading one of them fails here, not silently in a run."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +216,36 @@ def test_deepspeed_helpers_and_file_types_exist():
 
     for name in ("_partition_layers", "_set_bounds", "_is_checkpointable"):
         assert callable(getattr(PipelineModule, name)), name
+
+
+DEFERRED_MUON = """
+import inspect, sys
+import torch
+import deepspeed
+from megatron_bloom.fence import deepspeed as fence
+
+fence.defer_muon_compilation()
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # what DeepSpeed's optimizers import
+assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "compiled at import"
+module = sys.modules[fence.MUON_MODULE]
+kernels = [value for value in vars(module).values() if inspect.isfunction(value) and hasattr(value, "__wrapped__")]
+assert len(kernels) == inspect.getsource(module).count("@compiler.compile()") > 0, kernels
+assert module.compiler.compile is not None and module.compiler.compile() is torch.compile  # put back
+# a deferred kernel still computes what the undecorated function does (dynamo off: no compilation here)
+torch._dynamo.config.disable = True
+grad = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+deferred = module.zeropower_via_newtonschulz5
+assert torch.equal(deferred(grad, steps=2), deferred.__wrapped__(grad, steps=2))
+print("deferred", len(kernels))
+"""
+
+
+def test_deepspeeds_muon_kernels_are_imported_without_compiling_them(tmp_path):
+    """DeepSpeed's ZeRO and BF16 optimizers import its Muon module on every run, which decorates its kernels with
+    `torch.compile` at import (torch._dynamo and torch._inductor: about 2 s of every rank's start-up). Through
+    the fence the import compiles nothing, the kernels compile on their first call, and DeepSpeed's
+    `compiler.compile` is left as it was. In a fresh interpreter: the test process has imported everything."""
+    result = subprocess.run([sys.executable, "-c", DEFERRED_MUON], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["deferred", "3"], result.stdout

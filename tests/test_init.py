@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megatron_bloom.model import TaskConfig, build_model, initial_value
+from megatron_bloom.model import TaskConfig, build_model, initial_value, meta_device
 from tests.conftest import small_config
 
 
@@ -68,3 +68,30 @@ def test_build_model_dtype_and_device_keep_alibi_in_fp32():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     attention = model.transformer.h[0].self_attention
     assert attention.alibi_slopes.dtype == torch.float32 and attention.alibi_slopes.device.type == "cpu"
+
+
+
+class RandomFills(torch.overrides.TorchFunctionMode):
+    """Records the random fills that reach it (entered outside `meta_device`, it sees what that lets through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("uniform_", "normal_", "kaiming_uniform_"):
+            self.devices.append((args[0] if args else kwargs["tensor"]).device.type)
+        return func(*args, **kwargs)
+
+
+def test_modules_built_on_the_meta_device_skip_torchs_own_initialization():
+    """`meta_device()` builds on meta without torch's initializers (their random fills on meta tensors import
+    torch._dynamo: 2 s of a process's start-up); initializers of real tensors still run inside it."""
+    with RandomFills() as plain, torch.device("meta"):
+        torch.nn.Linear(4, 4)
+    assert "meta" in plain.devices  # what the context saves
+    with RandomFills() as fills, meta_device():
+        layer = torch.nn.Linear(4, 4)
+        real = torch.nn.init.normal_(torch.zeros(4, device="cpu"))
+    assert layer.weight.is_meta and fills.devices == ["cpu"] and real.abs().sum() > 0

@@ -31,7 +31,7 @@ from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.fence.deepspeed import MODULE, model_states_file, pipeline_layer_file
-from megatron_bloom.model import ModelConfig, create_task_model
+from megatron_bloom.model import ModelConfig, create_task_model, meta_device
 from megatron_bloom.parallel import ParallelState, check_tensor_parallel, parallelize_bloom
 from megatron_bloom.parallel.parallelize import materialize
 from megatron_bloom.parallel.stage import PipelineStage
@@ -100,7 +100,7 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
     if config.num_layers < state.pp:
         raise UserError(f"parallel.pp={state.pp} needs a block per stage, and the model of {directory} has "
                         f"{config.num_layers}: use parallel.pp={config.num_layers} or fewer.")
-    with torch.device("meta"):
+    with meta_device():
         model = parallelize_bloom(create_task_model(config, metadata.task), state, sequence_parallel)
         if state.pp > 1:
             blocks = stage_blocks(config, state.pp, metadata.task.name, partition)[state.pp_rank]

@@ -13,6 +13,9 @@ names serve readers (to-hf, eval, reshape) that must not pay DeepSpeed's import.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import sys
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -163,6 +166,46 @@ def pipeline_topology(pp: int, tp: int, dp: int):
     return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
 
 
+# --- Start-up ----------------------------------------------------------------------------------------------
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def defer_muon_compilation() -> None:
+    """Import DeepSpeed's Muon kernels with each `torch.compile` put off until the kernel's first call.
+
+    DeepSpeed's ZeRO and BF16 optimizers import its Muon optimizer on every run, to ask whether the optimizer
+    they wrap is one, and that module decorates its kernels with `torch.compile` when it is imported. The
+    decorator imports torch._dynamo and torch._inductor: about 2 s of CPU in every rank's start-up, for an
+    optimizer we do not use. `torch.compile` compiles on a function's first call anyway; this defers its
+    imports to that call too. Call it before `deepspeed.initialize`; once the module is imported it does
+    nothing.
+    """
+    if MUON_MODULE in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    compile_now = compiler.compile
+    compiler.compile = lambda: _compiled_on_first_call  # what the module's `@compiler.compile()` applies
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        compiler.compile = compile_now
+
+
+def _compiled_on_first_call(function: Callable) -> Callable:
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(function)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
 # Each internal, where it lives in DeepSpeed, and what we rely on (checked by tests/test_deepspeed_internals.py).
 INTERNALS = {
     "DeepSpeedEngine.enable_backward_allreduce": "False: `backward` does not all-reduce the gradients",
@@ -182,4 +225,5 @@ INTERNALS = {
     "deepspeed.runtime.pipe.topology.PipeModelDataParallelTopology": "the pipeline's rank grid",
     "checkpoint file names and keys": "model_states_file ... MODULE_ONLY_KEYS above",
     "FILE_TYPES": "the only non-tensor objects its checkpoint files pickle",
+    "deepspeed.runtime.compiler.compile, MUON_MODULE": "the module decorates its kernels with `@compiler.compile()`",
 }

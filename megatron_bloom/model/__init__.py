@@ -13,11 +13,11 @@ from megatron_bloom.model.heads import (
     TaskConfig,
 )
 from megatron_bloom.model.kv_cache import KVCache
-from megatron_bloom.model.init import build_model, create_task_model, initial_value
+from megatron_bloom.model.init import build_model, create_task_model, initial_value, meta_device
 from megatron_bloom.model.transformer import BloomModel
 
 __all__ = [
     "BloomBlock", "BloomForCausalLM", "BloomForQuestionAnswering", "BloomForSequenceClassification",
     "BloomForTokenClassification", "BloomModel", "KVCache", "ModelConfig", "TASK_MODELS", "TASKS", "TaskConfig",
-    "alibi_slopes", "build_model", "create_task_model", "initial_value",
+    "alibi_slopes", "build_model", "create_task_model", "initial_value", "meta_device",
 ]

@@ -12,12 +12,14 @@ LayerNorm weight 1 and bias 0; the vocabulary padding rows of the embedding 0.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from megatron_bloom.model.config import ModelConfig
 from megatron_bloom.model.heads import TASK_MODELS, TaskConfig
@@ -65,11 +67,35 @@ def build_model(config: ModelConfig, task: Optional[TaskConfig] = None, seed: in
     The modules are created on the meta device first, so nothing is allocated or initialized twice.
     """
     task = task or TaskConfig()
-    with torch.device("meta"):
+    with meta_device():
         model = create_task_model(config, task)
     model.to_empty(device=device)
     initialize_weights(model, config, seed)
     return model.to(dtype)
+
+
+class _SkipInitializationOfMetaTensors(TorchFunctionMode):
+    """`torch.nn.init` functions leave meta tensors as they are (there is nothing to fill)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Modules built in this context are created on the meta device, without torch's default initialization.
+
+    Every parameter gets its value later (`initialize_weights`, a checkpoint, or its tensor-parallel slice), so
+    the modules' own `reset_parameters` would be wasted work. On meta tensors it costs start-up time as well:
+    their random fills (`uniform_`, `normal_`) run as Python decompositions (torch._refs), whose first call
+    imports torch._dynamo, about 2 s of CPU in every process that builds a model.
+    """
+    with torch.device("meta"), _SkipInitializationOfMetaTensors():
+        yield
 
 
 def create_task_model(config: ModelConfig, task: TaskConfig) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megatron_bloom.errors import ConfigError
-from megatron_bloom.model import BloomForCausalLM, ModelConfig, TaskConfig, create_task_model, initial_value
+from megatron_bloom.model import BloomForCausalLM, ModelConfig, TaskConfig, create_task_model, initial_value, meta_device
 from megatron_bloom.model.alibi import alibi_slopes
 from megatron_bloom.model.heads import TASK_HEAD_NAMES
 from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss, VocabParallelLMHead
@@ -215,7 +215,7 @@ def build_parallel_model(config: ModelConfig, state: ParallelState, task: Option
     """This rank's part of the model: from `full_state_dict` (single-process weights) when given, else
     initialized from `seed` with exactly the values the single-process model would have."""
     task = task or TaskConfig()
-    with torch.device("meta"):
+    with meta_device():
         model = parallelize_bloom(create_task_model(config, task), state, sequence_parallel)
     materialize(model, config, state, full_shapes(config, task), seed, full_state_dict=full_state_dict)
     return model.to(dtype)

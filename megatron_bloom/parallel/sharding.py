@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_bloom.model import ModelConfig, TaskConfig, create_task_model
+from megatron_bloom.model import ModelConfig, TaskConfig, create_task_model, meta_device
 
 StateDict = Dict[str, torch.Tensor]
 EMBEDDING = "transformer.word_embeddings.weight"
@@ -91,7 +91,7 @@ def merge_state_dicts(shards: Sequence[StateDict], config: ModelConfig) -> State
 
 def full_shapes(config: ModelConfig, task: TaskConfig) -> Dict[str, torch.Size]:
     """Names and shapes of the single-process model's parameters, without allocating them."""
-    with torch.device("meta"):
+    with meta_device():
         model = create_task_model(config, task)
     return {name: param.shape for name, param in model.named_parameters()}
 

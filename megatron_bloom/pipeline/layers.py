@@ -24,6 +24,7 @@ from torch import nn
 
 from megatron_bloom.model.block import BloomBlock
 from megatron_bloom.model.config import ModelConfig
+from megatron_bloom.model.init import meta_device
 from megatron_bloom.model.transformer import attention_inputs
 from megatron_bloom.parallel.cross_entropy import VocabParallelLMHead, vocab_parallel_cross_entropy
 from megatron_bloom.parallel.parallelize import materialize, parallel_embedding, parallelize_block, vocab_slice
@@ -51,7 +52,7 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int,
                  sequence_parallel: bool = False) -> None:
         super().__init__()
-        with torch.device("meta"):
+        with meta_device():
             self.word_embeddings = parallel_embedding(config, state, sequence_parallel)
         materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
         self.lm_head = VocabParallelLMHead(state.tp_comm, sequence_parallel=sequence_parallel)
@@ -76,7 +77,7 @@ class LayerNormPipe(nn.Module):
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, name: str) -> None:
         super().__init__()
         self.name = name
-        with torch.device("meta"):
+        with meta_device():
             self.add_module(name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
         materialize(self, config, state, shapes, seed, prefix=self.model_prefix)
 
@@ -91,7 +92,7 @@ class BlockPipe(BloomBlock):
 
     def __init__(self, config: ModelConfig, state: ParallelState, shapes: Dict, seed: int, layer_number: int,
                  sequence_parallel: bool = False) -> None:
-        with torch.device("meta"):
+        with meta_device():
             super().__init__(config)
             if state.tp > 1:
                 parallelize_block(self, config, state, sequence_parallel)

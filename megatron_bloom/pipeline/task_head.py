@@ -27,7 +27,7 @@ from megatron_bloom.model.heads import (
     sequence_classification_loss,
     token_classification_loss,
 )
-from megatron_bloom.model.init import create_task_model
+from megatron_bloom.model.init import create_task_model, meta_device
 from megatron_bloom.parallel.parallelize import materialize, sequence_gathered_head
 from megatron_bloom.parallel.state import ParallelState
 from megatron_bloom.pipeline import names
@@ -44,7 +44,7 @@ class TaskHeadPipe(nn.Module):
                  sequence_parallel: bool = False) -> None:
         super().__init__()
         self.head_name = TASK_HEAD_NAMES[task.name]
-        with torch.device("meta"):
+        with meta_device():
             task_model = create_task_model(config, task)  # on meta: nothing allocated, only its head is kept
             head = getattr(task_model, self.head_name)
             if sequence_parallel:  # it reads the whole sequence: gathered from the tp ranks' shards first
