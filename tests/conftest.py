@@ -9,12 +9,19 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import pytest
-import torch
-from filelock import FileLock
+# One thread in each process of the suite (pytest's workers, and the commands and ranks they start), unless
+# the environment says otherwise; set before torch is imported, which reads it. The README's command runs two
+# workers on CI's 2 cores: two processes of 2 OpenMP threads each share a core, and their threads spin at every
+# barrier waiting for one that is not running. Two bloom-tiny trainings side by side took 24 s each that way,
+# 7 s with a thread each. torchrun gives several ranks the same default.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from megatron_bloom.model import ModelConfig, TaskConfig
-from tests.processes import run_module, run_module_ranks
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from megatron_bloom.model import ModelConfig, TaskConfig  # noqa: E402
+from tests.processes import run_module, run_module_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
