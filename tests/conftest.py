@@ -267,11 +267,11 @@ def pipeline_run(shard, tmp_path_factory) -> Path:
 # pytest-xdist hands whole modules to its workers (--dist loadscope) in the order collected
 # (--no-loadscope-reorder). The longest (as measured on 2 cores) go first, so that none of them starts last
 # and leaves one worker running alone at the end; the rest follow in file order.
-LONGEST_MODULES_FIRST = ["test_training.py", "test_reshape.py", "test_launch.py", "test_restarts.py", "test_plan.py",
-                         "test_checkpoints.py", "test_readme.py", "test_sequence_parallel.py", "test_preprocess.py",
-                         "test_quickstart.py", "test_generate.py", "test_checkpoint_safety.py", "test_fine_tuning.py",
-                         "test_task_eval.py", "test_eval.py", "test_deepspeed_internals.py", "test_exit_status.py",
-                         "test_output.py"]
+LONGEST_MODULES_FIRST = ["test_training.py", "test_launch.py", "test_restarts.py", "test_plan.py",
+                         "test_checkpoints.py", "test_quickstart.py", "test_reshape.py", "test_readme.py",
+                         "test_generate.py", "test_fine_tuning.py", "test_preprocess.py", "test_sequence_parallel.py",
+                         "test_config.py", "test_eval.py", "test_exit_status.py", "test_cpu_kernels.py",
+                         "test_task_eval.py", "test_checkpoint_safety.py", "test_output.py"]
 
 
 def pytest_collection_modifyitems(config, items):

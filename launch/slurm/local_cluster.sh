@@ -36,6 +36,7 @@ start)
         runuser -u munge -- /usr/sbin/munged
     fi
     host=$(hostname -s)
+    cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc reports OMP_NUM_THREADS where it is set
     memory=$(( $(free -m | awk '/^Mem:/ {print $7}') * 9 / 10 ))
     cat > "$dir/slurm.conf" <<CONF
 ClusterName=mbloom-local
@@ -58,7 +59,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 SchedulerParameters=batch_sched_delay=0
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cores RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF="$dir/slurm.conf"
