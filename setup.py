@@ -59,6 +59,7 @@ setup(
             "mbloom-plan=megatron_bloom.cli.plan:main",
             "mbloom-train=megatron_bloom.cli.train:main",
             "mbloom-preprocess=megatron_bloom.cli.preprocess:main",
+            "mbloom-merge-shards=megatron_bloom.cli.merge_shards:main",
             "mbloom-train-tokenizer=megatron_bloom.cli.train_tokenizer:main",
         ],
     },

@@ -11,8 +11,10 @@
     i64[S]  sequence byte offsets into .bin
     i64[D]  document indices: the first sequence of each document, then S
 
-Tokens are uint16 when the vocabulary has fewer than 65500 ids, else int32 (megatron-core's rule). Here a
-document is one sequence. Shards are read through `numpy.memmap`: nothing is copied into memory.
+Tokens are uint16 when the vocabulary has fewer than 65500 ids, else int32 (megatron-core's rule). A shard
+written by `mbloom-preprocess` has one sequence per document; a merged one keeps each input's document index
+(Megatron's own tools can write documents of several sequences). Shards are read through `numpy.memmap`:
+nothing is copied into memory.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ def data_paths(prefix: str | Path) -> tuple[Path, Path]:
 
 
 class IndexedDatasetWriter:
-    """Appends documents to `PREFIX.bin`/`.idx` under temporary names; `finalize` renames them into place.
+    """Appends documents (or whole shards) to `PREFIX.bin`/`.idx` under temporary names; `finalize` renames them
+    into place.
 
     The .bin is renamed before the .idx, so a pair whose .idx exists is complete; a crash leaves only
     `*.tmp-<pid>` files behind.
     """
+
+    COPY_TOKENS = 16 << 20  # a shard is appended in chunks of this many tokens
 
     def __init__(self, prefix: str | Path, dtype: type) -> None:
         self.prefix = str(prefix)
@@ -61,17 +66,35 @@ class IndexedDatasetWriter:
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._bin: Optional[BinaryIO] = open(self._bin_tmp, "wb")
         self.lengths: List[np.ndarray] = []
+        self.document_starts: List[np.ndarray] = []  # the first sequence of each document
+        self.sequences = 0
         self.tokens = 0
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Documents given as their concatenated tokens and the length of each."""
+        """Documents given as their concatenated tokens and the length of each (a sequence each)."""
+        lengths = np.asarray(lengths, dtype=np.int32)
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self.lengths.append(np.asarray(lengths, dtype=np.int32))
+        self._append_index(lengths, np.arange(lengths.size, dtype=np.int64))
         self.tokens += int(tokens.size)
+
+    def add_shard(self, shard: "IndexedDataset") -> None:
+        """Every sequence of `shard`, its document boundaries kept; tokens converted to this writer's dtype
+        (which must hold them). Its sequences must lie back to back in its .bin, as every writer stores them
+        (`check_contiguous`)."""
+        total = shard.num_tokens
+        for start in range(0, total, self.COPY_TOKENS):
+            self._bin.write(np.ascontiguousarray(shard.tokens[start:start + self.COPY_TOKENS], dtype=self.dtype))
+        self._append_index(np.asarray(shard.lengths, dtype=np.int32), np.asarray(shard.document_index[:-1]))
+        self.tokens += total
+
+    def _append_index(self, lengths: np.ndarray, document_starts: np.ndarray) -> None:
+        self.lengths.append(lengths)
+        self.document_starts.append(document_starts.astype(np.int64) + self.sequences)
+        self.sequences += int(lengths.size)
 
     @property
     def documents(self) -> int:
-        return sum(int(part.size) for part in self.lengths)
+        return sum(int(part.size) for part in self.document_starts)
 
     def finalize(self) -> None:
         self._bin.flush()
@@ -81,7 +104,7 @@ class IndexedDatasetWriter:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
         pointers = np.zeros(lengths.size, dtype=np.int64)
         np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        document_index = np.arange(lengths.size + 1, dtype=np.int64)
+        document_index = np.concatenate(self.document_starts + [np.array([lengths.size], dtype=np.int64)])
         with open(self._idx_tmp, "wb") as idx:
             idx.write(_HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype.type], lengths.size, document_index.size))
             idx.write(lengths.tobytes())
@@ -151,3 +174,19 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum(dtype=np.int64))
+
+    def check_contiguous(self) -> None:
+        """Raise a `UserError` unless the index is one `IndexedDatasetWriter` (or Megatron's builder) would write:
+        sequences back to back from the start of the .bin, and a document index that runs from 0 to the last
+        sequence, never backwards."""
+        lengths, pointers, documents = self.lengths, self.pointers, self.document_index
+        expected = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=expected[1:])
+        if (lengths < 0).any() or not np.array_equal(pointers, expected):
+            first = int(np.flatnonzero((lengths < 0) | (pointers != expected))[0])
+            raise UserError(f"{self.idx_path} is damaged or not a plain shard: sequence {first} has length "
+                            f"{int(lengths[first])} at byte {int(pointers[first])} of {self.bin_path}, where sequences "
+                            f"back to back would put it at byte {int(expected[first])}.")
+        if documents.size == 0 or documents[0] != 0 or documents[-1] != lengths.size or (np.diff(documents) < 0).any():
+            raise UserError(f"{self.idx_path} is damaged: its document index must run from 0 to its "
+                            f"{lengths.size} sequences without going back, and it does not.")
