@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk, split_by_language
 from megatron_bloom.data.progress import Progress
-from data_prep.sources import check_inputs, iter_chunks
+from data_prep.sources import iter_chunks, resolve_inputs
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from megatron_bloom.data.tokenizer import load_tokenizer, tokenizer_file
@@ -34,7 +34,7 @@ EOD_TOKEN = "</s>"
 class PreprocessOptions:
     """What `mbloom-preprocess` is asked to do (its flags)."""
 
-    input: List[Path]  # jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order
+    input: List[str]  # jsonl, jsonl.gz or parquet files, or saved `datasets` dirs, in order: paths, globs, URLs
     tokenizer: Path  # a tokenizer.json or a directory holding one
     output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json
     workers: int = 1
@@ -81,7 +81,7 @@ def preprocess(options: PreprocessOptions) -> dict:
     """Tokenize the inputs into shards; returns the summary also written to PREFIX.stats.json."""
     if options.workers < 1:
         raise UserError(f"--workers must be at least 1, got {options.workers}.")
-    check_inputs(options.input)
+    sources = resolve_inputs(options.input)
     tokenizer = load_tokenizer(options.tokenizer)
     eod_id = tokenizer.token_to_id(EOD_TOKEN) if options.append_eod else None
     if options.append_eod and eod_id is None:
@@ -98,7 +98,7 @@ def preprocess(options: PreprocessOptions) -> dict:
     try:
         with context.Pool(options.workers) as pool, Progress() as progress:
             in_flight: deque = deque()
-            chunks = iter_chunks(options.input, options.text_key, settings.lang_key)
+            chunks = iter_chunks(sources, options.text_key, settings.lang_key)
             while True:
                 # Keep a few chunks per worker queued: enough to stay busy, bounded for inputs larger than memory.
                 while len(in_flight) < 3 * options.workers:
@@ -129,7 +129,7 @@ def preprocess(options: PreprocessOptions) -> dict:
         "documents": documents, "tokens": tokens, "skipped_total": report.total, "skipped": report.as_dict(),
         "seconds": round(seconds, 3), "documents_per_s": round(documents / seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1), "dtype": dtype.__name__, "workers": options.workers,
-        "append_eod": bool(options.append_eod), "inputs": [str(p) for p in options.input],
+        "append_eod": bool(options.append_eod), "inputs": [source.name for source in sources],
         "tokenizer": settings.tokenizer,
         "outputs": {(language or "all"): {"prefix": writer.prefix, "documents": writer.documents,
                                           "tokens": writer.tokens}

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_prep.sources import checked_records, iter_chunks
+from data_prep.sources import Source, checked_records, iter_chunks, resolve_inputs
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.errors import UserError
 
@@ -23,9 +23,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 BYTE_ALPHABET = 256
 
 
-def iter_texts(paths: Sequence[Path], text_key: str, report: SkipReport) -> Iterator[str]:
+def iter_texts(sources: Sequence[Source], text_key: str, report: SkipReport) -> Iterator[str]:
     """The usable texts of the inputs, in order; bad records are counted in `report`."""
-    for chunk in iter_chunks(paths, text_key, None):
+    for chunk in iter_chunks(sources, text_key, None):
         for where, text, _, reason in checked_records(chunk, text_key, None):
             if reason:
                 report.skip(reason, where)
@@ -41,10 +41,12 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(paths: Sequence[Path], vocab_size: int, output: Path, text_key: str = "text") -> dict:
+def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, output: Path, text_key: str = "text") -> dict:
+    """Train on `inputs` (paths, glob patterns or fsspec URLs, in order) and write `output/tokenizer.json`."""
     if vocab_size < len(SPECIAL_TOKENS) + BYTE_ALPHABET:
         raise UserError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + BYTE_ALPHABET} (the {BYTE_ALPHABET} "
                         f"byte symbols and {len(SPECIAL_TOKENS)} special tokens); got {vocab_size}.")
+    sources = resolve_inputs(inputs)  # every input found before training starts
     report = SkipReport()
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -54,7 +56,7 @@ def train_tokenizer(paths: Sequence[Path], vocab_size: int, output: Path, text_k
     counted = {"documents": 0}
 
     def texts() -> Iterator[str]:
-        for text in iter_texts(paths, text_key, report):
+        for text in iter_texts(sources, text_key, report):
             counted["documents"] += 1
             yield text
 

@@ -229,3 +229,48 @@ def test_progress_lines_when_not_a_terminal(capsys):
     with Progress(interval=0.0, enabled=False) as progress:  # ranks after the first: nothing
         progress.update(5, 5)
     assert capsys.readouterr().err == ""
+
+def test_glob_patterns_and_fsspec_urls_read_their_matches_in_name_order(tokenizer_dir, tmp_path):
+    """Parts of the sample corpus under a directory tree (one gzipped, one parquet): a `**` pattern, the same
+    as a file:// URL, and a pattern on an fsspec file system other than the local one (memory://) each give
+    the shard of the whole corpus, byte for byte."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.preprocess import PreprocessOptions
+    from data_prep.preprocess import preprocess as preprocess_in_process
+
+    lines = CORPUS.read_bytes().splitlines(keepends=True)
+    parts = {"c-1.jsonl.gz": lines[:400], "c-2.parquet": lines[400:800], "sub/c-3.jsonl": lines[800:]}
+    memory = fsspec.filesystem("memory")
+    for name, part in parts.items():
+        path = tmp_path / "tree" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".gz"):
+            data = gzip.compress(b"".join(part))
+        elif name.endswith(".parquet"):
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist([json.loads(line) for line in part]), sink)
+            data = sink.getvalue().to_pybytes()
+        else:
+            data = b"".join(part)
+        path.write_bytes(data)
+        memory.pipe(f"/mbloom-test/tree/{name}", data)
+    preprocess("--input", CORPUS, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "whole", "--workers", 1)
+    preprocess("--input", tmp_path / "tree" / "**" / "c-*", "--tokenizer", tokenizer_dir, "--output-prefix",
+               tmp_path / "glob", "--workers", 1)
+    preprocess("--input", f"file://{tmp_path}/tree/**/c-*", "--tokenizer", tokenizer_dir, "--output-prefix",
+               tmp_path / "url", "--workers", 1)
+    stats = preprocess_in_process(PreprocessOptions(input=["memory:///mbloom-test/tree/**/c-*"], tokenizer=tokenizer_dir,
+                                                    output_prefix=str(tmp_path / "memory")))
+    assert stats["inputs"] == [f"memory:///mbloom-test/tree/{name}" for name in parts]
+    for prefix in ("glob", "url", "memory"):
+        for suffix in (".bin", ".idx"):
+            assert (tmp_path / f"{prefix}{suffix}").read_bytes() == (tmp_path / f"whole{suffix}").read_bytes(), prefix
+    assert json.loads((tmp_path / "glob.stats.json").read_text())["inputs"] == [
+        str(tmp_path / "tree" / name) for name in parts]
+
+    nothing = preprocess("--input", tmp_path / "tree" / "*.txt", "--tokenizer", tokenizer_dir, "--output-prefix",
+                         tmp_path / "none", check=False)
+    assert_user_error(nothing, f"the input pattern {tmp_path / 'tree' / '*.txt'} matches no file")

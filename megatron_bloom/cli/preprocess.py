@@ -23,8 +23,9 @@ from megatron_bloom.cli.arguments import exit_on_user_error
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbloom-preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path,
-                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories, in order: paths, "
+                             "glob patterns (matches sorted by name) or fsspec URLs")
     parser.add_argument("--tokenizer", required=True, type=Path, help="a tokenizer.json or a directory holding one")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")

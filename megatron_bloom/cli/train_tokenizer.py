@@ -19,8 +19,9 @@ from megatron_bloom.cli.arguments import exit_on_user_error
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbloom-train-tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, type=Path,
-                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="jsonl, jsonl.gz or parquet files, or saved `datasets` directories: paths, glob "
+                             "patterns (matches sorted by name) or fsspec URLs")
     parser.add_argument("--vocab-size", required=True, type=int)
     parser.add_argument("--output", required=True, type=Path, help="directory for tokenizer.json and its config")
     parser.add_argument("--text-key", default="text")
