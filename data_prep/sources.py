@@ -95,7 +95,8 @@ def resolve_inputs(entries: Sequence[str | Path]) -> List[Source]:
     sources = []
     for entry in map(str, entries):
         fs, path = _file_system(entry)
-        if not any(character in path for character in GLOB_CHARACTERS):
+        literal = Path(path).exists() if fs is None else fs.exists(path)  # a file may have `[` in its name
+        if literal or not any(character in path for character in GLOB_CHARACTERS):
             sources.append(Source(entry, _kind(entry, path, fs), path, fs))
             continue
         if fs is None:
