@@ -7,14 +7,19 @@ stands for its matches sorted by name, so the order, and with it the shards, nev
 jsonl chunks carry raw lines, parsed (and checked) by the worker processes so that parsing runs in
 parallel too; parquet and `datasets` chunks carry decoded rows. Every chunk knows the line (or row)
 number of its first record, for skip reports and `--strict` errors.
+
+A run split into tasks (`split_inputs`) gives each task consecutive parts of the inputs: whole files, or
+byte ranges of uncompressed jsonl files, cut by size. A line belongs to the range its first byte is in, so
+the tasks' records, in task order, are the records of the whole inputs, each once, with its own line number.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_bloom.data.documents import check_record, open_jsonl, parse_jsonl_line
 from megatron_bloom.errors import UserError
@@ -111,26 +116,108 @@ def resolve_inputs(entries: Sequence[str | Path]) -> List[Source]:
     return sources
 
 
-def iter_chunks(sources: Sequence[Source], text_key: str, lang_key: Optional[str]) -> Iterator[Chunk]:
-    for source in sources:
-        if source.kind == "jsonl":
-            yield from _jsonl_chunks(source)
-        elif source.kind == "parquet":
-            yield from _parquet_chunks(source, text_key, lang_key)
+@dataclass(frozen=True)
+class Part:
+    """A task's share of one input: all of it, or (an uncompressed jsonl file) the lines that start in
+    [start, end)."""
+
+    source: Source
+    start: int = 0
+    end: Optional[int] = None  # None: to the end of the file
+
+
+def splittable(source: Source) -> bool:
+    return source.kind == "jsonl" and not source.path.endswith(".gz")
+
+
+def input_bytes(source: Source) -> int:
+    """The input's size on disk (a `datasets` dir: its files')."""
+    if source.fs is not None:
+        return int(source.fs.du(source.path)) if source.kind == "datasets" else int(source.fs.size(source.path))
+    if source.kind == "datasets":
+        return sum(entry.stat().st_size for entry in Path(source.path).rglob("*") if entry.is_file())
+    return os.path.getsize(source.path)
+
+
+def split_inputs(sources: Sequence[Source], tasks: int) -> List[List[Part]]:
+    """The parts of each of `tasks` tasks, in input order: task k's come before task k+1's. The inputs' bytes,
+    laid end to end, are cut into `tasks` equal spans. A splittable input is cut where a span ends; another
+    (gzip, parquet, a `datasets` dir) goes whole to the task in whose span its first byte lies. A task may get
+    nothing (fewer inputs than tasks, say)."""
+    sizes = [input_bytes(source) for source in sources]
+    total = sum(sizes)
+    plan: List[List[Part]] = [[] for _ in range(tasks)]
+
+    def task_at(position: int) -> int:
+        return min(tasks - 1, position * tasks // total) if total else 0
+
+    offset = 0
+    for source, size in zip(sources, sizes):
+        if not splittable(source) or size == 0:
+            plan[task_at(offset)].append(Part(source))
         else:
-            yield from _datasets_chunks(source, text_key, lang_key)
+            start = 0
+            while start < size:
+                task = task_at(offset + start)
+                end = min(size, -(-(task + 1) * total // tasks) - offset)  # the task's span ends there
+                plan[task].append(Part(source, start, None if end >= size else end))
+                start = end
+        offset += size
+    return plan
 
 
-def _jsonl_chunks(source: Source) -> Iterator[Chunk]:
+def iter_chunks(sources: Sequence[Source], text_key: str, lang_key: Optional[str]) -> Iterator[Chunk]:
+    yield from iter_part_chunks([Part(source) for source in sources], text_key, lang_key)
+
+
+def iter_part_chunks(parts: Sequence[Part], text_key: str, lang_key: Optional[str]) -> Iterator[Chunk]:
+    for part in parts:
+        if part.source.kind == "jsonl":
+            yield from _jsonl_chunks(part)
+        elif part.source.kind == "parquet":
+            yield from _parquet_chunks(part.source, text_key, lang_key)
+        else:
+            yield from _datasets_chunks(part.source, text_key, lang_key)
+
+
+def _skip_to_range(handle: BinaryIO, start: int) -> Tuple[int, int]:
+    """Read `handle` up to the first line that starts at `start` or later: (its byte position, its line
+    number). Counts the lines before it, for the line numbers messages give (a read of the file's first
+    `start` bytes)."""
+    newlines, position = 0, 0
+    block = 16 << 20
+    last = b"\n"
+    while position < start:
+        data = handle.read(min(block, start - position))
+        if not data:
+            return position, newlines + 1
+        newlines += data.count(b"\n")
+        position += len(data)
+        last = data[-1:]
+    if last != b"\n":  # the line under way began in the range before: the next line is the first of this one
+        rest = handle.readline()
+        position += len(rest)
+        newlines += rest.endswith(b"\n")
+    return position, newlines + 1
+
+
+def _jsonl_chunks(part: Part) -> Iterator[Chunk]:
+    source = part.source
     lines: List[bytes] = []
-    size, first = 0, 1
+    size = 0
     with source.open() as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        position, first = _skip_to_range(handle, part.start) if part.start else (0, 1)
+        line_number = first
+        for raw in handle:
+            if part.end is not None and position >= part.end:
+                break
             lines.append(raw)
             size += len(raw)
+            position += len(raw)
+            line_number += 1
             if len(lines) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
                 yield Chunk(source=source.name, first_row=first, lines=lines)
-                lines, size, first = [], 0, line_number + 1
+                lines, size, first = [], 0, line_number
     if lines:
         yield Chunk(source=source.name, first_row=first, lines=lines)
 
