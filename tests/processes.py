@@ -29,14 +29,12 @@ from typing import List, Mapping, Sequence, Tuple
 from megatron_bloom.parallel.distributed import free_port
 
 # Imported once in the server: what the commands and the ranks of the tests import anyway, including what
-# they import lazily: torch._dynamo (1.5 s; torch's optimizers import it when they are built). Last,
-# `tests.frozen_heap` freezes the server's objects out of the garbage collector's walks, in every process it
-# forks (the training loop's own collect-and-freeze then has little left to walk).
+# they import lazily: torch._dynamo (1.5 s; torch's optimizers import it when they are built).
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.runtime.pipe.engine", "transformers",
            "tokenizers", "safetensors.torch", "megatron_bloom.cli.train", "megatron_bloom.cli.eval",
            "megatron_bloom.cli.generate", "megatron_bloom.cli.convert", "megatron_bloom.cli.plan",
            "megatron_bloom.cli.preprocess", "megatron_bloom.cli.train_tokenizer", "megatron_bloom.training.loop",
-           "megatron_bloom.inference.evaluation", "tests.frozen_heap"]
+           "megatron_bloom.inference.evaluation"]
 
 
 def forkserver_context() -> multiprocessing.context.BaseContext:

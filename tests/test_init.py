@@ -70,7 +70,6 @@ def test_build_model_dtype_and_device_keep_alibi_in_fp32():
     assert attention.alibi_slopes.dtype == torch.float32 and attention.alibi_slopes.device.type == "cpu"
 
 
-
 class RandomFills(torch.overrides.TorchFunctionMode):
     """Records the random fills that reach it (entered outside `meta_device`, it sees what that lets through)."""
 

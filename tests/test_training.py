@@ -1,5 +1,6 @@
 """3D training on real gloo processes: the same losses and weights at every (tp, pp, dp) layout."""
 
+import gc
 import json
 import os
 
@@ -22,7 +23,8 @@ def train_worker(rank, world_size, args):
     state = ParallelState.create(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
     result = train(config, state)
     weights = {name: param.detach().float().clone() for name, param in named_model_parameters(result.engine.module)}
-    return {"losses": result.losses, "weights": weights, "tp_rank": state.tp_rank, "dp_rank": state.dp_rank}
+    return {"losses": result.losses, "weights": weights, "tp_rank": state.tp_rank, "dp_rank": state.dp_rank,
+            "frozen": gc.get_freeze_count()}  # objects the loop left out of the garbage collector's sight
 
 
 def full_weights(results, config):
@@ -57,6 +59,7 @@ def test_every_layout_trains_like_one_process(shard, reference, tmp_path, tp, pp
     results = run_distributed(train_worker, tp * pp * dp, args)
     for result in results:  # every rank reports the same global-batch loss
         np.testing.assert_allclose(result["losses"], reference_losses, rtol=1e-4)
+        assert result["frozen"] == 0
     np.testing.assert_allclose(grad_norms(tmp_path / "run"), reference_norms, rtol=1e-4)
     weights = full_weights(results, load_config(args))
     assert weights.keys() == reference_weights.keys()

@@ -134,15 +134,17 @@ def build_engine(config: TrainConfig, state: ParallelState, start: Optional[Star
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.sched, config.train.iters)
     defer_muon_compilation()
-    # DeepSpeed's optimizers force full garbage collections while they are built and when they load (the BF16
-    # optimizer six, each walking every object of the imports: 0.3 s apiece on a 2-core machine). What lives
-    # now lives for the run: collect once, then freeze it out of every later collection's walk.
-    gc.collect()
+    # DeepSpeed's BF16 optimizer forces six full garbage collections while it is built, each walking every
+    # object of the imports (0.3 s apiece on a 2-core machine). Frozen out of the collector's sight meanwhile,
+    # and back in after, so that nothing stays uncollectable.
     gc.freeze()
-    with quiet:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(config, state),
-                                               mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    try:
+        with quiet:
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(config, state),
+                                                   mpu=DeepSpeedMPU(state) if state.pp == 1 else None)
+    finally:
+        gc.unfreeze()
     make_checkpoint_loads_safe(engine)
     if carried_state is not None:
         restore_optimizer_state(engine, *carried_state)
