@@ -75,12 +75,15 @@ def build_model(config: ModelConfig, task: Optional[TaskConfig] = None, seed: in
 
 
 class _SkipInitializationOfMetaTensors(TorchFunctionMode):
-    """`torch.nn.init` functions leave meta tensors as they are (there is nothing to fill)."""
+    """`torch.nn.init`'s in-place initializers (`uniform_`, `kaiming_uniform_`, ...) leave meta tensors as they
+    are: there is nothing to fill."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensor = args[0] if args else kwargs.get("tensor")
-        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+        name = getattr(func, "__name__", "")
+        if (getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and not name.startswith("_")
+                and isinstance(tensor, torch.Tensor) and tensor.is_meta):
             return tensor
         return func(*args, **kwargs)
 
