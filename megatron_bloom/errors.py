@@ -1,5 +1,5 @@
 """User-facing errors: a mistake in a config, a flag or a file is raised as a `UserError`, which every
-command prints as one clear paragraph, never a traceback (`cli/arguments.py`, `exit_on_user_error`)."""
+command prints as one clear paragraph, never a traceback (`cli/errors.py`, `exit_on_user_error`)."""
 
 
 class UserError(Exception):

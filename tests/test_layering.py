@@ -182,3 +182,17 @@ if __name__ == "__main__":
                                   "megatron_bloom.training.loop"]
     assert import_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
     assert import_cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
+
+
+def test_the_data_commands_start_without_torch():
+    """mbloom-preprocess, -train-tokenizer and -merge-shards need no torch, Hydra or DeepSpeed: a start without
+    them is 0.4 s here against 3.6 s, in every task of a preprocessing job. A fresh interpreter: the test
+    process has imported everything."""
+    import subprocess
+    import sys
+
+    modules = ["megatron_bloom.cli.preprocess", "megatron_bloom.cli.train_tokenizer", "megatron_bloom.cli.merge_shards"]
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted(name for name in ('torch', 'hydra', 'deepspeed') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,48 +1,16 @@
-"""What every command shares: command lines of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`,
-`-generate`, `-launch` and `-plan` take, with the few `--flags` a command adds; and a user's mistake printed
-as one paragraph with exit status 2, never a traceback."""
+"""Command lines of Hydra overrides (`key=value`), as `mbloom-train`, `-eval`, `-generate`, `-launch` and `-plan`
+take, with the few `--flags` a command adds. (A user's mistake is printed by `megatron_bloom.cli.errors`.)"""
 
 from __future__ import annotations
 
-import functools
 import sys
-import textwrap
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
 from megatron_bloom.checkpoint.layout import read_metadata
 from megatron_bloom.config import TrainConfig, compose_dictconfig, load_config
-from megatron_bloom.errors import ConfigError, UserError
-from megatron_bloom.parallel.distributed import launch_rank
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def exit_on_user_error(program: str) -> Callable[[F], F]:
-    """Decorate a console-script `main`: a `UserError` prints `program: error: ...` and exits with status 2.
-    Among several ranks, a config error (the same on every rank) is printed by rank 0 alone; another error
-    by the rank that met it, which it names."""
-
-    def decorate(main: F) -> F:
-        @functools.wraps(main)
-        def wrapped(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except UserError as error:
-                rank, ranks = launch_rank()
-                if isinstance(error, ConfigError) and rank != 0:
-                    sys.exit(2)
-                where = "" if ranks == 1 or isinstance(error, ConfigError) else f"rank {rank}: "
-                message = textwrap.fill(where + str(error), width=100, break_long_words=False,
-                                        break_on_hyphens=False)
-                print(f"{program}: error: {message}", file=sys.stderr)
-                sys.exit(2)
-
-        return wrapped  # type: ignore[return-value]
-
-    return decorate
-
+from megatron_bloom.errors import UserError
 
 def parse_command_line(argv: Optional[Sequence[str]], program: str, usage: str, switches: Sequence[str] = (),
                        options: Sequence[str] = (), description: str = "") -> Tuple[List[str], Dict[str, object]]:

@@ -15,7 +15,7 @@ from typing import List, Optional
 from megatron_bloom.checkpoint.hf import convert_from_hf, convert_to_hf
 from megatron_bloom.checkpoint.layout import CheckpointMetadata
 from megatron_bloom.checkpoint.reshape import reshape_checkpoint
-from megatron_bloom.cli.arguments import exit_on_user_error
+from megatron_bloom.cli.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_overrides
+from megatron_bloom.cli.arguments import checkpoint_command_config, parse_overrides
+from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.inference.evaluation import evaluate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
-from megatron_bloom.cli.arguments import checkpoint_command_config, exit_on_user_error, parse_command_line
+from megatron_bloom.cli.arguments import checkpoint_command_config, parse_command_line
+from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.config.loading import quoted_value
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.text_generation import generate

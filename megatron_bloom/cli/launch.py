@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from megatron_bloom.cli.arguments import exit_on_user_error, parse_command_line
+from megatron_bloom.cli.arguments import parse_command_line
+from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.launcher.run import launch
 
 USAGE = "[--dry-run] [--multirun] [launcher=local|deepspeed|slurm] model=... data.paths=[...] key=value ..."

@@ -14,7 +14,7 @@ import argparse
 from typing import List, Optional
 
 from data_prep.merge import merge_shards, print_summary
-from megatron_bloom.cli.arguments import exit_on_user_error
+from megatron_bloom.cli.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ import json
 import os
 from typing import Optional, Sequence
 
-from megatron_bloom.cli.arguments import exit_on_user_error, parse_command_line
+from megatron_bloom.cli.arguments import parse_command_line
+from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.errors import UserError
 
 USAGE = "[hydra overrides] [--iter-time SECONDS] [--json]"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from data_prep.preprocess import EOD_TOKEN, PreprocessOptions, preprocess, print_summary
-from megatron_bloom.cli.arguments import exit_on_user_error
+from megatron_bloom.cli.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:

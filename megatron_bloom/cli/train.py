@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.cli.arguments import exit_on_user_error, parse_overrides
+from megatron_bloom.cli.arguments import parse_overrides
+from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from data_prep.train_tokenizer import train_tokenizer
-from megatron_bloom.cli.arguments import exit_on_user_error
+from megatron_bloom.cli.errors import exit_on_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
