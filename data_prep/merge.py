@@ -14,7 +14,13 @@ from typing import List, Sequence
 
 import numpy as np
 
-from megatron_bloom.data.indexed_dataset import DTYPE_CODES, IndexedDataset, IndexedDatasetWriter, data_paths
+from megatron_bloom.data.indexed_dataset import (
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetWriter,
+    data_paths,
+    prefix_of,
+)
 from megatron_bloom.errors import UserError
 
 
@@ -34,9 +40,9 @@ def open_inputs(prefixes: Sequence[str | Path], output_prefix: str | Path) -> Li
     outputs = {path.resolve() for path in data_paths(output_prefix)}
     shards = []
     for prefix in prefixes:
-        if prefix and str(prefix).endswith((".bin", ".idx")):
+        if prefix_of(prefix) is not None:
             raise UserError(f"shards are named by prefix, without .bin or .idx: {prefix} should be "
-                            f"{str(prefix)[:-4]}.")
+                            f"{prefix_of(prefix)}.")
         if outputs & {path.resolve() for path in data_paths(prefix)}:
             raise UserError(f"the output prefix {output_prefix} is also an input; merging into an input would "
                             "overwrite it while it is read. Choose another --output-prefix.")

@@ -11,7 +11,7 @@ from megatron_bloom.config.schema import DataConfig
 from megatron_bloom.data.blending import BlendedDataset, normalize, temperature_weights
 from megatron_bloom.data.gpt_dataset import GPTDataset
 from megatron_bloom.data.index_cache import describe_file
-from megatron_bloom.data.indexed_dataset import IndexedDataset, data_paths
+from megatron_bloom.data.indexed_dataset import IndexedDataset, data_paths, prefix_of
 from megatron_bloom.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
@@ -42,9 +42,9 @@ def parse_blend(paths: Sequence, temperature: Optional[float] = None) -> Tuple[L
 def check_prefixes(prefixes: Sequence[str]) -> None:
     missing = [str(path) for prefix in prefixes for path in data_paths(prefix) if not path.is_file()]
     if missing:
-        with_suffix = [prefix for prefix in prefixes if str(prefix).endswith((".bin", ".idx"))]
+        with_suffix = [prefix for prefix in prefixes if prefix_of(prefix) is not None]
         hint = (f" data.paths takes prefixes, without .bin or .idx: {with_suffix[0]} should be "
-                f"{str(with_suffix[0])[:-4]}." if with_suffix else "")
+                f"{prefix_of(with_suffix[0])}." if with_suffix else "")
         raise ConfigError(f"data.paths names files that do not exist: {', '.join(missing)}.{hint}")
 
 

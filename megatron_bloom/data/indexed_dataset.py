@@ -46,6 +46,19 @@ def data_paths(prefix: str | Path) -> tuple[Path, Path]:
     return Path(prefix + ".bin"), Path(prefix + ".idx")
 
 
+def prefix_of(path: str | Path) -> Optional[str]:
+    """The shard prefix a path names by one of its files (`x.bin` or `x.idx`: `x`); None for a prefix."""
+    path = str(path)
+    return path[:-4] if path.endswith((".bin", ".idx")) else None
+
+
+def sequence_pointers(lengths: np.ndarray, itemsize: int) -> np.ndarray:
+    """The byte offset of each sequence in the .bin when they lie back to back."""
+    pointers = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=pointers[1:])
+    return pointers
+
+
 class IndexedDatasetWriter:
     """Appends documents (or whole shards) to `PREFIX.bin`/`.idx` under temporary names; `finalize` renames them
     into place.
@@ -102,8 +115,7 @@ class IndexedDatasetWriter:
         self._bin.close()
         self._bin = None
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
-        pointers = np.zeros(lengths.size, dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        pointers = sequence_pointers(lengths, self.dtype.itemsize)
         document_index = np.concatenate(self.document_starts + [np.array([lengths.size], dtype=np.int64)])
         with open(self._idx_tmp, "wb") as idx:
             idx.write(_HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype.type], lengths.size, document_index.size))
@@ -180,8 +192,7 @@ class IndexedDataset:
         sequences back to back from the start of the .bin, and a document index that runs from 0 to the last
         sequence, never backwards."""
         lengths, pointers, documents = self.lengths, self.pointers, self.document_index
-        expected = np.zeros(lengths.size, dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=expected[1:])
+        expected = sequence_pointers(lengths, self.dtype.itemsize)
         if (lengths < 0).any() or not np.array_equal(pointers, expected):
             first = int(np.flatnonzero((lengths < 0) | (pointers != expected))[0])
             raise UserError(f"{self.idx_path} is damaged or not a plain shard: sequence {first} has length "
