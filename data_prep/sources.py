@@ -16,7 +16,6 @@ the tasks' records, in task order, are the records of the whole inputs, each onc
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
@@ -83,14 +82,22 @@ def _file_system(entry: str):
     return fs, path
 
 
+def _metadata(fs):
+    """The file system that answers questions about a path (exists, is a directory, size): `fs`, or for a local
+    path the local one."""
+    import fsspec
+
+    return fs if fs is not None else fsspec.filesystem("file")
+
+
 def _kind(name: str, path: str, fs) -> str:
-    is_dir = fs.isdir(path) if fs is not None else Path(path).is_dir()
-    if is_dir:
+    fs = _metadata(fs)
+    if fs.isdir(path):
         markers = [f"{path.rstrip('/')}/{marker}" for marker in ("dataset_info.json", "dataset_dict.json")]
-        if any(fs.isfile(marker) if fs is not None else Path(marker).is_file() for marker in markers):
+        if any(fs.isfile(marker) for marker in markers):
             return "datasets"
         raise UserError(f"{name} is a directory but not a saved `datasets` dataset (no dataset_info.json).")
-    if not (fs.isfile(path) if fs is not None else Path(path).is_file()):
+    if not fs.isfile(path):
         raise UserError(f"input {name} does not exist.")
     return "parquet" if path.endswith(".parquet") else "jsonl"
 
@@ -100,7 +107,7 @@ def resolve_inputs(entries: Sequence[str | Path]) -> List[Source]:
     sources = []
     for entry in map(str, entries):
         fs, path = _file_system(entry)
-        literal = Path(path).exists() if fs is None else fs.exists(path)  # a file may have `[` in its name
+        literal = _metadata(fs).exists(path)  # a file may have `[` in its name
         if literal or not any(character in path for character in GLOB_CHARACTERS):
             sources.append(Source(entry, _kind(entry, path, fs), path, fs))
             continue
@@ -132,11 +139,8 @@ def splittable(source: Source) -> bool:
 
 def input_bytes(source: Source) -> int:
     """The input's size on disk (a `datasets` dir: its files')."""
-    if source.fs is not None:
-        return int(source.fs.du(source.path)) if source.kind == "datasets" else int(source.fs.size(source.path))
-    if source.kind == "datasets":
-        return sum(entry.stat().st_size for entry in Path(source.path).rglob("*") if entry.is_file())
-    return os.path.getsize(source.path)
+    fs = _metadata(source.fs)
+    return int(fs.du(source.path) if source.kind == "datasets" else fs.size(source.path))
 
 
 def split_inputs(sources: Sequence[Source], tasks: int) -> List[List[Part]]:
