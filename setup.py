@@ -43,6 +43,10 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "ninja>=1.11",  # torch.utils.cpp_extension builds the CPU decoding kernel with it
+        # mbloom-preprocess --tasks/--dedup: executors (here, SLURM) and deduplication stages
+        "datatrove>=0.10.1,<0.11",  # the tested range: data_prep/executors.py and data_prep/dedup.py
+        "xxhash>=3,<4",  # datatrove's hash for deduplication
+        "regex>=2023.0",  # datatrove's text simplification (MinHash), and our script-aware words
     ],
     extras_require={
         # transformers is only the reference that parity tests compare against; training never needs it.

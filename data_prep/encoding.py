@@ -45,6 +45,12 @@ def encode_chunk(chunk: Chunk, settings: EncoderSettings) -> EncodedChunk:
         else:
             texts.append(text)
             languages.append(language)
+    return encode_texts(texts, languages, skipped, settings)
+
+
+def encode_texts(texts: List[str], languages: List[Optional[str]], skipped: List[Tuple[str, str]],
+                 settings: EncoderSettings) -> EncodedChunk:
+    """Tokenize checked documents (in order) into one chunk of tokens; `skipped` travels with them."""
     tokenizer = _tokenizer(settings.tokenizer)
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     encodings = encode(texts, add_special_tokens=False)
@@ -59,7 +65,7 @@ def encode_chunk(chunk: Chunk, settings: EncoderSettings) -> EncodedChunk:
             tokens[position] = settings.eod_id
             position += 1
     return EncodedChunk(tokens=tokens, lengths=(lengths + extra).astype(np.int32),
-                        languages=languages if settings.lang_key else None, skipped=skipped)
+                        languages=list(languages) if settings.lang_key else None, skipped=skipped)
 
 
 def split_by_language(chunk: EncodedChunk) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

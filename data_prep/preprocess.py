@@ -1,9 +1,11 @@
 """Corpora -> token shards in Megatron's MMIDIDX format (`PREFIX.bin` + `PREFIX.idx`): `mbloom-preprocess`.
 
-The main process reads the inputs in order and writes the shards; `--workers` processes parse and
-tokenize chunks of records with the Rust batch encoder. Results are written in input order whatever the
-number of workers. Bad records are skipped and counted by reason (`--strict`: the first one is an error).
-Shards are written under temporary names and renamed when complete.
+With one task (the default), the main process reads the inputs in order and writes the shards; `--workers`
+processes parse and tokenize chunks of records with the Rust batch encoder. Results are written in input
+order whatever the number of workers. With `--tasks N`, `--executor slurm` or `--dedup`, the work is a job of
+tasks on datatrove's executors (`distributed`) that writes the same shards. Bad records are skipped and
+counted by reason (`--strict`: the first one is an error). Shards are written under temporary names and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -11,23 +13,27 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk, split_by_language
+import numpy as np
+
+from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk
+from data_prep.shards import ShardSet
+from data_prep.sources import Source, iter_chunks, resolve_inputs
+from megatron_bloom.data.documents import SkipReport, no_usable_documents
+from megatron_bloom.data.indexed_dataset import token_dtype
 from megatron_bloom.data.progress import Progress
-from data_prep.sources import iter_chunks, resolve_inputs
-from megatron_bloom.data.documents import SkipReport
-from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from megatron_bloom.data.tokenizer import load_tokenizer, tokenizer_file
 from megatron_bloom.errors import UserError
 
 EOD_TOKEN = "</s>"
+EXECUTORS = ("local", "slurm")
+DEDUP_MODES = ("none", "exact", "near")
 
 
 @dataclass
@@ -37,62 +43,76 @@ class PreprocessOptions:
     input: List[str]  # jsonl, jsonl.gz or parquet files, or saved `datasets` dirs, in order: paths, globs, URLs
     tokenizer: Path  # a tokenizer.json or a directory holding one
     output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json
-    workers: int = 1
+    workers: int = 1  # one task: tokenizing processes; several: tasks run at once here (--executor local)
     text_key: str = "text"
     lang_key: str = "lang"
     split_by_lang: bool = False  # one PREFIX_<lang> shard per language
     append_eod: bool = False  # end every document with EOD_TOKEN
     strict: bool = False  # stop at the first bad record
+    tasks: int = 1  # a job of this many tasks, each tokenizing a consecutive part of the inputs
+    executor: str = "local"  # where a job's tasks run: local | slurm
+    slurm_partition: Optional[str] = None
+    slurm_time: Optional[str] = None
+    dedup: str = "none"  # none | exact | near: drop duplicate documents, keeping the first
 
-
-class ShardSet:
-    """The writers of one run: a single shard, or one per language (created as languages appear)."""
-
-    def __init__(self, prefix: str, dtype, split_by_lang: bool) -> None:
-        self.prefix, self.dtype, self.split_by_lang = prefix, dtype, split_by_lang
-        self.writers: Dict[Optional[str], IndexedDatasetWriter] = {}
-
-    def add(self, chunk: EncodedChunk) -> None:
-        groups = split_by_language(chunk) if self.split_by_lang else {None: (chunk.tokens, chunk.lengths)}
-        for language, (tokens, lengths) in groups.items():
-            self._writer(language).add_documents(tokens, lengths)
-
-    def _writer(self, language: Optional[str]) -> IndexedDatasetWriter:
-        if language not in self.writers:
-            prefix = self.prefix if language is None else f"{self.prefix}_{safe_name(language)}"
-            self.writers[language] = IndexedDatasetWriter(prefix, self.dtype)
-        return self.writers[language]
-
-    def finalize(self) -> None:
-        for writer in self.writers.values():
-            writer.finalize()
-
-    def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
-
-
-def safe_name(language: str) -> str:
-    """A language code usable in a file name (other characters become '_')."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", language)
+    @property
+    def as_job(self) -> bool:
+        return self.tasks > 1 or self.executor != "local" or self.dedup != "none"
 
 
 def preprocess(options: PreprocessOptions) -> dict:
     """Tokenize the inputs into shards; returns the summary also written to PREFIX.stats.json."""
+    from data_prep.distributed import JobOptions, check_job_options, run_job
+
     if options.workers < 1:
         raise UserError(f"--workers must be at least 1, got {options.workers}.")
+    job = JobOptions(output_prefix=options.output_prefix, tasks=options.tasks, executor=options.executor,
+                     workers=options.workers, slurm_partition=options.slurm_partition,
+                     slurm_time=options.slurm_time, dedup=options.dedup, split_by_lang=options.split_by_lang,
+                     strict=options.strict)
+    check_job_options(job)
     sources = resolve_inputs(options.input)
+    encoder = encoder_settings(options)
+    start = time.perf_counter()
+    if options.as_job:
+        result = run_job(job, sources, encoder)
+        documents, tokens, report, outputs = result.documents, result.tokens, result.report, result.outputs
+        details = {"tasks": options.tasks, "executor": options.executor, "task_seconds": result.task_seconds}
+    else:
+        documents, tokens, report, outputs = tokenize_in_order(options, sources, encoder)
+        details = {"tasks": 1, "workers": options.workers}
+    if documents == 0:
+        raise no_usable_documents(report)
+    seconds = time.perf_counter() - start
+    stats = {
+        "documents": documents, "tokens": tokens, "skipped_total": report.total, "skipped": report.as_dict(),
+        "seconds": round(seconds, 3), "documents_per_s": round(documents / seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1), "dtype": encoder.dtype, **details, "dedup": options.dedup,
+        "duplicates_removed": sum(output["duplicates_removed"] for output in outputs.values()),
+        "append_eod": bool(options.append_eod), "inputs": [source.name for source in sources],
+        "tokenizer": encoder.tokenizer, "outputs": outputs,
+    }
+    stats_path = Path(options.output_prefix + ".stats.json")
+    temporary = stats_path.with_name(stats_path.name + ".tmp")
+    temporary.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temporary, stats_path)
+    return stats
+
+
+def encoder_settings(options: PreprocessOptions) -> EncoderSettings:
     tokenizer = load_tokenizer(options.tokenizer)
     eod_id = tokenizer.token_to_id(EOD_TOKEN) if options.append_eod else None
     if options.append_eod and eod_id is None:
         raise UserError(f"--append-eod: the tokenizer {options.tokenizer} has no {EOD_TOKEN} token.")
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    settings = EncoderSettings(tokenizer=str(tokenizer_file(options.tokenizer)), text_key=options.text_key,
-                               lang_key=options.lang_key if options.split_by_lang else None, eod_id=eod_id,
-                               dtype=dtype.__name__)
-    shards = ShardSet(options.output_prefix, dtype, options.split_by_lang)
+    return EncoderSettings(tokenizer=str(tokenizer_file(options.tokenizer)), text_key=options.text_key,
+                           lang_key=options.lang_key if options.split_by_lang else None, eod_id=eod_id,
+                           dtype=np.dtype(token_dtype(tokenizer.get_vocab_size())).name)
+
+
+def tokenize_in_order(options: PreprocessOptions, sources: List[Source], settings: EncoderSettings):
+    """One process reads the inputs in order and writes the shards; `options.workers` processes tokenize."""
+    shards = ShardSet(options.output_prefix, settings.dtype, options.split_by_lang)
     report = SkipReport()
-    start = time.perf_counter()
     documents = tokens = 0
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     try:
@@ -117,29 +137,14 @@ def preprocess(options: PreprocessOptions) -> dict:
                 documents += int(result.lengths.size)
                 tokens += int(result.lengths.sum())
                 progress.update(documents, tokens)
-        if documents == 0:
-            raise UserError("no usable documents in the input" + (f"; skipped {report.summary()}" if report.total
-                                                                   else "") + ".")
-        shards.finalize()
+        shards.finalize() if documents else shards.abort()  # no documents: an error, below
     except BaseException:
         shards.abort()
         raise
-    seconds = time.perf_counter() - start
-    stats = {
-        "documents": documents, "tokens": tokens, "skipped_total": report.total, "skipped": report.as_dict(),
-        "seconds": round(seconds, 3), "documents_per_s": round(documents / seconds, 1),
-        "tokens_per_s": round(tokens / seconds, 1), "dtype": dtype.__name__, "workers": options.workers,
-        "append_eod": bool(options.append_eod), "inputs": [source.name for source in sources],
-        "tokenizer": settings.tokenizer,
-        "outputs": {(language or "all"): {"prefix": writer.prefix, "documents": writer.documents,
-                                          "tokens": writer.tokens}
-                    for language, writer in shards.writers.items()},
-    }
-    stats_path = Path(options.output_prefix + ".stats.json")
-    temporary = stats_path.with_name(stats_path.name + ".tmp")
-    temporary.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, stats_path)
-    return stats
+    outputs = {("all" if language is None else language): {
+        "prefix": writer.prefix, "documents": writer.documents, "tokens": writer.tokens, "duplicates_removed": 0}
+        for language, writer in shards.writers.items()}
+    return documents, tokens, report, outputs
 
 
 def print_summary(stats: dict) -> None:
@@ -147,6 +152,8 @@ def print_summary(stats: dict) -> None:
           f"tokens/s: {stats['tokens_per_s']:,.0f}  documents/s: {stats['documents_per_s']:,.0f}")
     for reason, entry in stats["skipped"].items():
         print(f"skipped {entry['count']:,} ({reason}), first at {', '.join(entry['first_lines'])}")
+    if stats["dedup"] != "none":
+        print(f"removed {stats['duplicates_removed']:,} duplicates ({stats['dedup']})")
     for name, output in stats["outputs"].items():
         print(f"wrote {output['prefix']}.bin/.idx: {output['documents']:,} documents, {output['tokens']:,} tokens")
 

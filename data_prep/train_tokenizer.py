@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_prep.sources import Source, checked_records, iter_chunks, resolve_inputs
-from megatron_bloom.data.documents import SkipReport
+from megatron_bloom.data.documents import SkipReport, no_usable_documents
 from megatron_bloom.errors import UserError
 
 # BLOOM's special tokens, at these ids.
@@ -62,8 +62,7 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, output: Path,
 
     tokenizer.train_from_iterator(texts(), trainer)
     if counted["documents"] == 0:
-        raise UserError("no usable documents in the input" + (f"; skipped {report.summary()}" if report.total
-                                                               else "") + ".")
+        raise no_usable_documents(report)
     output.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(output / "tokenizer.json"))
     special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}

@@ -32,6 +32,12 @@ class SkipReport:
         if len(lines) < FIRST_LINES_KEPT:
             lines.append(str(where))
 
+    def add(self, reason: str, count: int, first_lines: List[str]) -> None:
+        """Another report's skips for `reason`, met after this one's."""
+        self.counts[reason] += count
+        lines = self.first_lines.setdefault(reason, [])
+        lines.extend(first_lines[:max(0, FIRST_LINES_KEPT - len(lines))])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -44,6 +50,12 @@ class SkipReport:
     def as_dict(self) -> dict:
         return {reason: {"count": count, "first_lines": self.first_lines[reason]}
                 for reason, count in sorted(self.counts.items())}
+
+
+def no_usable_documents(report: SkipReport) -> UserError:
+    """The error of a pass over inputs that found no document to use."""
+    return UserError("no usable documents in the input" + (f"; skipped {report.summary()}" if report.total
+                                                            else "") + ".")
 
 
 def check_record(record: Any, text_key: str, lang_key: Optional[str] = None

@@ -20,8 +20,9 @@ class Progress:
         self.interval, self.total, self.unit, self.enabled = interval, total, unit, enabled
         self.label = f"{label}: " if label else ""
         self.start = self.last_line = time.perf_counter()
-        self.bar = (tqdm(total=total, unit=f" {unit}", dynamic_ncols=True, desc=label or None)
-                    if enabled and sys.stderr.isatty() else None)
+        self.stream = sys.stderr  # kept: a caller may swap sys.stderr while the pass runs
+        self.bar = (tqdm(total=total, unit=f" {unit}", dynamic_ncols=True, desc=label or None, file=self.stream)
+                    if enabled and self.stream.isatty() else None)
         self.done = 0
 
     def update(self, done: int, tokens: Optional[int] = None) -> None:
@@ -37,7 +38,7 @@ class Progress:
             of = f" of {self.total:,}" if self.total is not None else ""
             rate = f", {tokens:,} tokens ({tokens / elapsed:,.0f}/s)" if tokens is not None else ""
             print(f"{self.label}[{elapsed:7.1f} s] {done:,}{of} {self.unit} ({done / elapsed:,.1f}/s){rate}",
-                  file=sys.stderr, flush=True)
+                  file=self.stream, flush=True)
             self.last_line = now
         self.done = done
 
