@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Sequence
 
 from data_prep.dedup import MAX_EXACT_TASKS, dedup_stages
 from data_prep.encoding import EncoderSettings
-from data_prep.executors import LocalStages, SlurmStages, Stage, forget_tasks
+from data_prep.executors import LocalStages, SlurmStages, Stage, forget_tasks, tasks_named
 from data_prep.merge import merge_shards
 from data_prep.shards import language_prefix
 from data_prep.sources import Source, input_bytes, split_inputs
@@ -130,11 +130,10 @@ def resume_or_start_over(work: Path, record: dict) -> None:
 
 
 def unfinished_message(stage: Stage, folder: Path, unfinished: Sequence[int], executor: str) -> str:
-    named = ", ".join(map(str, unfinished[:10])) + (", ..." if len(unfinished) > 10 else "")
     where = f"{folder / 'logs'}" + (f" and {folder / 'slurm_logs'}" if executor == "slurm" else "")
-    return (f"{len(unfinished)} of {stage.tasks} tasks of the {stage.name} stage did not finish (tasks {named}: "
-            f"cancelled, failed or out of time); their logs are in {where}. Rerun the same command to resume: "
-            "the finished tasks are not run again.")
+    return (f"{tasks_named(unfinished, stage.tasks)} of the {stage.name} stage did not finish (cancelled, failed "
+            f"or out of time); their logs are in {where}. Rerun the same command to resume: the finished tasks "
+            "are not run again.")
 
 
 def first_mistake(work: Path, tasks: int, tokenize_folder: Path) -> None:

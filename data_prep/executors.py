@@ -135,6 +135,7 @@ class SlurmStages:
 
     def run(self, stage: Stage, folder: Path) -> List[int]:
         self._wait_for_earlier_submission(stage, folder)
+        unfinished = sorted(set(range(stage.tasks)) - set(completions(folder)))
         executor = _SlurmArray(
             pipeline=list(stage.pipeline), tasks=stage.tasks, time=self.time_limit, partition=self.partition,
             mem_per_cpu_gb=None, qos=None, job_name=f"mbloom-{stage.name}", logging_dir=str(folder),
@@ -151,8 +152,8 @@ class SlurmStages:
                             f"--slurm-time.") from None
         if executor.job_id not in (None, -1):
             (folder / "job_id").write_text(f"{executor.job_id}\n")
-            print(f"{stage.name}: submitted job array {executor.job_id} ({len(executor.get_incomplete_ranks())} "
-                  f"tasks); logs in {folder}", file=sys.stderr, flush=True)
+            print(f"{stage.name}: submitted job array {executor.job_id} for {tasks_named(unfinished, stage.tasks)}; "
+                  f"logs in {folder}", file=sys.stderr, flush=True)
             self._wait(stage, folder, str(executor.job_id))
         return executor.get_incomplete_ranks()
 
@@ -174,6 +175,14 @@ class SlurmStages:
         except KeyboardInterrupt:
             raise UserError(f"stopped waiting: job array {job_id} keeps running (scancel {job_id} stops it). "
                             "Rerun the same command to wait for it again and finish the run.") from None
+
+
+def tasks_named(tasks: Sequence[int], total: int) -> str:
+    """"all 4 tasks", or "1 of 4 tasks (3)"."""
+    if len(tasks) == total:
+        return f"all {total} tasks"
+    shown = ", ".join(map(str, tasks[:10])) + (", ..." if len(tasks) > 10 else "")
+    return f"{len(tasks)} of {total} tasks ({shown})"
 
 
 def job_states(job_id: str) -> List[str]:

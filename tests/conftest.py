@@ -227,13 +227,17 @@ def overrides(shard, run_dir, tp, pp, dp, zero=1, iters=20, precision="fp32"):
 
 # --- built once per session, shared by the test modules (and by pytest-xdist's workers) -----------------
 
+def session_temp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary directory of the whole session, which every pytest-xdist worker's own lies in."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """`root/name`, made by `build(directory)` once per test session: pytest-xdist's workers share the
     session's base temporary directory, and the first worker to arrive builds while the others wait on a
     file lock (pytest-xdist's own recipe for session fixtures that must run once)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the directory every worker's base temp lies in
+    base = session_temp(tmp_path_factory)
     directory, done = base / "shared" / name, base / "shared" / f"{name}.done"
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory) + ".lock"):
@@ -262,6 +266,23 @@ def pipeline_run(shard, tmp_path_factory) -> Path:
             f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=4"])
 
     return built_once(tmp_path_factory, "pipeline-run", build)
+
+
+@pytest.fixture
+def slurm(tmp_path, tmp_path_factory):
+    """A one-node SLURM cluster on this machine (installed by .ci/run; skipped where it cannot be): the
+    environment its commands need. One test at a time has it (its daemons hold fixed ports): pytest-xdist's
+    other worker waits on a file lock."""
+    script = REPO / "launch" / "slurm" / "local_cluster.sh"
+    install = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=600)
+    if install.returncode != 0:
+        pytest.skip(f"SLURM cannot be installed here (apt-get as root is needed): {install.stderr.strip()[-300:]}")
+    with FileLock(str(session_temp(tmp_path_factory) / "slurm.lock")):
+        start = subprocess.run([str(script), "start", str(tmp_path / "slurm")], capture_output=True, text=True,
+                               timeout=120)
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield dict(os.environ, PYTHONPATH=str(REPO), SLURM_CONF=str(tmp_path / "slurm" / "slurm.conf"))
+        subprocess.run([str(script), "stop", str(tmp_path / "slurm")], timeout=60)
 
 
 # pytest-xdist hands whole modules to its workers (--dist loadscope) in the order collected

@@ -84,20 +84,6 @@ def test_a_local_sweep_runs_every_point_in_its_own_dir(shard, tmp_path):
     assert losses[0] != losses[1]  # the same data and initial weights, another learning rate
 
 
-@pytest.fixture
-def slurm(tmp_path):
-    """A one-node SLURM cluster on this machine (installed by .ci/run; skipped where it cannot be)."""
-    script = REPO / "launch" / "slurm" / "local_cluster.sh"
-    install = subprocess.run([str(script), "install"], capture_output=True, text=True, timeout=600)
-    if install.returncode != 0:
-        pytest.skip(f"SLURM cannot be installed here (apt-get as root is needed): {install.stderr.strip()[-300:]}")
-    start = subprocess.run([str(script), "start", str(tmp_path / "slurm")], capture_output=True, text=True,
-                           timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
-    yield environment(SLURM_CONF=str(tmp_path / "slurm" / "slurm.conf"))
-    subprocess.run([str(script), "stop", str(tmp_path / "slurm")], timeout=60)
-
-
 def scontrol_field(job_id, field, env):
     text = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, env=env).stdout
     return next((item.split("=", 1)[1] for item in text.split() if item.startswith(field + "=")), None)
