@@ -36,8 +36,8 @@ LAYERS: Dict[str, Set[str]] = {
 }
 # Third-party libraries only some packages may import: DeepSpeed's public engine and pipeline in `pipeline/`
 # and `training/`, its internals in `fence/` alone; `transformers` is the tests' reference, never a
-# dependency of the library.
-CONFINED = {"deepspeed": {"fence", "pipeline", "training"}, "transformers": set()}
+# dependency of the library; datatrove runs preprocessing jobs (`data_prep/`) and nothing else.
+CONFINED = {"deepspeed": {"fence", "pipeline", "training"}, "transformers": set(), "datatrove": {"data_prep"}}
 INTERNALS_ONLY_IN_FENCE = "deepspeed.runtime"  # DeepSpeed's modules outside its public API
 
 

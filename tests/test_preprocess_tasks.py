@@ -218,3 +218,28 @@ def test_slurm_job_arrays_write_what_one_process_writes_and_a_cancelled_task_alo
     assert "for all 4 tasks" in split.stderr
     assert shard_files(tmp_path / "ml-slurm") == shard_files(tmp_path / "ml-one")
     assert len(shard_files(tmp_path / "ml-one")) == 24
+
+
+# --- what data_prep/executors.py knows of datatrove (setup.py pins the tested range) ------------------------
+
+def test_datatrove_finished_markers_and_sbatch_arguments_are_what_the_executors_module_expects(tmp_path):
+    from datatrove.executor import LocalPipelineExecutor
+
+    from data_prep.executors import _SlurmArray, completions, forget_tasks
+
+    def step(data, rank, world_size):
+        (tmp_path / f"ran-{rank}").touch()
+
+    executor = LocalPipelineExecutor(pipeline=[step], tasks=3, workers=1, logging_dir=str(tmp_path / "stage"))
+    executor.run()
+    assert completions(tmp_path / "stage") == [0, 1, 2]
+    forget_tasks(tmp_path / "stage", [1])
+    assert executor.get_incomplete_ranks() == [1]  # what a rerun runs again
+    array = _SlurmArray(pipeline=[step], tasks=4, time=None, partition=None, mem_per_cpu_gb=None, qos=None,
+                        logging_dir=str(tmp_path / "array"))
+    arguments = array.get_sbatch_args(4)
+    assert arguments["array"] == "0-3" and arguments["cpus-per-task"] == 1
+    assert not {"partition", "time", "mem-per-cpu", "qos"} & set(arguments)  # the cluster's defaults
+    timed = _SlurmArray(pipeline=[step], tasks=4, time="1:00:00", partition="cpu", mem_per_cpu_gb=None, qos=None,
+                        logging_dir=str(tmp_path / "timed")).get_sbatch_args(4)
+    assert timed["partition"] == "cpu" and timed["time"] == "1:00:00"
