@@ -10,8 +10,8 @@ in order, so (task, number) orders every document of the run.
   priority, then the lowest number within a task: the priority is the earlier task (`earlier_task_first`).
 - **near**: MinHash (Broder 1997) with locality-sensitive hashing, datatrove's stages with its defaults (as
   FineWeb's): shingles of 5 words of the simplified text, 14 bands of 8 hashes. Two documents whose shingles'
-  Jaccard similarity is s share a band with probability 1 - (1 - s^8)^14: 0.92 at s = 0.8, 0.50 at
-  s ≈ 0.72 (the threshold), 0.05 at s = 0.55. Documents linked by shared bands form clusters; each cluster
+  Jaccard similarity is s share a band with probability 1 - (1 - s^8)^14: 0.99 at s = 0.85, 0.92 at
+  s = 0.8, 0.50 at s = 0.685, 0.05 at s = 0.5. Documents linked by shared bands form clusters; each cluster
   keeps its first document (`KeepFirstCluster`, in place of datatrove's clustering, which keeps the root of
   a union by size, not the first). Words are what datatrove's simplification leaves between spaces, and each
   character of a script written without spaces (Chinese, Japanese, Thai, ...): `ScriptWords`.
@@ -129,19 +129,22 @@ class KeepFirstCluster(PipelineStep):
 
 
 def dedup_stages(mode: str, settings: TaskSettings, folder: Path) -> Tuple[List[Stage], Optional[PipelineStep]]:
-    """The stages that find the duplicates, and the filter that drops them as the tokenizing stage reads."""
+    """The stages that find the duplicates (`mode` none, exact or near), and the filter that drops them as the
+    tokenizing stage reads (None: nothing to drop)."""
     tasks = len(settings.plan)
+    signatures, found = str(folder / "signatures"), str(folder / "duplicates")
     if mode == "none":
         return [], None
-    signatures, found = str(folder / "signatures"), str(folder / "duplicates")
     if mode == "exact":
         finders = min(tasks, FINDER_TASKS)
-        return [Stage("exact-signatures", tasks, [ReadDocuments(settings), ExactDedupSignature(
-                    signatures, EXACT_CONFIG, finder_workers=finders)]),
-                Stage("exact-duplicates", finders, [ExactFindDedups(signatures, found, EXACT_CONFIG)])], \
-            ExactDedupFilter(found, EXACT_CONFIG)
+        hashes = ExactDedupSignature(signatures, EXACT_CONFIG, finder_workers=finders)
+        return ([Stage("exact-signatures", tasks, [ReadDocuments(settings), hashes]),
+                 Stage("exact-duplicates", finders, [ExactFindDedups(signatures, found, EXACT_CONFIG)])],
+                ExactDedupFilter(found, EXACT_CONFIG))
     buckets = str(folder / "buckets")
-    return [Stage("near-signatures", tasks, [ReadDocuments(settings), MinhashDedupSignature(
-                signatures, NEAR_CONFIG, language=ScriptWords())]),
-            Stage("near-buckets", NEAR_CONFIG.num_buckets, [MinhashDedupBuckets(signatures, buckets, config=NEAR_CONFIG)]),
-            Stage("near-clusters", 1, [KeepFirstCluster(buckets, found)])], MinhashDedupFilter(found)
+    minhashes = MinhashDedupSignature(signatures, NEAR_CONFIG, language=ScriptWords())
+    return ([Stage("near-signatures", tasks, [ReadDocuments(settings), minhashes]),
+             Stage("near-buckets", NEAR_CONFIG.num_buckets, [MinhashDedupBuckets(signatures, buckets,
+                                                                                 config=NEAR_CONFIG)]),
+             Stage("near-clusters", 1, [KeepFirstCluster(buckets, found)])],
+            MinhashDedupFilter(found))

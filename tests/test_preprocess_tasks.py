@@ -183,7 +183,7 @@ def test_slurm_job_arrays_write_what_one_process_writes_and_a_cancelled_task_alo
         return [sys.executable, "-m", "megatron_bloom.cli.preprocess", *map(str, common + list(args)), "--tasks", "4",
                 "--executor", "slurm"]
 
-    command = on_slurm("--output-prefix", tmp_path / "slurm")
+    command = on_slurm("--output-prefix", tmp_path / "arrays")
     preprocess(*common, "--output-prefix", tmp_path / "one", "--workers", 1)
 
     # 1. The last task is cancelled while it runs (scancel of one array element): the command says which
@@ -208,7 +208,7 @@ def test_slurm_job_arrays_write_what_one_process_writes_and_a_cancelled_task_alo
     rerun = subprocess.run(command, env=slurm, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "tokenize: submitted job array" in rerun.stderr and "for 1 of 4 tasks (3);" in rerun.stderr
-    assert shard_files(tmp_path / "slurm") == shard_files(tmp_path / "one")
+    assert shard_files(tmp_path / "arrays") == shard_files(tmp_path / "one")
 
     # 3. Per language, too.
     preprocess(*common, "--split-by-lang", "--output-prefix", tmp_path / "ml-one", "--workers", 1)
@@ -243,3 +243,30 @@ def test_datatrove_finished_markers_and_sbatch_arguments_are_what_the_executors_
     timed = _SlurmArray(pipeline=[step], tasks=4, time="1:00:00", partition="cpu", mem_per_cpu_gb=None, qos=None,
                         logging_dir=str(tmp_path / "timed")).get_sbatch_args(4)
     assert timed["partition"] == "cpu" and timed["time"] == "1:00:00"
+
+
+@pytest.mark.exhaustive
+@pytest.mark.slurm
+def test_a_200_mb_corpus_gives_the_same_shards_with_4_tasks_here_and_on_slurm(shard, tmp_path, slurm):
+    """The issue's scale: about 200 MB of generated multilingual documents (4 minutes on 2 cores)."""
+    from data_prep.sample_corpus import generate_documents
+
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for seed in range(40):  # 20k documents of about 5 MB each time
+            handle.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in generate_documents(20_000, seed))
+    assert corpus.stat().st_size > 200e6
+    for split in ([], ["--split-by-lang"]):
+        common = ["--input", str(corpus), "--tokenizer", str(shard / "tok"), "--append-eod", *split]
+        preprocess(*common, "--output-prefix", tmp_path / "one", "--workers", 2)
+        preprocess(*common, "--output-prefix", tmp_path / "local", "--tasks", 4, "--workers", 2)
+        on_slurm = subprocess.run([sys.executable, "-m", "megatron_bloom.cli.preprocess", *common, "--output-prefix",
+                                   str(tmp_path / "arrays"), "--tasks", "4", "--executor", "slurm"], env=slurm,
+                                  capture_output=True, text=True, timeout=900)
+        assert on_slurm.returncode == 0, on_slurm.stderr
+        one = shard_files(tmp_path / "one")
+        assert len(one) == (24 if split else 2)
+        assert shard_files(tmp_path / "local") == one and shard_files(tmp_path / "arrays") == one, split
+        for path in tmp_path.iterdir():
+            if path.name.startswith(("one", "local", "arrays")) and path.is_file():
+                path.unlink()
