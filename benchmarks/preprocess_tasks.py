@@ -127,11 +127,11 @@ def main() -> None:
         print(f"{'layout':<26} {'seconds':>8} {'tokens/s':>12}")
         for name in layouts:
             print(f"{name:<26} {best[name]:>8.2f} {tokens / best[name]:>12,.0f}")
-        baseline = best["one process, 1 worker"]
-        print(f"a task against one process with 1 worker: {baseline / best['1 task at a time']:.2f}")
-        print(f"{cores} tasks at once against 1 at a time: {best['1 task at a time'] / best[f'{cores} tasks at once']:.2f}")
+        one_task, all_tasks = best["1 task at a time"], best[f"{cores} tasks at once"]
+        print(f"a task against one process with 1 worker: {best['one process, 1 worker'] / one_task:.2f}")
+        print(f"{cores} tasks at once against 1 at a time: {one_task / all_tasks:.2f}")
         print(f"{cores} tasks at once against one process with {cores} workers: "
-              f"{best[f'one process, {cores} workers'] / best[f'{cores} tasks at once']:.2f}")
+              f"{best[f'one process, {cores} workers'] / all_tasks:.2f}")
     finally:
         if started_slurm is not None:
             subprocess.run([str(REPO / "launch" / "slurm" / "local_cluster.sh"), "stop", str(started_slurm)])

@@ -89,9 +89,9 @@ def run_job(options: JobOptions, sources: Sequence[Source], encoder: EncoderSett
             unfinished = runner.run(stage, folder)
             if unfinished:
                 raise UserError(unfinished_message(stage, folder, unfinished, runner.executor))
-        first_mistake(work, options.tasks, work / "stages" / "tokenize")
+        first_mistake(work, work / "stages" / "tokenize")
         result = merge_tasks(work, options)
-    shutil.rmtree(work)
+        shutil.rmtree(work)
     return result
 
 
@@ -136,7 +136,7 @@ def unfinished_message(stage: Stage, folder: Path, unfinished: Sequence[int], ex
             "are not run again.")
 
 
-def first_mistake(work: Path, tasks: int, tokenize_folder: Path) -> None:
+def first_mistake(work: Path, tokenize_folder: Path) -> None:
     """The first mistake in the data, in input order, that a task met (each task stops at its first). The
     tasks that met one will run again on a rerun."""
     errors = sorted((work / "errors").glob("*.json")) if (work / "errors").is_dir() else []

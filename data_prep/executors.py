@@ -32,7 +32,7 @@ POLL_S = 2.0
 
 @dataclass
 class Stage:
-    """One stage of a job: `tasks` tasks, each running `pipeline`, in `folder`."""
+    """One stage of a job: `tasks` tasks, each running `pipeline`."""
 
     name: str
     tasks: int
@@ -161,10 +161,10 @@ class SlurmStages:
         """An array submitted by an earlier run whose wait was interrupted: wait for it rather than submit its
         tasks twice."""
         recorded = folder / "job_id"
-        if recorded.is_file() and job_states(recorded.read_text().strip()):
-            print(f"{stage.name}: waiting for job array {recorded.read_text().strip()}, submitted earlier",
-                  file=sys.stderr, flush=True)
-            self._wait(stage, folder, recorded.read_text().strip())
+        job_id = recorded.read_text().strip() if recorded.is_file() else None
+        if job_id and job_states(job_id):
+            print(f"{stage.name}: waiting for job array {job_id}, submitted earlier", file=sys.stderr, flush=True)
+            self._wait(stage, folder, job_id)
 
     def _wait(self, stage: Stage, folder: Path, job_id: str) -> None:
         try:

@@ -10,9 +10,7 @@ renamed when complete.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import sys
 import time
 from collections import deque
@@ -23,7 +21,7 @@ from typing import List, Optional
 import numpy as np
 
 from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk
-from data_prep.shards import ShardSet
+from data_prep.shards import ShardSet, language_key, write_json
 from data_prep.sources import Source, iter_chunks, resolve_inputs
 from megatron_bloom.data.documents import SkipReport, no_usable_documents
 from megatron_bloom.data.indexed_dataset import token_dtype
@@ -92,10 +90,7 @@ def preprocess(options: PreprocessOptions) -> dict:
         "append_eod": bool(options.append_eod), "inputs": [source.name for source in sources],
         "tokenizer": encoder.tokenizer, "outputs": outputs,
     }
-    stats_path = Path(options.output_prefix + ".stats.json")
-    temporary = stats_path.with_name(stats_path.name + ".tmp")
-    temporary.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, stats_path)
+    write_json(Path(options.output_prefix + ".stats.json"), stats)
     return stats
 
 
@@ -141,7 +136,7 @@ def tokenize_in_order(options: PreprocessOptions, sources: List[Source], setting
     except BaseException:
         shards.abort()
         raise
-    outputs = {("all" if language is None else language): {
+    outputs = {language_key(language): {
         "prefix": writer.prefix, "documents": writer.documents, "tokens": writer.tokens, "duplicates_removed": 0}
         for language, writer in shards.writers.items()}
     return documents, tokens, report, outputs

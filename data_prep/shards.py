@@ -1,9 +1,12 @@
-"""The shards one pass of tokenizing writes: a single `PREFIX.bin/.idx`, or with --split-by-lang one
-`PREFIX_<lang>` pair per language, created as languages appear."""
+"""What one pass of tokenizing writes: a single `PREFIX.bin/.idx`, or with --split-by-lang one `PREFIX_<lang>`
+pair per language, created as languages appear; and its summary, a JSON file written whole or not at all."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Dict, Optional
 
 from data_prep.encoding import EncodedChunk, split_by_language
@@ -13,6 +16,11 @@ from megatron_bloom.data.indexed_dataset import IndexedDatasetWriter
 def safe_name(language: str) -> str:
     """A language code usable in a file name (other characters become '_')."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", language)
+
+
+def language_key(language: Optional[str]) -> str:
+    """How summaries name a language's output: the language, or "all" without --split-by-lang."""
+    return "all" if language is None else language
 
 
 def language_prefix(prefix: str, language: Optional[str]) -> str:
@@ -44,3 +52,11 @@ class ShardSet:
     def abort(self) -> None:
         for writer in self.writers.values():
             writer.abort()
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write `content` to `path` whole or not at all (a process killed mid-write leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)

@@ -15,8 +15,6 @@ first in input order, as one process reading the inputs in order would.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep.encoding import EncoderSettings, encode_chunk, encode_texts
-from data_prep.shards import ShardSet
+from data_prep.shards import ShardSet, language_key, write_json
 from data_prep.sources import CHUNK_RECORDS, Part, checked_records, iter_part_chunks
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.errors import UserError
@@ -53,8 +51,8 @@ class TaskSettings:
 
 def task_documents(settings: TaskSettings, rank: int, report: SkipReport, read: Counter) -> Iterator[Document]:
     """The task's good records as `Document`s, in input order (id: "file:line"; metadata: the task, and the
-    language with --split-by-lang, else None). Bad records are counted in `report` (--strict: the first is a `UserError`); `read` counts
-    the documents yielded by language (None without --split-by-lang)."""
+    language with --split-by-lang, else None). Bad records are counted in `report` (--strict: the first is a
+    `UserError`); `read` counts the documents yielded, by language."""
     for chunk in iter_part_chunks(settings.plan[rank], settings.encoder.text_key, settings.encoder.lang_key):
         for where, text, language, reason in checked_records(chunk, settings.encoder.text_key,
                                                               settings.encoder.lang_key):
@@ -154,16 +152,3 @@ class TokenizeParts(PipelineStep):
     def _add(self, shards: ShardSet, texts: List[str], languages: List[Optional[str]], kept: Counter) -> None:
         shards.add(encode_texts(texts, languages, [], self.settings.encoder))
         kept.update(languages)
-
-
-def language_key(language: Optional[str]) -> str:
-    """How stats name a language's output: the language, or "all" without --split-by-lang."""
-    return "all" if language is None else language
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Write `content` to `path` whole or not at all (a task killed mid-write leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
