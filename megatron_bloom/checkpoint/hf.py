@@ -274,7 +274,24 @@ def write_hf_checkpoint(output: Path, state_dict: StateDict, model: ModelConfig,
         written.append(output / "model.safetensors.index.json")
     if tokenizer_dir is not None:
         written += copy_tokenizer_files(Path(tokenizer_dir), output)
+        if (output / "tokenizer.json").is_file() and not (output / "tokenizer_config.json").is_file():
+            written.append(_write_tokenizer_config(output))
     return written
+
+
+# BLOOM's special tokens, as bigscience/bloom's tokenizer_config.json names them
+BLOOM_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def _write_tokenizer_config(output: Path) -> Path:
+    """A tokenizer_config.json for a bare tokenizer.json (ours, from mbloom-train-tokenizer): BLOOM's tokenizer
+    class, padding side and those of its special tokens the vocabulary has. Without it `AutoTokenizer` knows
+    no end-of-text token, which lm-evaluation-harness, generation and padding need."""
+    vocabulary = json.loads((output / "tokenizer.json").read_text(encoding="utf-8")).get("model", {}).get("vocab", {})
+    config = {"tokenizer_class": "BloomTokenizer", "padding_side": "left", "add_prefix_space": False}
+    config.update({role: token for role, token in BLOOM_SPECIAL_TOKENS.items() if token in vocabulary})
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return output / "tokenizer_config.json"
 
 
 def _save_safetensors(tensors: StateDict, path: Path) -> Path:

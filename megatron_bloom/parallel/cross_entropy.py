@@ -230,6 +230,29 @@ class VocabParallelCausalLMLoss(nn.Module):
         return (per_token * counted).sum() / counted.sum()
 
 
+def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, real_columns: int,
+                             group) -> tuple:
+    """log p(target) and whether the target is the most likely token, float32 and bool `[rows]`, from this
+    rank's slice `[rows, vocab_slice]` of the logits (no gradient): what evaluation scores a continuation by,
+    with no rank ever holding the whole vocabulary's logits."""
+    rows = logits.reshape(-1, logits.shape[-1])[:, :real_columns]
+    row_max, sum_exp = _local_max_and_sum_exp(rows, "chunked")
+    if group_size(group) > 1:
+        local_max = row_max.clone()
+        all_reduce_(row_max, group, dist.ReduceOp.MAX)
+        sum_exp.mul_(local_max.sub_(row_max).exp_())
+        all_reduce_(sum_exp, group)
+    local_target = target.reshape(-1) - vocab_start
+    on_this_rank = (local_target >= 0) & (local_target < real_columns)
+    target_logit = torch.zeros_like(row_max)
+    if real_columns:
+        picked = rows.gather(-1, local_target.masked_fill(~on_this_rank, 0).unsqueeze(-1)).squeeze(-1).float()
+        target_logit = picked.masked_fill_(~on_this_rank, 0.0)
+    if group_size(group) > 1:
+        all_reduce_(target_logit, group)
+    return target_logit - (sum_exp.log_() + row_max), target_logit >= row_max
+
+
 def gather_vocab_logits(logits: torch.Tensor, group, vocab_size: int) -> torch.Tensor:
     """The full `[batch, seq, vocab_size]` logits from the ranks' slices (for generation and inspection)."""
     return gather_from_tp_region(logits, group)[..., :vocab_size]
