@@ -359,6 +359,35 @@ class SlurmConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """EleutherAI's lm-evaluation-harness on the checkpoint, at the run's layout (inference/harness.py)."""
+
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval tasks, groups or tags to run: its own registry's, eval.harness.include_path's, or the project's
+    (tasks/: mbloom_choice, mbloom_cloze, mbloom_perplexity, mbloom_generate; the tag mbloom runs the four);
+    empty: mbloom-eval computes loss and perplexity on eval.input instead."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files, searched besides lm-eval's registry and the project's tasks."""
+    num_fewshot: Optional[int] = None
+    """Examples shown before each question; null: each task's own."""
+    limit: Optional[int] = None
+    """At most this many examples of each task; null: all."""
+    batch_size: int = 16
+    """Requests per forward pass."""
+    max_length: Optional[int] = None
+    """Tokens a request may have (a longer one loses its oldest context tokens); null: model.seq_length."""
+    max_gen_toks: int = 256
+    """New tokens of a generation whose task does not set max_gen_toks."""
+    log_samples: bool = False
+    """Also keep every request and response in run.dir/harness_results.json."""
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.harness", self, "limit", "batch_size", "max_length", "max_gen_toks")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.harness.num_fewshot must be 0 or more, got {self.num_fewshot!r}.")
+
+
+@dataclass
 class EvalConfig:
     input: Optional[str] = None
     """mbloom-eval's jsonl file: `{"text": ...}` lines, or a fine-tuning task's format."""
@@ -371,6 +400,7 @@ class EvalConfig:
     """Tokens mbloom-eval keeps of each document; null: model.seq_length."""
     micro_batch_size: int = 1
     """Documents (or task examples) per forward pass in mbloom-eval."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
     def __post_init__(self) -> None:
         _check_positive("eval", self, "seq_length", "micro_batch_size")

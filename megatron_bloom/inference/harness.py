@@ -21,10 +21,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import lm_eval.models  # noqa: F401  (lm-eval fills its registry of built-in models only while it is empty)
 import torch
 import torch.distributed as dist
 from lm_eval import utils as lm_eval_utils
@@ -40,6 +40,9 @@ from megatron_bloom.model import ModelConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.cross_entropy import vocab_parallel_log_probs
 from megatron_bloom.parallel.parallelize import vocab_slice
+
+# lm-eval fills its registry of built-in models (`hf`, ...) only while the registry is empty: before ours.
+importlib.import_module("lm_eval.models")
 
 Request = Tuple[Any, List[int], List[int]]  # (lm-eval's request key, context tokens, continuation tokens)
 
