@@ -11,9 +11,10 @@ ROOT = Path(__file__).parent
 
 
 def config_files():
-    """configs/ is installed under share/megatron_bloom/configs for non-editable installs."""
+    """configs/ and the lm-eval tasks (tasks/) are installed under share/megatron_bloom for non-editable
+    installs."""
     by_dir = {}
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+    for path in sorted([*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "tasks").glob("*.*")]):
         relative = path.relative_to(ROOT)
         by_dir.setdefault(str(Path("share/megatron_bloom") / relative.parent), []).append(str(relative))
     return sorted(by_dir.items())
@@ -47,12 +48,16 @@ setup(
         "datatrove>=0.10.1,<0.11",  # the tested range: data_prep/executors.py and data_prep/dedup.py
         "xxhash>=3,<4",  # datatrove's hash for deduplication
         "regex>=2023.0",  # datatrove's text simplification (MinHash), and our script-aware words
+        # mbloom-eval eval.harness.tasks: the tested range (megatron_bloom/inference/harness.py)
+        "lm-eval>=0.4.13,<0.5",
     ],
     extras_require={
-        # transformers is only the reference that parity tests compare against; training never needs it.
+        # transformers is only the reference that parity tests compare against; training never needs it
+        # (lm-eval's `hf` model, the harness tests' reference, runs it with accelerate).
         # megatron-core reads our token shards back in the tests, to prove the format is Megatron's own.
         # filelock: the tests' session fixtures are built once across pytest-xdist's workers.
-        "test": ["pytest>=7.4", "pytest-xdist>=3.7", "filelock>=3.12", "transformers>=4.44", "megatron-core>=0.12"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.7", "filelock>=3.12", "transformers>=4.44", "megatron-core>=0.12",
+                 "accelerate>=1.0"],  # lm-eval's `hf` model, the reference of tests/test_harness.py
     },
     entry_points={
         "console_scripts": [

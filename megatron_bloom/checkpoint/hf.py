@@ -275,7 +275,7 @@ def write_hf_checkpoint(output: Path, state_dict: StateDict, model: ModelConfig,
     if tokenizer_dir is not None:
         written += copy_tokenizer_files(Path(tokenizer_dir), output)
         if (output / "tokenizer.json").is_file() and not (output / "tokenizer_config.json").is_file():
-            written.append(_write_tokenizer_config(output))
+            written.append(write_tokenizer_config(output))
     return written
 
 
@@ -283,7 +283,7 @@ def write_hf_checkpoint(output: Path, state_dict: StateDict, model: ModelConfig,
 BLOOM_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def _write_tokenizer_config(output: Path) -> Path:
+def write_tokenizer_config(output: Path) -> Path:
     """A tokenizer_config.json for a bare tokenizer.json (ours, from mbloom-train-tokenizer): BLOOM's tokenizer
     class, padding side and those of its special tokens the vocabulary has. Without it `AutoTokenizer` knows
     no end-of-text token, which lm-evaluation-harness, generation and padding need."""

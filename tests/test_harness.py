@@ -1,0 +1,90 @@
+"""lm-evaluation-harness through our adapter (`mbloom-eval eval.harness.tasks=[...]`) against lm-eval's own
+`hf` model on the checkpoint's `to-hf` export: the same accuracies, log-likelihoods within 1e-4 and the same
+greedy generations, at (1, 1), (2, 2) and dp 2, on the project's shipped offline tasks."""
+
+import json
+import math
+
+import pytest
+
+from megatron_bloom.checkpoint.hf import write_tokenizer_config
+from tests.conftest import run_cli, run_ranks
+
+TASKS = ["mbloom_choice", "mbloom_cloze", "mbloom_perplexity", "mbloom_generate"]
+LIMIT = 24  # examples of each task: every kind of request, in a few batches
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline_run, shard, tmp_path_factory):
+    """lm-eval's `hf` model on the (tp 2, pp 2) run's checkpoint exported to Hugging Face (with the run's
+    tokenizer), in fp32: its results with every sample."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_bloom.inference.harness_evaluation import shipped_tasks_dir
+
+    export = tmp_path_factory.mktemp("harness") / "hf"
+    run_cli(["megatron_bloom.cli.convert", "to-hf", "--checkpoint", str(pipeline_run / "ckpt"), "--output",
+             str(export)])
+    (export / "tokenizer.json").write_bytes((shard / "tok" / "tokenizer.json").read_bytes())
+    write_tokenizer_config(export)
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32,max_length=128",
+                                   tasks=TASKS, limit=LIMIT, device="cpu", batch_size=8, log_samples=True,
+                                   task_manager=TaskManager(include_path=str(shipped_tasks_dir())))
+
+
+def ours(pipeline_run, shard, tmp_path, tp=1, pp=1, dp=1):
+    args = [f"checkpoint.load={pipeline_run / 'ckpt'}", f"eval.tokenizer={shard / 'tok'}", "precision=fp32",
+            f"eval.harness.tasks=[{','.join(TASKS)}]", f"eval.harness.limit={LIMIT}", "eval.harness.batch_size=8",
+            "eval.harness.log_samples=true", f"run.dir={tmp_path / 'run'}", f"parallel.tp={tp}", f"parallel.pp={pp}",
+            f"parallel.dp={dp}"]
+    ranks = tp * pp * dp
+    result = (run_ranks(ranks, "megatron_bloom.cli.eval", args) if ranks > 1
+              else run_cli(["megatron_bloom.cli.eval", *args]))
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    return printed, json.loads((tmp_path / "run" / "harness_results.json").read_text())
+
+
+def responses(results, task):
+    """Each example's responses (its requests' answers), by example."""
+    return {sample["doc_id"]: sample["resps"] for sample in results["samples"][task]}
+
+
+def assert_same_as_hf(printed, results, reference):
+    assert sorted(printed["results"]) == sorted(TASKS)
+    for task in ("mbloom_choice", "mbloom_cloze"):
+        mine, theirs = responses(results, task), responses(reference, task)
+        assert sorted(mine) == sorted(theirs) == list(range(LIMIT))
+        for doc_id, answers in theirs.items():  # each choice's (log-likelihood, is greedy)
+            for (log_likelihood, greedy), (expected, expected_greedy) in zip(
+                    [answer[0] for answer in mine[doc_id]], [answer[0] for answer in answers]):
+                assert abs(log_likelihood - expected) < 1e-4 and greedy == expected_greedy, (task, doc_id)
+        for metric in ("acc,none", "acc_norm,none") if task == "mbloom_choice" else ("acc,none",):
+            assert printed["results"][task][metric] == reference["results"][task][metric], (task, metric)
+    mine, theirs = responses(results, "mbloom_perplexity"), responses(reference, "mbloom_perplexity")
+    for doc_id, answers in theirs.items():  # whole documents, over several windows of 128 tokens
+        assert abs(mine[doc_id][0][0] - answers[0][0]) < 1e-4, doc_id
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        value, expected = printed["results"]["mbloom_perplexity"][metric], reference["results"]["mbloom_perplexity"][metric]
+        assert math.isclose(value, expected, rel_tol=1e-5), metric
+    generated, expected = responses(results, "mbloom_generate"), responses(reference, "mbloom_generate")
+    assert generated == expected and any(text[0][0].strip() for text in expected.values())  # greedy, stop at "\n"
+
+
+def test_one_process_scores_and_generates_as_lm_evals_hf_model(pipeline_run, shard, tmp_path, reference):
+    printed, results = ours(pipeline_run, shard, tmp_path)
+    assert_same_as_hf(printed, results, reference)
+    # lm-eval's own results file: each task's examples counted, and its config kept
+    assert {task: results["n-samples"][task]["effective"] for task in TASKS} == {task: LIMIT for task in TASKS}
+    assert results["configs"]["mbloom_generate"]["generation_kwargs"]["until"] == ["\n"]
+
+
+@pytest.mark.slow
+def test_tp_2_pp_2_scores_and_generates_as_lm_evals_hf_model(pipeline_run, shard, tmp_path, reference):
+    assert_same_as_hf(*ours(pipeline_run, shard, tmp_path, tp=2, pp=2), reference)
+
+
+@pytest.mark.slow
+def test_two_data_parallel_replicas_split_the_requests_and_score_as_lm_evals_hf_model(pipeline_run, shard, tmp_path,
+                                                                                      reference):
+    assert_same_as_hf(*ours(pipeline_run, shard, tmp_path, dp=2), reference)
