@@ -7,12 +7,13 @@ five scripts), one per kind of request lm-eval makes, so that `mbloom-eval eval.
 tried and tested without a download:
 
 * mbloom_choice.jsonl (`multiple_choice`, loglikelihood of each choice): the first half of a sentence, and
-  four second halves of sentences of the same language, one of them its own;
+  four second halves of sentences of the same language, one of them its own (nine languages: Chinese has too
+  few sentences with a comma to cut);
 * mbloom_cloze.jsonl (`loglikelihood`, LAMBADA-style): a sentence without its last word, and that word;
 * mbloom_perplexity.jsonl (`loglikelihood_rolling`): whole documents, for word and byte perplexity;
 * mbloom_generate.jsonl (`generate_until`): the first half of a sentence, and the rest to generate.
 
-Halves are cut at a space (at a character in Chinese, which has none). The YAML files beside them say how
+Halves are cut at a space (after a comma in Chinese, which has no spaces). The YAML files beside them say how
 lm-eval reads each (tasks/*.yaml); `tasks/local_data.py` loads the jsonl next to it, from any directory.
 """
 
@@ -30,20 +31,29 @@ LANGUAGES = sorted(language for language in SENTENCES if not language.startswith
 
 
 def halves(sentence: str, language: str) -> Tuple[str, str]:
-    """(first half, second half with its leading space): cut at the middle space, or character in Chinese."""
+    """(first half, second half with its leading space): cut at the middle space, or in Chinese after the
+    first comma. Byte-level BPE never merges across either (a space begins a pre-token, and so does
+    punctuation), so the context's tokens are the first tokens of the whole sentence's, whatever the
+    vocabulary: lm-eval scores a continuation as the tokens after the context's."""
     if language == "zh":
-        middle = len(sentence) // 2
-        return sentence[:middle], sentence[middle:]
+        cut = sentence.index("，") + 1
+        return sentence[:cut], sentence[cut:]
     spaces = [index for index, character in enumerate(sentence) if character == " "]
     cut = spaces[len(spaces) // 2]
     return sentence[:cut], sentence[cut:]
 
 
+def sentences(language: str) -> List[str]:
+    """The sample corpus's sentences of `language` that `halves` can cut."""
+    return [s for s in SENTENCES[language] if ("，" in s[:-1] if language == "zh" else " " in s)]
+
+
 def choice_examples(rng: random.Random, count: int) -> List[dict]:
+    languages = [language for language in LANGUAGES if len(sentences(language)) >= 4]  # four choices
     examples = []
     for _ in range(count):
-        language = rng.choice(LANGUAGES)
-        sentence, *others = rng.sample(SENTENCES[language], 4)
+        language = rng.choice(languages)
+        sentence, *others = rng.sample(sentences(language), 4)
         context, ending = halves(sentence, language)
         choices = [ending] + [halves(other, language)[1] for other in others]
         rng.shuffle(choices)
@@ -67,7 +77,7 @@ def generation_examples(rng: random.Random, count: int) -> List[dict]:
     examples = []
     for _ in range(count):
         language = rng.choice(LANGUAGES)
-        context, rest = halves(rng.choice(SENTENCES[language]), language)
+        context, rest = halves(rng.choice(sentences(language)), language)
         examples.append({"lang": language, "context": context, "target": rest})
     return examples
 

@@ -1,6 +1,7 @@
 """lm-evaluation-harness through our adapter (`mbloom-eval eval.harness.tasks=[...]`) against lm-eval's own
 `hf` model on the checkpoint's `to-hf` export: the same accuracies, log-likelihoods within 1e-4 and the same
-greedy generations, at (1, 1), (2, 2) and dp 2, on the project's shipped offline tasks."""
+greedy generations, at (1, 1), (2, 2) and dp 2, on the project's shipped offline tasks; and during training
+(`train.eval_harness`), on the live model at tp 2 x pp 2."""
 
 import json
 import math
@@ -8,7 +9,8 @@ import math
 import pytest
 
 from megatron_bloom.checkpoint.hf import write_tokenizer_config
-from tests.conftest import run_cli, run_ranks
+from tests.conftest import overrides, run_cli, run_ranks
+from tests.test_checkpoints import losses_by_iteration
 
 TASKS = ["mbloom_choice", "mbloom_cloze", "mbloom_perplexity", "mbloom_generate"]
 LIMIT = 24  # examples of each task: every kind of request, in a few batches
@@ -88,3 +90,28 @@ def test_tp_2_pp_2_scores_and_generates_as_lm_evals_hf_model(pipeline_run, shard
 def test_two_data_parallel_replicas_split_the_requests_and_score_as_lm_evals_hf_model(pipeline_run, shard, tmp_path,
                                                                                       reference):
     assert_same_as_hf(*ours(pipeline_run, shard, tmp_path, dp=2), reference)
+
+
+@pytest.mark.slow
+def test_training_evaluates_its_live_model_as_the_offline_adapter_its_checkpoint_and_trains_unchanged(
+        shard, pipeline_run, tmp_path):
+    # The session's (tp 2, pp 2) run again, with lm-eval's tasks every 4 iterations on the live model.
+    tasks = ["mbloom_choice", "mbloom_perplexity"]
+    run_ranks(4, "megatron_bloom.cli.train", overrides(shard, tmp_path / "run", 2, 2, 1, iters=12) + [
+        f"data.tokenizer={shard / 'tok'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=4",
+        f"train.eval_harness.tasks=[{','.join(tasks)}]", "train.eval_harness.interval=4",
+        "train.eval_harness.limit=8"])
+    # Training is what it was without the evaluations, bit for bit (they leave every random generator alone).
+    assert losses_by_iteration(tmp_path / "run") == losses_by_iteration(pipeline_run / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [line["iter"] for line in lines] == [4, 8, 12] and all(sorted(line["harness"]) == tasks for line in lines)
+    assert lines[0]["harness"]["mbloom_perplexity"] != lines[2]["harness"]["mbloom_perplexity"]  # live weights
+    # The offline adapter on the checkpoint saved at iteration 8 (at (1, 1); it keeps the run's tokenizer).
+    offline = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={tmp_path / 'ckpt' / 'global_step8'}",
+                       "precision=fp32", f"eval.harness.tasks=[{','.join(tasks)}]", "eval.harness.limit=8",
+                       f"run.dir={tmp_path / 'eval'}"])
+    expected = json.loads(offline.stdout.strip().splitlines()[-1])["results"]
+    live = lines[1]["harness"]
+    assert live["mbloom_choice"] == expected["mbloom_choice"]
+    for metric, value in expected["mbloom_perplexity"].items():
+        assert math.isclose(live["mbloom_perplexity"][metric], value, rel_tol=1e-6), metric

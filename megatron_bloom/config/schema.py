@@ -98,6 +98,47 @@ class ZeroConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """EleutherAI's lm-evaluation-harness on the checkpoint, at the run's layout (inference/harness.py)."""
+
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval tasks, groups or tags to run: its own registry's, eval.harness.include_path's, or the project's
+    (tasks/: mbloom_choice, mbloom_cloze, mbloom_perplexity, mbloom_generate; the tag mbloom runs the four);
+    empty: none (mbloom-eval then computes the loss on eval.input)."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files, searched besides lm-eval's registry and the project's tasks."""
+    num_fewshot: Optional[int] = None
+    """Examples shown before each question; null: each task's own."""
+    limit: Optional[int] = None
+    """At most this many examples of each task; null: all."""
+    batch_size: int = 16
+    """Requests per forward pass."""
+    max_length: Optional[int] = None
+    """Tokens a request may have (a longer one loses its oldest context tokens); null: model.seq_length."""
+    max_gen_toks: int = 256
+    """New tokens of a generation whose task does not set max_gen_toks."""
+    log_samples: bool = False
+    """Also keep every request and response in run.dir/harness_results.json."""
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.harness", self, "limit", "batch_size", "max_length", "max_gen_toks")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.harness.num_fewshot must be 0 or more, got {self.num_fewshot!r}.")
+
+
+@dataclass
+class TrainHarnessConfig(HarnessConfig):
+    """lm-evaluation-harness tasks on the live model during training, at the training layout."""
+
+    interval: Optional[int] = None
+    """Iterations between harness evaluations (written to run.dir/validation.jsonl); null: train.eval_interval."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("train.eval_harness", self, "interval")
+
+
+@dataclass
 class LossSpikeConfig:
     """A loss spike: an iteration's loss more than `sigmas` standard deviations above the mean of the previous
     `window` iterations' losses, or `skipped_steps` non-finite steps in a row (training/spikes.py)."""
@@ -166,6 +207,7 @@ class TrainingConfig:
     skip_samples: Optional[List[List[int]]] = None
     """[[start, end], ...]: sample positions of the training data (consumed_samples, end excluded) never
     trained on; batches take the samples after them (Megatron-LM's --skip-train-iteration-range, in samples)."""
+    eval_harness: TrainHarnessConfig = field(default_factory=TrainHarnessConfig)
     loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
@@ -356,35 +398,6 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         _check_positive("slurm", self, "nodes", "gpus_per_node", "cpus_per_task")
-
-
-@dataclass
-class HarnessConfig:
-    """EleutherAI's lm-evaluation-harness on the checkpoint, at the run's layout (inference/harness.py)."""
-
-    tasks: List[str] = field(default_factory=list)
-    """lm-eval tasks, groups or tags to run: its own registry's, eval.harness.include_path's, or the project's
-    (tasks/: mbloom_choice, mbloom_cloze, mbloom_perplexity, mbloom_generate; the tag mbloom runs the four);
-    empty: mbloom-eval computes loss and perplexity on eval.input instead."""
-    include_path: Optional[str] = None
-    """A directory of lm-eval task YAML files, searched besides lm-eval's registry and the project's tasks."""
-    num_fewshot: Optional[int] = None
-    """Examples shown before each question; null: each task's own."""
-    limit: Optional[int] = None
-    """At most this many examples of each task; null: all."""
-    batch_size: int = 16
-    """Requests per forward pass."""
-    max_length: Optional[int] = None
-    """Tokens a request may have (a longer one loses its oldest context tokens); null: model.seq_length."""
-    max_gen_toks: int = 256
-    """New tokens of a generation whose task does not set max_gen_toks."""
-    log_samples: bool = False
-    """Also keep every request and response in run.dir/harness_results.json."""
-
-    def __post_init__(self) -> None:
-        _check_positive("eval.harness", self, "limit", "batch_size", "max_length", "max_gen_toks")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ConfigError(f"eval.harness.num_fewshot must be 0 or more, got {self.num_fewshot!r}.")
 
 
 @dataclass

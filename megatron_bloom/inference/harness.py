@@ -117,13 +117,15 @@ class HarnessModel(TemplateLM):
             positions += [(row, column) for column in range(length - len(continuation), length)]
             targets += continuation
             owners += [index] * len(continuation)
+        scores: Dict[int, Tuple[float, bool]] = {index: (0.0, True) for index in indices}  # nothing to score: 0
+        if not positions:
+            return scores
         rows, columns = zip(*positions)
         selected = logits[torch.tensor(rows), torch.tensor(columns)]
         log_probs, greedy = vocab_parallel_log_probs(selected, torch.tensor(targets, device=selected.device),
                                                      self.vocab_start, self.real_columns, self.state.tp_comm)
-        scores: Dict[int, Tuple[float, bool]] = {}
         for index, log_prob, is_greedy in zip(owners, log_probs.tolist(), greedy.tolist()):
-            total, all_greedy = scores.get(index, (0.0, True))
+            total, all_greedy = scores[index]
             scores[index] = (total + log_prob, all_greedy and is_greedy)
         return scores
 

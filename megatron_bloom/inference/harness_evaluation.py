@@ -22,6 +22,7 @@ from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.config.schema import HarnessConfig
 from megatron_bloom.errors import UserError
+from megatron_bloom.inference.generation import prepare_for_inference
 from megatron_bloom.inference.tokenizer import command_tokenizer
 from megatron_bloom.parallel import ParallelState
 
@@ -49,12 +50,15 @@ def harness_evaluate(config: TrainConfig, state: ParallelState) -> Optional[dict
     task_manager = load_tasks(harness)
     directory = resolve_checkpoint(Path(config.checkpoint.load))
     tokenizer = command_tokenizer(config, directory, read_metadata(directory))  # before the model: fail fast
-    model, metadata = load_model(directory, state, PRECISION_DTYPES[config.precision], run_model=config.model,
+    dtype = PRECISION_DTYPES[config.precision]
+    model, metadata = load_model(directory, state, dtype, run_model=config.model,
                                  partition=config.parallel.pipeline_partition)
     if metadata.task.name != "causal_lm":
         raise UserError(f"eval.harness evaluates a language model; {config.checkpoint.load} holds a "
                         f"{metadata.task.name} model.")
     model.eval()
+    # as mbloom-generate: on CPUs in bf16, the linears packed for batches of this size
+    prepare_for_inference(model.model if state.pp > 1 else model, state, dtype, harness.batch_size)
     language_model = HarnessModel(model, state, tokenizer, metadata.model,
                                   max_length=harness.max_length or metadata.model.seq_length,
                                   batch_size=harness.batch_size, max_gen_toks=harness.max_gen_toks)
@@ -80,11 +84,15 @@ def load_tasks(harness: HarnessConfig):
     return task_manager
 
 
-def run_tasks(language_model, harness: HarnessConfig, task_manager) -> Optional[dict]:
+def run_tasks(language_model, harness: HarnessConfig, task_manager, seeded: bool = True) -> Optional[dict]:
+    """lm-eval's `simple_evaluate` of the tasks; `seeded=False` leaves Python's, numpy's and torch's global
+    generators unseeded (training's own streams; few-shot examples are drawn from lm-eval's own generator)."""
     import lm_eval
 
+    seeds = {} if seeded else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
     return lm_eval.simple_evaluate(model=language_model, tasks=list(harness.tasks), num_fewshot=harness.num_fewshot,
-                                   limit=harness.limit, task_manager=task_manager, log_samples=harness.log_samples)
+                                   limit=harness.limit, task_manager=task_manager, log_samples=harness.log_samples,
+                                   **seeds)
 
 
 def metrics(results: dict) -> dict:

@@ -48,6 +48,7 @@ from megatron_bloom.training.checkpointing import (
     start_point,
 )
 from megatron_bloom.training.deepspeed_config import deepspeed_config, gradient_accumulation_steps
+from megatron_bloom.training.harness import TrainingHarness, harness_interval
 from megatron_bloom.training.metrics import MetricsLog
 from megatron_bloom.training.mpu import DeepSpeedMPU
 from megatron_bloom.training.optimizer import build_optimizer, build_scheduler, clip_gradients
@@ -257,6 +258,8 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
     if problem:  # parallel.dp may only be known now, from the world size
         raise ConfigError(problem + ".")
     start = start_point(config, state)
+    harness_every = harness_interval(config)
+    harness = TrainingHarness(config, state) if harness_every else None  # its tasks checked before the model
     if fine_tuning:
         same_head = start.metadata.task if start.metadata is not None and not start.new_head else None
         task_data = build_task_data(config, samples, same_head, is_logger)
@@ -365,6 +368,8 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
             if valid_batches is not None and iteration % config.train.eval_interval == 0:
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
                                                                   config.train.eval_iters), not fine_tuning)
+            if harness is not None and iteration % harness_every == 0:
+                metrics.log_harness(iteration, harness.evaluate(engine))
             if saving and (ranks.stop or iteration % (config.checkpoint.save_interval or math.inf) == 0):
                 saver.save(progress)
                 saved_iteration = iteration

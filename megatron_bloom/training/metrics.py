@@ -82,6 +82,24 @@ class MetricsLog:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("valid/loss", loss, iteration)
 
+    def log_harness(self, iteration: int, results: Optional[dict]) -> None:
+        """lm-evaluation-harness metrics (`{task: {metric: value}}`, lm-eval's names) to
+        `run.dir/validation.jsonl` as `{"iter", "harness"}`, and as `harness/<task>/<metric>` scalars."""
+        if not self.enabled or results is None:
+            return
+        with open(self.run_dir / "validation.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"iter": iteration, "harness": results}) + "\n")
+        shown = "; ".join(f"{task} " + ", ".join(f"{name.split(',')[0]} {value:.4g}" for name, value in values.items()
+                                                  if "stderr" not in name) for task, values in results.items())
+        print(f"lm-eval at iter {iteration}: {shown}", flush=True)
+        scalars = {f"harness/{task}/{name.replace(',', '/')}": value for task, values in results.items()
+                   for name, value in values.items()}
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=iteration)
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, iteration)
+
     def summary(self, iteration: int, checkpoints: Optional[str]) -> None:
         """The line that ends a run: what it did, how long it took, where it left its checkpoints."""
         if not self.enabled:
