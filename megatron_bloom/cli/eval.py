@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_bloom.cli.arguments import checkpoint_command_config, parse_overrides
 from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.inference.evaluation import evaluate
-from megatron_bloom.inference.harness_evaluation import harness_evaluate, metrics, write_results
+from megatron_bloom.inference.harness_evaluation import RESULTS_FILE, harness_evaluate, metrics, write_results
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
 
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def harness(config, state, start: float) -> None:
     results = harness_evaluate(config, state)
     if state.is_first_rank:
-        path = write_results(results, Path(config.run.dir))
+        path = write_results(results, Path(config.run.dir) / RESULTS_FILE)
         print(f"mbloom-eval: {', '.join(results['results'])} at tp={state.tp} pp={state.pp} dp={state.dp}, "
               f"{time.perf_counter() - start:.1f} s; lm-eval's results in {path}", file=sys.stderr)
         print(json.dumps({"results": metrics(results)}), flush=True)

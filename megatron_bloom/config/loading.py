@@ -96,11 +96,16 @@ _NOISE = re.compile(r"To append to your config use \S+|Config search path:[\s\S]
 
 def schema_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[Tuple[str, type, dataclasses.Field, bool]]:
     """Every field of the root config, depth first in the schema's order: (dotted key, the dataclass that
-    declares it, the field, whether it is a section of its own)."""
-    hints = inspect.get_annotations(cls, eval_str=True)
+    declares it, the field, whether it is a section of its own). A section may extend another's dataclass
+    (`train.eval_harness` is `eval.harness`'s and an interval): inherited fields are its base's."""
+    hints = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            hints.update(inspect.get_annotations(base, eval_str=True))
     for item in dataclasses.fields(cls):
         section = dataclasses.is_dataclass(hints[item.name])
-        yield prefix + item.name, cls, item, section
+        owner = next(base for base in cls.__mro__ if item.name in inspect.get_annotations(base))
+        yield prefix + item.name, owner, item, section
         if section:
             yield from schema_fields(hints[item.name], f"{prefix}{item.name}.")
 

@@ -118,7 +118,8 @@ class HarnessConfig:
     max_gen_toks: int = 256
     """New tokens of a generation whose task does not set max_gen_toks."""
     log_samples: bool = False
-    """Also keep every request and response in run.dir/harness_results.json."""
+    """Also keep every request and response in lm-eval's results file (mbloom-eval: run.dir/harness_results.json;
+    training: run.dir/harness/iter_NNNNNNN.json)."""
 
     def __post_init__(self) -> None:
         _check_positive("eval.harness", self, "limit", "batch_size", "max_length", "max_gen_toks")

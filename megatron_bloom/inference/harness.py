@@ -90,38 +90,41 @@ class HarnessModel(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: List[Request], disable_tqdm: bool = False, **kwargs
                               ) -> List[Tuple[float, bool]]:
-        """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request."""
-        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]),
-                                                            tuple(requests[i][1] + requests[i][2])))
+        """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request.
+        Requests whose model input is the same (a context whose continuations differ only in their last
+        token: lm-eval's `hf` model caches those logits too) share one row of a batch."""
+        rows: Dict[Tuple[int, ...], List[int]] = {}  # each model input, and the requests it serves
+        for index in sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]),
+                                                                 tuple(requests[i][1] + requests[i][2]))):
+            context, continuation = requests[index][1], requests[index][2]
+            rows.setdefault(tuple((context + continuation)[-(self.max_length + 1):][:-1]), []).append(index)
+        inputs = list(rows)
+        batches = [inputs[start: start + self.batch_size] for start in range(0, len(inputs), self.batch_size)]
+        micro_batches = (MicroBatch(*padded_batch(batch, self.pad_id)) for batch in batches)
         results: Dict[int, Tuple[float, bool]] = {}
-        batches = [order[start: start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        micro_batches = (self._scoring_batch(requests, batch) for batch in batches)
         with torch.no_grad():  # outputs come on the last stage, in order; the other stages yield none
-            for indices, (_, output) in zip(batches, run_micro_batches(self.model, self.state, micro_batches)):
-                results.update(self._scores(requests, indices, output.logits))
+            for batch, (_, output) in zip(batches, run_micro_batches(self.model, self.state, micro_batches)):
+                results.update(self._scores(requests, [(len(row), rows[row]) for row in batch], output.logits))
         results = from_last_stage(results if has_outputs(self.state) else None, self.state)
         return [results[index] for index in range(len(requests))]
 
-    def _scoring_batch(self, requests: List[Request], indices: List[int]) -> MicroBatch:
-        rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in indices]
-        return MicroBatch(*padded_batch(rows, self.pad_id))
-
-    def _scores(self, requests: List[Request], indices: List[int], logits: torch.Tensor
+    def _scores(self, requests: List[Request], rows: List[Tuple[int, List[int]]], logits: torch.Tensor
                 ) -> Dict[int, Tuple[float, bool]]:
         """The continuation tokens' log-probabilities from the logits of their positions: the last
-        `len(continuation)` positions of each (right-padded) row predict them."""
+        `len(continuation)` positions of a (right-padded) row of that length predict them. `rows`: each row's
+        length and the requests it serves."""
         positions, targets, owners = [], [], []
-        for row, index in enumerate(indices):
-            context, continuation = requests[index][1], requests[index][2]
-            length = min(len(context) + len(continuation) - 1, self.max_length)
-            positions += [(row, column) for column in range(length - len(continuation), length)]
-            targets += continuation
-            owners += [index] * len(continuation)
-        scores: Dict[int, Tuple[float, bool]] = {index: (0.0, True) for index in indices}  # nothing to score: 0
+        for row, (length, served) in enumerate(rows):
+            for index in served:
+                continuation = requests[index][2]
+                positions += [(row, column) for column in range(length - len(continuation), length)]
+                targets += continuation
+                owners += [index] * len(continuation)
+        scores = {index: (0.0, True) for _, served in rows for index in served}  # nothing to score: 0
         if not positions:
             return scores
-        rows, columns = zip(*positions)
-        selected = logits[torch.tensor(rows), torch.tensor(columns)]
+        row_numbers, columns = zip(*positions)
+        selected = logits[torch.tensor(row_numbers), torch.tensor(columns)]
         log_probs, greedy = vocab_parallel_log_probs(selected, torch.tensor(targets, device=selected.device),
                                                      self.vocab_start, self.real_columns, self.state.tp_comm)
         for index, log_prob, is_greedy in zip(owners, log_probs.tolist(), greedy.tolist()):

@@ -102,11 +102,11 @@ def metrics(results: dict) -> dict:
             for task, values in results["results"].items()}
 
 
-def write_results(results: dict, run_dir: Path) -> Path:
+def write_results(results: dict, path: Path) -> Path:
+    """lm-eval's whole results (samples included, when kept) as JSON at `path`."""
     from lm_eval.utils import handle_non_serializable
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return path
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -22,7 +23,7 @@ from megatron_bloom.checkpoint.weights import stage_blocks
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import ConfigError
-from megatron_bloom.inference.harness_evaluation import load_tasks, metrics
+from megatron_bloom.inference.harness_evaluation import load_tasks, metrics, write_results
 from megatron_bloom.model import TaskConfig
 from megatron_bloom.model.init import create_task_model, meta_device
 from megatron_bloom.parallel import ParallelState
@@ -60,8 +61,9 @@ class TrainingHarness:
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.language_model = None
 
-    def evaluate(self, engine) -> Optional[dict]:
-        """`{task: {metric: value}}` on the ranks of the first data-parallel replica, None on the others."""
+    def evaluate(self, engine, iteration: int) -> Optional[dict]:
+        """`{task: {metric: value}}` on the ranks of the first data-parallel replica, None on the others; the
+        first rank also writes lm-eval's whole results to `run.dir/harness/iter_NNNNNNN.json`."""
         from megatron_bloom.inference.harness import HarnessModel
         from megatron_bloom.inference.harness_evaluation import run_tasks
 
@@ -77,7 +79,11 @@ class TrainingHarness:
                 results = run_tasks(self.language_model, harness, self.tasks, seeded=False)
         finally:
             engine.train()
-        return metrics(results) if results is not None else None
+        if results is None:
+            return None
+        if self.state.is_first_rank:
+            write_results(results, Path(self.config.run.dir) / "harness" / f"iter_{iteration:07d}.json")
+        return metrics(results)
 
 
 def live_model(module: torch.nn.Module, config: TrainConfig, state: ParallelState) -> torch.nn.Module:

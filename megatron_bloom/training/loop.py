@@ -369,7 +369,7 @@ def _train(config: TrainConfig, state: ParallelState, guards: RunGuards,
                 metrics.log_validation(iteration, validation_loss(engine, valid_batches, state, accumulation,
                                                                   config.train.eval_iters), not fine_tuning)
             if harness is not None and iteration % harness_every == 0:
-                metrics.log_harness(iteration, harness.evaluate(engine))
+                metrics.log_harness(iteration, harness.evaluate(engine, iteration))
             if saving and (ranks.stop or iteration % (config.checkpoint.save_interval or math.inf) == 0):
                 saver.save(progress)
                 saved_iteration = iteration
