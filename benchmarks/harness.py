@@ -112,7 +112,8 @@ def main() -> None:
     print(f"{'requests':<24} {'count':>6} {'ours req/s':>11} {'hf req/s':>9} {'ratio':>6}")
     for kind in KINDS:
         if counts["hf"][kind]:
-            ours, theirs = counts["megatron_bloom"][kind] / best["megatron_bloom"][kind], counts["hf"][kind] / best["hf"][kind]
+            ours = counts["megatron_bloom"][kind] / best["megatron_bloom"][kind]
+            theirs = counts["hf"][kind] / best["hf"][kind]
             print(f"{kind:<24} {counts['hf'][kind]:>6} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>6.2f}")
     total = {name: sum(counts[name].values()) / sum(best[name].values()) for name in models}
     print(f"{'all':<24} {sum(counts['hf'].values()):>6} {total['megatron_bloom']:>11.1f} {total['hf']:>9.1f} "

@@ -290,8 +290,8 @@ def slurm(tmp_path, tmp_path_factory):
 # and leaves one worker running alone at the end; the rest follow in file order.
 LONGEST_MODULES_FIRST = ["test_training.py", "test_launch.py", "test_restarts.py", "test_plan.py",
                          "test_checkpoints.py", "test_quickstart.py", "test_reshape.py", "test_readme.py",
-                         "test_generate.py", "test_fine_tuning.py", "test_preprocess.py", "test_sequence_parallel.py",
-                         "test_config.py", "test_eval.py", "test_exit_status.py", "test_cpu_kernels.py",
+                         "test_generate.py", "test_harness.py", "test_fine_tuning.py", "test_preprocess.py",
+                         "test_sequence_parallel.py", "test_config.py", "test_eval.py", "test_exit_status.py", "test_cpu_kernels.py",
                          "test_task_eval.py", "test_checkpoint_safety.py", "test_output.py"]
 
 

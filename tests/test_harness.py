@@ -9,7 +9,7 @@ import math
 import pytest
 
 from megatron_bloom.checkpoint.hf import write_tokenizer_config
-from tests.conftest import overrides, run_cli, run_ranks
+from tests.conftest import assert_user_error, overrides, run_cli, run_ranks
 from tests.test_checkpoints import losses_by_iteration
 
 TASKS = ["mbloom_choice", "mbloom_cloze", "mbloom_perplexity", "mbloom_generate"]
@@ -67,8 +67,8 @@ def assert_same_as_hf(printed, results, reference):
     for doc_id, answers in theirs.items():  # whole documents, over several windows of 128 tokens
         assert abs(mine[doc_id][0][0] - answers[0][0]) < 1e-4, doc_id
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
-        value, expected = printed["results"]["mbloom_perplexity"][metric], reference["results"]["mbloom_perplexity"][metric]
-        assert math.isclose(value, expected, rel_tol=1e-5), metric
+        value = printed["results"]["mbloom_perplexity"][metric]
+        assert math.isclose(value, reference["results"]["mbloom_perplexity"][metric], rel_tol=1e-5), metric
     generated, expected = responses(results, "mbloom_generate"), responses(reference, "mbloom_generate")
     assert generated == expected and any(text[0][0].strip() for text in expected.values())  # greedy, stop at "\n"
 
@@ -115,3 +115,22 @@ def test_training_evaluates_its_live_model_as_the_offline_adapter_its_checkpoint
     assert live["mbloom_choice"] == expected["mbloom_choice"]
     for metric, value in expected["mbloom_perplexity"].items():
         assert math.isclose(live["mbloom_perplexity"][metric], value, rel_tol=1e-6), metric
+
+
+def test_harness_mistakes_are_one_paragraph(pipeline_run, shard, tmp_path):
+    from megatron_bloom.config import load_config
+    from megatron_bloom.errors import ConfigError
+    from megatron_bloom.training.harness import harness_interval
+
+    result = run_cli(["megatron_bloom.cli.eval", f"checkpoint.load={pipeline_run / 'ckpt'}",
+                      f"eval.tokenizer={shard / 'tok'}", "eval.harness.tasks=[mbloom_choise]"], check=False)
+    assert_user_error(result, "no lm-eval task, group or tag is named 'mbloom_choise' (did you mean mbloom_choice")
+    for overrides_, fragment in (
+            (["train.eval_harness.tasks=[mbloom_choice]", "data.tokenizer=tok"], "needs an interval"),
+            (["train.eval_harness.tasks=[mbloom_choice]", "train.eval_harness.interval=5"], "set data.tokenizer"),
+            (["train.eval_harness.tasks=[mbloom_choice]", "train.eval_interval=5", "data.tokenizer=tok",
+              "zero.stage=3"], "use zero.stage=0, 1 or 2")):
+        with pytest.raises(ConfigError, match=fragment):
+            harness_interval(load_config(overrides_))
+    assert harness_interval(load_config(["train.eval_harness.tasks=[mbloom_choice]", "train.eval_interval=5",
+                                         "data.tokenizer=tok"])) == 5

@@ -135,9 +135,10 @@ class HarnessModel(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         windows, owners = [], []
         for index, (text,) in enumerate(request.args for request in requests):
-            for context, continuation in map(lm_eval_utils.make_disjoint_window, lm_eval_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            rolling = lm_eval_utils.get_rolling_token_windows(token_list=self.tok_encode(text),
+                                                              prefix_token=self.prefix_token_id,
+                                                              max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(lm_eval_utils.make_disjoint_window, rolling):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
