@@ -134,3 +134,22 @@ def test_harness_mistakes_are_one_paragraph(pipeline_run, shard, tmp_path):
             harness_interval(load_config(overrides_))
     assert harness_interval(load_config(["train.eval_harness.tasks=[mbloom_choice]", "train.eval_interval=5",
                                          "data.tokenizer=tok"])) == 5
+
+
+def test_lm_evals_python_api_loads_a_checkpoint_by_the_registered_name(pipeline_run, shard, reference):
+    """`lm_eval.simple_evaluate(model="megatron_bloom", model_args="checkpoint=...")`, one process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_bloom.inference.harness import HarnessModel  # importing it registers the model with lm-eval
+    from megatron_bloom.inference.harness_evaluation import shipped_tasks_dir
+
+    assert lm_eval.api.registry.get_model("megatron_bloom") is HarnessModel
+
+    results = lm_eval.simple_evaluate(
+        model="megatron_bloom", model_args=f"checkpoint={pipeline_run / 'ckpt'},tokenizer={shard / 'tok'}",
+        tasks=["mbloom_choice"], limit=LIMIT, batch_size=8, log_samples=True,
+        task_manager=TaskManager(include_path=str(shipped_tasks_dir())))
+    assert results["results"]["mbloom_choice"]["acc,none"] == reference["results"]["mbloom_choice"]["acc,none"]
+    mine, theirs = responses(results, "mbloom_choice"), responses(reference, "mbloom_choice")
+    assert all(abs(a[0][0] - b[0][0]) < 1e-4 for doc_id in theirs for a, b in zip(mine[doc_id], theirs[doc_id]))

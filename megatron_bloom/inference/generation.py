@@ -80,16 +80,21 @@ class TextStream:
             self.shown[row] = text
 
 
+# (new tokens so far [rows, steps], the rows' indices among the prompts) -> which rows are done
+StopCheck = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfig, config: GenerateConfig,
                    state: ParallelState, generators: Sequence[torch.Generator],
                    times: Optional[GenerationTimes] = None,
                    on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-                   decode_model=None) -> List[List[int]]:
+                   decode_model=None, stopped: Optional[StopCheck] = None) -> List[List[int]]:
     """The new tokens of each prompt (up to and including EOS), the whole model on this rank (pp = 1;
     `pipelined_generation.py` is pp > 1's); `generators`: one per prompt; `times`, when given, is added to;
     `on_step(tokens, running)` sees each step's tokens and which rows were still generating them;
-    `decode_model` (the same model, compiled) runs the one-token steps when given."""
+    `decode_model` (the same model, compiled) runs the one-token steps when given; `stopped(tokens, rows)`,
+    given the new tokens so far `[rows, steps]`, says which rows are done (a stop sequence), besides EOS."""
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id = model_config.eos_token_id
     input_ids, mask = padded_batch(prompts, pad_id, left=True)  # every prompt ends where generation starts
@@ -117,6 +122,8 @@ def generate_batch(model, prompts: Sequence[List[int]], model_config: ModelConfi
         generated.append(tokens)
         if eos_id is not None:
             finished |= tokens == eos_id
+        if stopped is not None:
+            finished |= stopped(torch.stack(generated, dim=1), range(len(prompts)))
         if bool(finished.all()):
             break
         step_input = tokens[:, None]

@@ -10,8 +10,8 @@
   log-probability is computed from the vocabulary-parallel logits without gathering them
   (`vocab_parallel_log_probs`).
 - `generate_until` runs our KV-cache generation (greedy unless the task samples), contexts left-truncated
-  to `max_length - max_gen_toks`, and cuts each completion at the first stop sequence; the end-of-text
-  token ends a completion too, as in lm-eval's `hf` model.
+  to `max_length - max_gen_toks`; a row stops generating once its text holds a stop sequence (or at the
+  end-of-text token), and each completion is cut at the first stop sequence, as in lm-eval's `hf` model.
 - The end-of-text token is the model's EOS (`</s>`); an empty context is conditioned on the prefix token,
   BLOOM's BOS `<s>` where the tokenizer has it (as the `hf` model does), else EOS.
 - Data-parallel replicas are lm-eval's ranks: lm-eval splits the requests among them and gathers the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,8 +32,17 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megatron_bloom.checkpoint.layout import (
+    PRECISION_DTYPES,
+    checkpoint_tokenizer,
+    read_metadata,
+    resolve_checkpoint,
+)
+from megatron_bloom.checkpoint.weights import load_model
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.padding import padded_batch
+from megatron_bloom.data.tokenizer import load_tokenizer
+from megatron_bloom.errors import UserError
 from megatron_bloom.inference.generation import generate_batch
 from megatron_bloom.inference.pipeline import MicroBatch, from_last_stage, has_outputs, run_micro_batches
 from megatron_bloom.inference.pipelined_generation import generate_batch_pipelined
@@ -63,6 +73,28 @@ class HarnessModel(TemplateLM):
         self._eot = eos if eos is not None else tokenizer.token_to_id("</s>")
         bos = tokenizer.token_to_id("<s>")
         self._prefix = bos if bos is not None else self._eot
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "HarnessModel":
+        """For lm-eval's own command line, in one process: `lm_eval --model megatron_bloom --model_args
+        checkpoint=DIR[,tokenizer=TOK][,precision=fp32|bf16][,max_length=N] --batch_size N --tasks ...`
+        (at tp x pp x dp layouts, `mbloom-eval eval.harness.tasks=[...]`)."""
+        arguments = lm_eval_utils.simple_parse_args_string(arg_string)
+        arguments.update({key: value for key, value in (additional_config or {}).items() if value is not None})
+        if "checkpoint" not in arguments:
+            raise UserError("--model megatron_bloom needs --model_args checkpoint=DIR (a checkpoint of ours).")
+        directory = resolve_checkpoint(Path(arguments["checkpoint"]))
+        metadata = read_metadata(directory)
+        tokenizer_path = arguments.get("tokenizer") or checkpoint_tokenizer(directory, metadata)
+        if tokenizer_path is None:
+            raise UserError(f"{directory} keeps no tokenizer: give --model_args checkpoint=...,tokenizer=TOK.")
+        state = ParallelState.single()
+        dtype = PRECISION_DTYPES[str(arguments.get("precision", "fp32"))]
+        model, metadata = load_model(directory, state, dtype)
+        batch_size = arguments.get("batch_size")
+        return cls(model.eval(), state, load_tokenizer(tokenizer_path), metadata.model,
+                   max_length=int(arguments.get("max_length") or metadata.model.seq_length),
+                   batch_size=int(batch_size) if str(batch_size or "").isdigit() else 16)
 
     # --- tokens ----------------------------------------------------------------------------------------
 
@@ -171,19 +203,29 @@ class HarnessModel(TemplateLM):
             ordered = sorted(indices, key=lambda index: -len(contexts[index]))
             for start in range(0, len(ordered), self.batch_size):
                 batch = ordered[start: start + self.batch_size]
-                for index, tokens in zip(batch, self._generate([contexts[index] for index in batch], config)):
+                generated = self._generate([contexts[index] for index in batch], config, until)
+                for index, tokens in zip(batch, generated):
                     completions[index] = cut_at_stops(self.tok_decode(tokens), until)
         for index, request in enumerate(requests):
             self.cache_hook.add_partial("generate_until", request.args, completions[index])
         return [completions[index] for index in range(len(requests))]
 
-    def _generate(self, prompts: List[List[int]], config: GenerateConfig) -> List[List[int]]:
+    def _generate(self, prompts: List[List[int]], config: GenerateConfig, until: List[str]) -> List[List[int]]:
+        """The new tokens of each prompt; a row ends at EOS or once its text holds a stop sequence."""
         generators = [torch.Generator().manual_seed(config.seed + offset) for offset in range(len(prompts))]
+        stops = [stop for stop in until if stop]
+
+        def stopped(tokens: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+            texts = [self.tok_decode(row) for row in tokens.tolist()]
+            return torch.tensor([any(stop in text for stop in stops) for text in texts], device=tokens.device)
+
         with torch.no_grad():
             if self.state.pp > 1:
-                tokens = generate_batch_pipelined(self.model, prompts, self.config, config, self.state, generators)
+                tokens = generate_batch_pipelined(self.model, prompts, self.config, config, self.state, generators,
+                                                  stopped=stopped if stops else None)
             else:
-                tokens = generate_batch(self.model, prompts, self.config, config, self.state, generators)
+                tokens = generate_batch(self.model, prompts, self.config, config, self.state, generators,
+                                        stopped=stopped if stops else None)
         return from_last_stage(tokens if has_outputs(self.state) else None, self.state)
 
     # --- data parallelism: lm-eval's ranks are the data-parallel replicas ----------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.padding import padded_batch
-from megatron_bloom.inference.generation import GenerationTimes, next_tokens, until_eos
+from megatron_bloom.inference.generation import GenerationTimes, StopCheck, next_tokens, until_eos
 from megatron_bloom.model import KVCache, ModelConfig
 from megatron_bloom.parallel import ParallelState
 from megatron_bloom.parallel.p2p import StageLinks
@@ -55,10 +55,11 @@ def micro_batch_rows(rows: int, micro_batches: int) -> List[range]:
 def generate_batch_pipelined(stage, prompts: Sequence[List[int]], model_config: ModelConfig,
                              config: GenerateConfig, state: ParallelState, generators: Sequence[torch.Generator],
                              times: Optional[GenerationTimes] = None,
-                             on_step: Optional[Callable[[torch.Tensor, torch.Tensor, range], None]] = None
-                             ) -> Optional[List[List[int]]]:
+                             on_step: Optional[Callable[[torch.Tensor, torch.Tensor, range], None]] = None,
+                             stopped: Optional[StopCheck] = None) -> Optional[List[List[int]]]:
     """The new tokens of each prompt (up to and including EOS) on the last stage, None on the others.
-    `on_step(tokens, running, rows)` sees each micro-batch's tokens on the last stage."""
+    `on_step(tokens, running, rows)` sees each micro-batch's tokens on the last stage; `stopped` (as for
+    `generate_batch`) ends rows there besides EOS."""
     links = StageLinks(state)
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     eos_id, steps = model_config.eos_token_id, config.max_new_tokens
@@ -100,6 +101,8 @@ def generate_batch_pipelined(stage, prompts: Sequence[List[int]], model_config: 
             flow.tokens.append(tokens)
             if eos_id is not None:
                 flow.finished |= tokens == eos_id
+            if stopped is not None:
+                flow.finished |= stopped(torch.stack(flow.tokens, dim=1), flow.rows)
             goes_on = step + 1 < steps and not bool(flow.finished.all())
             if step + 1 < steps:  # the ring: back to the first stage
                 links.send(torch.cat([tokens.new_tensor([int(goes_on)]), tokens]), links.first_rank)
