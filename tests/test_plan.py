@@ -36,6 +36,43 @@ def test_bloom_176b_as_it_was_trained():
     assert "176.2 B" in table and "fits" in table and "MFU" in table
 
 
+def test_bloom_176b_iteration_time_is_predicted_without_running():
+    """No --iter-time: the cost model (planner/cost.py) on the a100-80gb preset's published figures predicts
+    BLOOM-176B's 104.7 s per iteration within 15% (90.1 s: the preset's InfiniBand, a DGX A100's, against
+    Jean Zay's Omni-Path, and framework overheads the model leaves out)."""
+    report = json.loads(run_cli(["megatron_bloom.cli.plan", *BLOOM_176B, "--json"]).stdout.strip().splitlines()[-1])
+    assert abs(report["predicted_iter_time_s"] - 104.7) <= 0.15 * 104.7
+    # the same FLOPs in that time: about 150 TFLOPs x 104.7 s per GPU
+    assert report["predicted_tflops_per_gpu"] * report["predicted_iter_time_s"] == pytest.approx(150 * 104.7, rel=0.05)
+    parts = report["predicted_breakdown_s"]
+    assert report["predicted_iter_time_s"] == pytest.approx(sum(parts.values()))
+    # 128 micro-batches and 11 more slots fill the pipeline; the reduction and the step are a second or less
+    assert parts["pipeline"] > 0.98 * report["predicted_iter_time_s"] and parts["data_parallel"] < 2.0
+    assert report["predicted_mfu"] == pytest.approx(
+        report["predicted_tflops_per_gpu"] / 312.0 * 3 / 4, rel=0.02)  # the model's FLOPs, not the recomputation's
+    assert "iter_time_s" not in report and "mfu" not in report
+
+
+def test_predictions_move_as_the_layout_says():
+    """Recomputation costs time; a faster accelerator takes less; this machine's `cpu` predicts nothing
+    until calibrated."""
+    def predicted(*overrides):
+        report = build_report(load_config([*BLOOM_176B, *overrides]), None, hardware_named(overrides))
+        return report.get("predicted_iter_time_s")
+
+    base = predicted()
+    assert predicted("train.activation_checkpointing=false") < base
+    assert predicted("hardware=h100-80gb") < base / 2
+    assert predicted("hardware=cpu") is None
+
+
+def hardware_named(overrides):
+    from megatron_bloom.planner.hardware import PRESETS, Hardware
+
+    name = next((item.split("=")[1] for item in overrides if item.startswith("hardware=")), "a100-80gb")
+    return PRESETS.get(name) or Hardware("cpu", 1.0, 1.0, 24.0)
+
+
 def test_model_flops_are_six_per_matmul_parameter_and_token_plus_attention():
     """Without recomputation the count is torchtitan's 6 N + 12 L h s a token, N the parameters in matrix
     products (the tied embedding counted once, as the LM head); recomputation adds one forward of the layers."""

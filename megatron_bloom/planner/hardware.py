@@ -1,15 +1,30 @@
-"""Accelerators `mbloom-plan` compares against: dense peak throughput and memory per device.
+"""Accelerators `mbloom-plan` plans for: peak throughput, memory, and what the iteration-time model
+(planner/cost.py) needs: achieved GEMM fractions, memory bandwidth, and bandwidth and latency within a node
+and between nodes. Bandwidths are per GPU, in GB/s; an all-reduce's is the bus bandwidth (NCCL's convention:
+the rate at which 2 (n - 1) / n of the data moves per rank).
 
-Peaks are the vendors' dense (no sparsity) figures: A100 80GB 312 TFLOP/s bf16 / 19.5 fp32; H100 SXM 989
-bf16 / 67 fp32; H200 the same silicon as H100 with 141 GB. `cpu` is measured here and now: the bf16 (or
-fp32) matrix-multiply rate of this machine with all its threads, and its total memory.
+Sources of the presets (dense figures, no sparsity):
+- a100-80gb (SXM4, in an 8-GPU HGX/DGX A100 node): 312 TFLOP/s bf16, 19.5 fp32, 80 GB HBM2e at 2,039 GB/s
+  (NVIDIA A100 datasheet, 2021). NVLink 3 through NVSwitch, 600 GB/s per GPU both ways; nccl-tests'
+  all-reduce reaches about 230 GB/s bus bandwidth on a DGX A100 (NVIDIA, DGX A100 user guide and nccl-tests
+  results). One 200 Gb/s HDR InfiniBand adapter per GPU (DGX A100), 25 GB/s, about 22 achieved.
+- h100-80gb (SXM5, HGX/DGX H100): 989 TFLOP/s bf16, 67 fp32, 80 GB HBM3 at 3,350 GB/s (NVIDIA H100
+  datasheet, 2023). NVLink 4, 900 GB/s per GPU both ways; about 360 GB/s all-reduce bus bandwidth
+  (nccl-tests on DGX H100). One 400 Gb/s NDR adapter per GPU, 50 GB/s, about 45 achieved.
+- h200 (SXM): the H100's compute and links, 141 GB HBM3e at 4,800 GB/s (NVIDIA H200 datasheet, 2024).
+- Achieved GEMM fractions: transformer-sized bf16 GEMMs run at about 70% of the A100's peak and 65% of the
+  H100's (NVIDIA's Deep Learning Performance Guide, "Matrix Multiplication Background"; Narayanan et al.
+  2021 measured the same order in Megatron-LM's layers); attention's batched products of head-sized
+  operands, with the softmax between them unfused, at about half that.
+`cpu` is measured here and now: the bf16 (or fp32) matrix-multiply rate of this machine with all its
+threads, and its total memory; it predicts no time until calibrated.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -18,15 +33,37 @@ class Hardware:
     peak_tflops_16bit: float
     peak_tflops_fp32: float
     memory_gb: float
+    # what planner/cost.py needs (None: unknown, no prediction)
+    memory_gb_per_s: Optional[float] = None
+    gemm_efficiency: Optional[float] = None  # achieved fraction of peak: linears and the LM head
+    attention_efficiency: Optional[float] = None  # achieved fraction of peak: attention's batched products
+    intra_node_gb_per_s: Optional[float] = None  # all-reduce bus bandwidth within a node, per GPU
+    intra_node_latency_s: Optional[float] = None
+    inter_node_gb_per_s: Optional[float] = None  # per GPU, between nodes
+    inter_node_latency_s: Optional[float] = None
+    gpus_per_node: int = 8
 
     def peak_tflops(self, precision: str) -> float:
         return self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops_16bit
 
+    @property
+    def predicts(self) -> bool:
+        """Whether it knows enough to predict an iteration's time."""
+        return None not in (self.memory_gb_per_s, self.gemm_efficiency, self.attention_efficiency,
+                            self.intra_node_gb_per_s, self.intra_node_latency_s, self.inter_node_gb_per_s,
+                            self.inter_node_latency_s)
 
-PRESETS = {  # every name of config.schema.HARDWARE_NAMES but `cpu`
-    "a100-80gb": Hardware("a100-80gb", 312.0, 19.5, 80.0),
-    "h100-80gb": Hardware("h100-80gb", 989.0, 67.0, 80.0),
-    "h200": Hardware("h200", 989.0, 67.0, 141.0),
+
+PRESETS = {  # every name of config.schema.HARDWARE_NAMES but `cpu`; figures and sources above
+    "a100-80gb": Hardware("a100-80gb", 312.0, 19.5, 80.0, memory_gb_per_s=2039.0, gemm_efficiency=0.70,
+                          attention_efficiency=0.35, intra_node_gb_per_s=230.0, intra_node_latency_s=15e-6,
+                          inter_node_gb_per_s=22.0, inter_node_latency_s=25e-6),
+    "h100-80gb": Hardware("h100-80gb", 989.0, 67.0, 80.0, memory_gb_per_s=3350.0, gemm_efficiency=0.65,
+                          attention_efficiency=0.33, intra_node_gb_per_s=360.0, intra_node_latency_s=12e-6,
+                          inter_node_gb_per_s=45.0, inter_node_latency_s=20e-6),
+    "h200": Hardware("h200", 989.0, 67.0, 141.0, memory_gb_per_s=4800.0, gemm_efficiency=0.65,
+                     attention_efficiency=0.33, intra_node_gb_per_s=360.0, intra_node_latency_s=12e-6,
+                     inter_node_gb_per_s=45.0, inter_node_latency_s=20e-6),
 }
 
 

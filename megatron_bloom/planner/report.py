@@ -7,6 +7,7 @@ from typing import Optional
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.planner.communication import training_communication
+from megatron_bloom.planner.cost import predict_iteration
 from megatron_bloom.planner.hardware import Hardware
 from megatron_bloom.planner.inference import inference_plan
 from megatron_bloom.planner.memory import GB, micro_batches_per_step, plan_stages
@@ -57,15 +58,24 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
         report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
                               "peak_tflops": round(device.peak_tflops(config.precision), 1),
                               "fits": largest.memory.total / 1e9 <= device.memory_gb}
+    # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
+    # model's FLOPs only (Chowdhery et al. 2022).
+    model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
     if iter_time is not None:
-        # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
-        # model's FLOPs only (Chowdhery et al. 2022).
         report["iter_time_s"] = iter_time
         report["tflops_per_gpu"] = flops / iter_time / world / 1e12
         report["tokens_per_s"] = tokens / iter_time
         if device is not None:
-            model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
             report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
+    elif device is not None and device.predicts:
+        predicted = predict_iteration(config, device)
+        seconds = predicted.total_s
+        report["predicted_iter_time_s"] = seconds
+        report["predicted_tflops_per_gpu"] = flops / seconds / world / 1e12
+        report["predicted_mfu"] = model_flops / seconds / world / 1e12 / device.peak_tflops(config.precision)
+        report["predicted_breakdown_s"] = {"pipeline": predicted.pipeline_s,
+                                           "data_parallel": predicted.data_parallel_s,
+                                           "optimizer": predicted.optimizer_s}
     return report
 
 
@@ -101,6 +111,12 @@ def format_table(report: dict) -> str:
         verdict = "fits" if device["fits"] else "does NOT fit"
         lines.append(f"{device['name']}: {device['memory_gb']:.0f} GB per device, peak {device['peak_tflops']:.1f} "
                      f"TFLOP/s: {verdict}")
+    if "predicted_iter_time_s" in report:
+        parts = report["predicted_breakdown_s"]
+        lines.append(f"predicted: {report['predicted_iter_time_s']:.2f} s per iteration, "
+                     f"{report['predicted_tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {report['predicted_mfu']:.1%} "
+                     f"(pipeline {parts['pipeline']:.2f} s, data-parallel {parts['data_parallel']:.2f} s, "
+                     f"optimizer {parts['optimizer']:.2f} s)")
     if "tflops_per_gpu" in report:
         lines.append(f"at {report['iter_time_s']} s per iteration: {report['tflops_per_gpu']:.1f} TFLOP/s per GPU, "
                      f"{report['tokens_per_s']:,.0f} tokens/s" + (f", MFU {report['mfu']:.1%}" if "mfu" in report else ""))
