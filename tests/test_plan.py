@@ -66,6 +66,44 @@ def test_predictions_move_as_the_layout_says():
     assert predicted("hardware=cpu") is None
 
 
+def test_search_lists_the_layouts_that_fit_fastest_first_and_says_why():
+    """bloom-7b1 on 32 A100s (4 nodes): every layout uses the 32 GPUs, keeps tp within a node, fits in what an
+    A100 leaves to tensors, and they come fastest first; the first is explained in one line."""
+    result = run_cli(["megatron_bloom.cli.plan", "--search", "model=bloom-7b1", "cluster.gpus=32",
+                      "train.global_batch_size=512", "hardware=a100-80gb", "--json"])
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    candidates = found["candidates"]
+    assert len(candidates) > 20
+    assert all(c["tp"] * c["pp"] * c["dp"] == 32 and c["tp"] <= 8 and c["memory_gb"] <= 0.92 * 80 for c in candidates)
+    assert all(512 % (c["micro_batch_size"] * c["dp"]) == 0 and not (c["pp"] > 1 and c["zero_stage"] > 1)
+               for c in candidates)
+    times = [c["predicted_iter_time_s"] for c in candidates]
+    assert times == sorted(times)
+    best = candidates[0]
+    assert found["why"].startswith(f"tp {best['tp']} x pp {best['pp']} x dp {best['dp']}, micro-batch "
+                                   f"{best['micro_batch_size']}")
+    # the same layout planned alone predicts the same time
+    alone = build_report(load_config([
+        "model=bloom-7b1", "train.global_batch_size=512", f"parallel.tp={best['tp']}", f"parallel.pp={best['pp']}",
+        f"parallel.dp={best['dp']}", f"train.micro_batch_size={best['micro_batch_size']}",
+        f"train.activation_checkpointing={str(best['activation_checkpointing']).lower()}",
+        f"zero.stage={best['zero_stage']}"]), None, hardware_named([]))
+    assert alone["predicted_iter_time_s"] == pytest.approx(best["predicted_iter_time_s"])
+    table = run_cli(["megatron_bloom.cli.plan", "--search", "model=bloom-7b1", "cluster.gpus=32",
+                     "train.global_batch_size=512"]).stdout
+    assert table.splitlines()[0].split()[:4] == ["rank", "tp", "pp", "dp"] and "why: tp" in table
+
+
+def test_search_mistakes_are_one_paragraph(capsys):
+    from megatron_bloom.cli.plan import main
+
+    assert_user_error_in_process(main, ["--search", "model=bloom-7b1"], capsys, "needs cluster.gpus=N")
+    assert_user_error_in_process(main, ["--search", "model=bloom-7b1", "cluster.gpus=8", "hardware=cpu"], capsys,
+                                 "predicts no time")
+    assert_user_error_in_process(main, ["--search", "model=bloom-176b", "cluster.gpus=2"], capsys,
+                                 "no layout of 176,247,271,424 parameters fits 2 x a100-80gb")
+
+
 def hardware_named(overrides):
     from megatron_bloom.planner.hardware import PRESETS, Hardware
 

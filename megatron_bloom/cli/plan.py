@@ -5,12 +5,15 @@ is queued. No processes, no weights (formulas: megatron_bloom/planner/memory.py 
         train.global_batch_size=2048 train.activation_checkpointing=true hardware=a100-80gb --iter-time 104.7
 
 `--iter-time SECONDS` adds TFLOPs per GPU (counted as the trainer logs them) and MFU against the peak of
-`hardware=` (a100-80gb, h100-80gb, h200, or cpu: this machine's measured GEMM peak). `--json` prints one
+`hardware=` (a100-80gb, h100-80gb, h200, or cpu: this machine's measured GEMM peak); without it a preset
+predicts them (planner/cost.py). `--search cluster.gpus=N [cluster.gpus_per_node=G]` lists the layouts of the
+model that fit N accelerators, fastest first, and says why the first (planner/search.py). `--json` prints one
 JSON object instead of the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence
@@ -19,8 +22,8 @@ from megatron_bloom.cli.arguments import parse_command_line
 from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.errors import UserError
 
-USAGE = "[hydra overrides] [--iter-time SECONDS] [--json]"
-SWITCHES, OPTIONS = ("--json",), ("--iter-time",)  # flags besides the overrides (OPTIONS take a value)
+USAGE = "[hydra overrides] [--iter-time SECONDS | --search cluster.gpus=N] [--json]"
+SWITCHES, OPTIONS = ("--json", "--search"), ("--iter-time",)  # flags besides the overrides (OPTIONS take a value)
 
 
 def iter_time_seconds(value: Optional[object]) -> Optional[float]:
@@ -46,6 +49,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_bloom.planner.report import build_report, format_table
 
     config = load_config(overrides)
+    if flags.get("--search"):
+        from megatron_bloom.planner.search import explain, format_candidates, search
+
+        if iter_time is not None:
+            raise UserError("--search predicts each layout's time: leave out --iter-time.")
+        candidates = search(config, hardware(config.hardware))
+        print(json.dumps({"candidates": [dataclasses.asdict(c) for c in candidates], "why": explain(candidates)})
+              if as_json else format_candidates(candidates), flush=True)
+        return
     report = build_report(config, iter_time, hardware(config.hardware))
     print(json.dumps(report) if as_json else format_table(report), flush=True)
 

@@ -487,6 +487,19 @@ class TaskRunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines `mbloom-plan --search` chooses a layout for."""
+
+    gpus: Optional[int] = None
+    """Accelerators in all; the layouts searched use them all (tp x pp x dp)."""
+    gpus_per_node: int = 8
+    """Accelerators per node: tensor parallelism stays within one."""
+
+    def __post_init__(self) -> None:
+        _check_positive("cluster", self, "gpus", "gpus_per_node")
+
+
+@dataclass
 class TrainConfig:
     """The root config (`configs/train.yaml`)."""
 
@@ -510,6 +523,7 @@ class TrainConfig:
     hardware: str = "a100-80gb"
     """What mbloom-plan compares memory and FLOPs against: `a100-80gb`, `h100-80gb`, `h200`, or `cpu` (this
     machine, measured)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)

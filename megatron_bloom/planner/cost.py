@@ -21,7 +21,7 @@ the data-parallel gradient reduction and the optimizer step:
   bandwidth per GPU when the neighbouring stage is on another node (ranks run tp fastest, then dp, then pp:
   stages are tp x dp ranks apart), else intra-node.
 - dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (ZeRO 1 and 2 send the same
-  bytes as a reduce-scatter and an all-gather), at the inter-node bandwidth per GPU once the replicas span
+  bytes as a reduce-scatter and an all-gather; ZeRO 3 half as much again, gathering the parameters twice), at the inter-node bandwidth per GPU once the replicas span
   nodes; at pp > 1 the embedding's gradient is also summed between the first and the last stage, which both hold
   it (tied). DeepSpeed's pipeline engine reduces after the last backward; at pp = 1 the reduction overlaps the
   last micro-batch's backward (`overlap_comm`), so only what outlasts it shows.
@@ -124,8 +124,11 @@ def data_parallel_seconds(config: TrainConfig, stage: StagePlan, device: Hardwar
     seconds = 0.0
     if parallel.dp > 1:
         across_nodes = parallel.tp * parallel.dp > device.gpus_per_node
-        seconds += transfer_seconds(all_reduce(stage.params_per_rank * width, parallel.dp), 2 * (parallel.dp - 1),
-                                    device, across_nodes)
+        # ZeRO 3 gathers the parameters for the forward and again for the backward, and reduce-scatters the
+        # gradients: 3 (d - 1) / d of them, against an all-reduce's 2 (Rajbhandari et al. 2020, section 7)
+        factor = 1.5 if config.zero.stage == 3 else 1.0
+        seconds += factor * transfer_seconds(all_reduce(stage.params_per_rank * width, parallel.dp),
+                                             2 * (parallel.dp - 1), device, across_nodes)
     end_stage = stage.stage in (0, parallel.pp - 1)
     if parallel.pp > 1 and end_stage and not config.fine_tuning:
         embedding = config.model.padded_vocab_size(parallel.tp) // parallel.tp * config.model.hidden_size

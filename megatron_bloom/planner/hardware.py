@@ -47,12 +47,21 @@ class Hardware:
         return self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops_16bit
 
     @property
+    def usable_memory_gb(self) -> float:
+        """What a run's tensors may take: the CUDA context, NCCL's buffers, the libraries' workspaces and the
+        caching allocator's fragmentation keep about 8% of a GPU (PyTorch's memory notes; the same margin
+        on a host leaves room for the system)."""
+        return USABLE_MEMORY_FRACTION * self.memory_gb
+
+    @property
     def predicts(self) -> bool:
         """Whether it knows enough to predict an iteration's time."""
         return None not in (self.memory_gb_per_s, self.gemm_efficiency, self.attention_efficiency,
                             self.intra_node_gb_per_s, self.intra_node_latency_s, self.inter_node_gb_per_s,
                             self.inter_node_latency_s)
 
+
+USABLE_MEMORY_FRACTION = 0.92
 
 PRESETS = {  # every name of config.schema.HARDWARE_NAMES but `cpu`; figures and sources above
     "a100-80gb": Hardware("a100-80gb", 312.0, 19.5, 80.0, memory_gb_per_s=2039.0, gemm_efficiency=0.70,

@@ -57,7 +57,7 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
     if device is not None:
         report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
                               "peak_tflops": round(device.peak_tflops(config.precision), 1),
-                              "fits": largest.memory.total / 1e9 <= device.memory_gb}
+                              "fits": largest.memory.total / 1e9 <= device.usable_memory_gb}
     # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
     # model's FLOPs only (Chowdhery et al. 2022).
     model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
