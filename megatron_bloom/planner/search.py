@@ -70,9 +70,23 @@ def search(config: TrainConfig, device: Hardware) -> List[Candidate]:
     if not found:
         raise UserError(f"no layout of {config.model.num_parameters():,} parameters fits {gpus} x {device.name} "
                         f"({device.memory_gb:.0f} GB each) with a global batch of {config.train.global_batch_size}.")
-    # equal times: the simpler layout first (less ZeRO, less model parallelism, no recomputation)
-    return sorted(found, key=lambda c: (round(c.predicted_iter_time_s, 6), c.zero_stage, c.tp * c.pp,
-                                        c.activation_checkpointing))
+    return fastest_first(found)
+
+
+def fastest_first(candidates: List[Candidate], tolerance: float = 1e-3) -> List[Candidate]:
+    """By predicted time; times within `tolerance` of a run's fastest count as equal, and among those the
+    simpler layout comes first (less ZeRO, less model parallelism, no recomputation, less memory)."""
+    def simplicity(c: Candidate):
+        return c.zero_stage, c.tp * c.pp, c.activation_checkpointing, c.memory_gb
+
+    ordered: List[Candidate] = []
+    tied: List[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: c.predicted_iter_time_s):
+        if tied and candidate.predicted_iter_time_s > tied[0].predicted_iter_time_s * (1 + tolerance):
+            ordered += sorted(tied, key=simplicity)
+            tied = []
+        tied.append(candidate)
+    return ordered + sorted(tied, key=simplicity)
 
 
 def _evaluate(config: TrainConfig, device: Hardware, tp: int, pp: int, dp: int, micro: int, recompute: bool,
