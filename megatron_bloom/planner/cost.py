@@ -33,7 +33,7 @@ the data-parallel gradient reduction and the optimizer step:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.planner.communication import all_reduce, training_communication
@@ -74,10 +74,12 @@ class IterationTime:
         return self.pipeline_s + self.data_parallel_s + self.optimizer_s
 
 
-def predict_iteration(config: TrainConfig, device: Hardware) -> IterationTime:
-    """The time of one training iteration of `config` (parallel.dp explicit) on `device`."""
+def predict_iteration(config: TrainConfig, device: Hardware,
+                      stages: Optional[List[StagePlan]] = None) -> IterationTime:
+    """The time of one training iteration of `config` (parallel.dp explicit) on `device`; `stages`: its
+    `plan_stages`, when the caller has them already."""
     parallel, train = config.parallel, config.train
-    stages = plan_stages(config)
+    stages = stages if stages is not None else plan_stages(config)
     times = [stage_time(config, stage, device) for stage in stages]
     m = micro_batches_per_step(config)
     pipeline_s = (m + parallel.pp - 1) * max(time.slot_s for time in times)

@@ -68,7 +68,7 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
         if device is not None:
             report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
     elif device is not None and device.predicts:
-        predicted = predict_iteration(config, device)
+        predicted = predict_iteration(config, device, stages)
         seconds = predicted.total_s
         report["predicted_iter_time_s"] = seconds
         report["predicted_tflops_per_gpu"] = flops / seconds / world / 1e12

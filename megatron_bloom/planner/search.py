@@ -99,10 +99,11 @@ def _evaluate(config: TrainConfig, device: Hardware, tp: int, pp: int, dp: int, 
         layout.check_layout()
     except ConfigError:
         return None
-    memory = max(stage.memory.total for stage in plan_stages(layout)) / 1e9
+    stages = plan_stages(layout)
+    memory = max(stage.memory.total for stage in stages) / 1e9
     if memory > device.usable_memory_gb:
         return None
-    seconds = predict_iteration(layout, device).total_s
+    seconds = predict_iteration(layout, device, stages).total_s
     flops = iteration_flops(config.model, config.train.global_batch_size, config.sample_length, recompute,
                             not config.fine_tuning)
     return Candidate(tp, pp, dp, micro, recompute, zero, seconds, flops / seconds / (tp * pp * dp) / 1e12, memory)
