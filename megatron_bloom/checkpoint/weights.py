@@ -31,7 +31,7 @@ from megatron_bloom.checkpoint.safe_load import load_checkpoint_file
 from megatron_bloom.data.progress import Progress
 from megatron_bloom.errors import UserError
 from megatron_bloom.fence.deepspeed import MODULE, model_states_file, pipeline_layer_file
-from megatron_bloom.model import ModelConfig, create_task_model, meta_device
+from megatron_bloom.model import ModelConfig, TaskConfig, create_task_model, meta_device
 from megatron_bloom.parallel import ParallelState, check_tensor_parallel, parallelize_bloom
 from megatron_bloom.parallel.parallelize import materialize
 from megatron_bloom.parallel.stage import PipelineStage
@@ -100,12 +100,7 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
     if config.num_layers < state.pp:
         raise UserError(f"parallel.pp={state.pp} needs a block per stage, and the model of {directory} has "
                         f"{config.num_layers}: use parallel.pp={config.num_layers} or fewer.")
-    with meta_device():
-        model = parallelize_bloom(create_task_model(config, metadata.task), state, sequence_parallel)
-        if state.pp > 1:
-            blocks = stage_blocks(config, state.pp, metadata.task.name, partition)[state.pp_rank]
-            model = PipelineStage(model, blocks, state.pp_rank == 0, state.pp_rank == state.pp - 1,
-                                  state.tp if sequence_parallel else 1)
+    model = meta_rank_model(config, metadata.task, state, sequence_parallel, partition)
     task_model = model.model if state.pp > 1 else model  # its parameters have the model names
     wanted = set(task_model.state_dict().keys())
     if metadata.tp == state.tp:
@@ -117,6 +112,20 @@ def load_model(checkpoint: Path, state: ParallelState, dtype: torch.dtype = torc
         materialize(task_model, config, state, {}, seed=0, full_state_dict=full)
         model.to(dtype)
     return model, metadata
+
+
+def meta_rank_model(config: ModelConfig, task: TaskConfig, state: ParallelState, sequence_parallel: bool = False,
+                    partition: str = "flops") -> nn.Module:
+    """This rank's part of the task model, on the meta device (no memory yet): the tensor-parallel model at
+    pp = 1, else its `PipelineStage` with the blocks `partition` gives this stage (as training splits them).
+    Its parameters, under their model names, are to be assigned (a checkpoint's, or a training run's)."""
+    with meta_device():
+        model = parallelize_bloom(create_task_model(config, task), state, sequence_parallel)
+        if state.pp > 1:
+            blocks = stage_blocks(config, state.pp, task.name, partition)[state.pp_rank]
+            model = PipelineStage(model, blocks, state.pp_rank == 0, state.pp_rank == state.pp - 1,
+                                  state.tp if sequence_parallel else 1)
+    return model
 
 
 def stage_blocks(config: ModelConfig, pp: int, task_name: str, partition: str = "flops") -> List[range]:

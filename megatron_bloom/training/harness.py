@@ -19,16 +19,13 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_bloom.checkpoint.weights import stage_blocks
+from megatron_bloom.checkpoint.weights import meta_rank_model
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.inference.harness_evaluation import load_tasks, metrics, write_results
 from megatron_bloom.model import TaskConfig
-from megatron_bloom.model.init import create_task_model, meta_device
 from megatron_bloom.parallel import ParallelState
-from megatron_bloom.parallel.parallelize import parallelize_bloom
-from megatron_bloom.parallel.stage import PipelineStage
 from megatron_bloom.pipeline.names import named_model_parameters
 
 
@@ -88,11 +85,7 @@ class TrainingHarness:
 
 def live_model(module: torch.nn.Module, config: TrainConfig, state: ParallelState) -> torch.nn.Module:
     """The task model (at pp > 1 this rank's stage of it) whose parameters are `module`'s own."""
-    with meta_device():
-        model = parallelize_bloom(create_task_model(config.model, TaskConfig()), state)
-        if state.pp > 1:
-            blocks = stage_blocks(config.model, state.pp, "causal_lm", config.parallel.pipeline_partition)
-            model = PipelineStage(model, blocks[state.pp_rank], state.pp_rank == 0, state.pp_rank == state.pp - 1)
+    model = meta_rank_model(config.model, TaskConfig(), state, partition=config.parallel.pipeline_partition)
     task_model = model.model if state.pp > 1 else model
     live = dict(named_model_parameters(module))
     task_model.load_state_dict({name: live[name] for name in task_model.state_dict()}, strict=True, assign=True)
