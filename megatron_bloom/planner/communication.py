@@ -20,6 +20,8 @@ all-gathers it ((t - 1) / t N more per rank); with SP each rank's own shard is a
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.planner.memory import WEIGHT_BYTES, StagePlan, micro_batches_per_step
 
@@ -33,24 +35,33 @@ def gather(n: float, t: int) -> float:
     return (t - 1) / t * n
 
 
+def tensor_parallel_per_micro_batch(config: TrainConfig, stage: StagePlan) -> Tuple[int, float]:
+    """(collectives, bytes one rank sends) of `stage`'s tensor parallelism for one micro-batch."""
+    model, parallel, train = config.model, config.parallel, config.train
+    t, sp = parallel.tp, parallel.sequence_parallel
+    if t == 1:
+        return 0, 0.0
+    n = config.sample_length * train.micro_batch_size * model.hidden_size * WEIGHT_BYTES[config.precision]
+    # per block: SP's all-gathers and reduce-scatters, or all-reduces; the recomputed forward's again
+    per_block = (10 + 4 * train.activation_checkpointing) if sp else (4 + 2 * train.activation_checkpointing)
+    # the embedding's lookups, summed, and the LM head's input
+    ends = (stage.stage == 0) + (stage.stage == parallel.pp - 1 and not config.fine_tuning)
+    collectives = stage.blocks * per_block + ends * (2 if sp else 1)
+    sent = collectives * (gather(n, t) if sp else all_reduce(n, t))
+    if sp:  # the LayerNorm and row-parallel-bias gradients, summed in fp32
+        collectives += 1
+        sent += all_reduce(stage.blocks * 6 * model.hidden_size * 4, t)
+    return collectives, sent
+
+
 def training_communication(config: TrainConfig, stage: StagePlan) -> dict:
     """Bytes per iteration one rank of `stage` sends: tensor-parallel collectives (activations, and with SP
     the replicated parameters' gradients) and pipeline point-to-point."""
     model, parallel, train = config.model, config.parallel, config.train
     t, sp = parallel.tp, parallel.sequence_parallel
     n = config.sample_length * train.micro_batch_size * model.hidden_size * WEIGHT_BYTES[config.precision]
-    block = 10 * gather(n, t) if sp else 4 * all_reduce(n, t)
-    if train.activation_checkpointing:  # the recomputed forward
-        block += 4 * gather(n, t) if sp else 2 * all_reduce(n, t)
-    per_micro_batch = stage.blocks * block
-    if stage.stage == 0:  # the embedding's lookups, summed
-        per_micro_batch += gather(n, t) * 2 if sp else all_reduce(n, t)
-    if stage.stage == parallel.pp - 1 and not config.fine_tuning:  # the LM head's input
-        per_micro_batch += gather(n, t) * 2 if sp else all_reduce(n, t)
-    if sp:
-        per_micro_batch += all_reduce(stage.blocks * 6 * model.hidden_size * 4, t)
     micro_batches = micro_batches_per_step(config)
     boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)  # sends forward and/or backward
     pipeline = boundaries * (n / t + (0.0 if sp or t == 1 else gather(n, t)))
-    return {"tensor_parallel": per_micro_batch * micro_batches if t > 1 else 0.0,
+    return {"tensor_parallel": tensor_parallel_per_micro_batch(config, stage)[1] * micro_batches,
             "pipeline": pipeline * micro_batches}

@@ -36,7 +36,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_bloom.config import TrainConfig
-from megatron_bloom.planner.communication import all_reduce, training_communication
+from megatron_bloom.planner.communication import (
+    all_reduce,
+    tensor_parallel_per_micro_batch,
+    training_communication,
+)
 from megatron_bloom.planner.hardware import Hardware
 from megatron_bloom.planner.memory import (
     WEIGHT_BYTES,
@@ -105,17 +109,12 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
     elementwise = stage.blocks * 2.0 * layer_activation_bytes(config) * passes
     compute_s = (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
                  + elementwise / (device.memory_gb_per_s * 1e9))
-    sent = training_communication(config, stage)  # bytes per iteration
-    m = micro_batches_per_step(config)
-    collectives = 0
-    if t > 1:
-        per_block = (10 if parallel.sequence_parallel else 4) + (
-            (4 if parallel.sequence_parallel else 2) if train.activation_checkpointing else 0)
-        collectives = stage.blocks * per_block + (stage.stage == 0) + last
-    tp_s = transfer_seconds(sent["tensor_parallel"] / m, collectives, device, across_nodes=False)
+    collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage)
+    tp_s = transfer_seconds(tp_bytes, collectives, device, across_nodes=False)
     boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)
     across_nodes = t * parallel.dp >= device.gpus_per_node  # neighbouring stages are tp x dp ranks apart
-    p2p_s = transfer_seconds(sent["pipeline"] / m, boundaries, device, across_nodes)
+    pipeline_bytes = training_communication(config, stage)["pipeline"] / micro_batches_per_step(config)
+    p2p_s = transfer_seconds(pipeline_bytes, boundaries, device, across_nodes)
     return StageTime(stage.stage, compute_s, tp_s, p2p_s)
 
 
