@@ -107,7 +107,7 @@ def encoder_settings(options: PreprocessOptions) -> EncoderSettings:
 def tokenize_in_order(options: PreprocessOptions, sources: List[Source], settings: EncoderSettings):
     """One process reads the inputs in order and writes the shards; `options.workers` processes tokenize."""
     shards = ShardSet(options.output_prefix, settings.dtype, options.split_by_lang)
-    report = SkipReport()
+    report = SkipReport(strict=options.strict)
     documents = tokens = 0
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     try:
@@ -125,8 +125,6 @@ def tokenize_in_order(options: PreprocessOptions, sources: List[Source], setting
                     break
                 result: EncodedChunk = in_flight.popleft().get()
                 for reason, where in result.skipped:
-                    if options.strict:
-                        raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
                     report.skip(reason, where)
                 shards.add(result)
                 documents += int(result.lengths.size)

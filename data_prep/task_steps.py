@@ -51,15 +51,13 @@ class TaskSettings:
 
 def task_documents(settings: TaskSettings, rank: int, report: SkipReport, read: Counter) -> Iterator[Document]:
     """The task's good records as `Document`s, in input order (id: "file:line"; metadata: the task, and the
-    language with --split-by-lang, else None). Bad records are counted in `report` (--strict: the first is a
-    `UserError`); `read` counts the documents yielded, by language."""
+    language with --split-by-lang, else None). Bad records go to `report` (a strict one raises a `UserError` at
+    the first); `read` counts the documents yielded, by language."""
     for chunk in iter_part_chunks(settings.plan[rank], settings.encoder.text_key, settings.encoder.lang_key):
         for where, text, language, reason in checked_records(chunk, settings.encoder.text_key,
                                                               settings.encoder.lang_key):
             if reason:
-                if settings.strict:
-                    raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
-                report.skip(reason, where)
+                report.skip(reason, where)  # --strict: a UserError
                 continue
             read[language] += 1
             yield Document(text=text, id=where, metadata={"task": rank, "lang": language})
@@ -77,7 +75,7 @@ class ReadDocuments(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         try:
-            yield from task_documents(self.settings, rank, SkipReport(), Counter())
+            yield from task_documents(self.settings, rank, SkipReport(strict=self.settings.strict), Counter())
         except UserError:
             return  # the tokenizing stage meets the same mistake, records it, and the job reports it
 
@@ -99,7 +97,7 @@ class TokenizeParts(PipelineStep):
         error_path.unlink(missing_ok=True)
         start = time.perf_counter()
         shards = ShardSet(settings.part_prefix(rank), settings.dtype, settings.split_by_lang)
-        report, read, kept = SkipReport(), Counter(), Counter()
+        report, read, kept = SkipReport(strict=settings.strict), Counter(), Counter()
         try:
             if self.dedup_filter is None:
                 self._tokenize_chunks(rank, shards, report, read)
@@ -129,8 +127,6 @@ class TokenizeParts(PipelineStep):
         for chunk in iter_part_chunks(settings.plan[rank], settings.encoder.text_key, settings.encoder.lang_key):
             result = encode_chunk(chunk, settings.encoder)
             for reason, where in result.skipped:
-                if settings.strict:
-                    raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
                 report.skip(reason, where)
             shards.add(result)
             read.update(result.languages if result.languages is not None else [None] * len(result.lengths))

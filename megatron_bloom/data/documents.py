@@ -21,12 +21,16 @@ FIRST_LINES_KEPT = 5
 
 @dataclass
 class SkipReport:
-    """Skipped records by reason, with the first few line numbers of each (for messages and stats)."""
+    """Skipped records by reason, with the first few line numbers of each (for messages and stats); `strict`
+(--strict): the first bad record is a `UserError` instead."""
 
     counts: Counter = field(default_factory=Counter)
     first_lines: Dict[str, List[str]] = field(default_factory=dict)
+    strict: bool = False
 
     def skip(self, reason: str, where: Union[int, str]) -> None:
+        if self.strict:
+            raise UserError(f"{where}: {reason} (--strict stops at the first bad record).")
         self.counts[reason] += 1
         lines = self.first_lines.setdefault(reason, [])
         if len(lines) < FIRST_LINES_KEPT:
