@@ -32,26 +32,12 @@ from data_prep.dedup import MAX_EXACT_TASKS, dedup_stages
 from data_prep.encoding import EncoderSettings
 from data_prep.executors import LocalStages, SlurmStages, Stage, forget_tasks, tasks_named
 from data_prep.merge import merge_shards
+from data_prep.options import PreprocessOptions
 from data_prep.shards import language_prefix
 from data_prep.sources import Source, input_bytes, split_inputs
 from data_prep.task_steps import TaskSettings, TokenizeParts
 from megatron_bloom.data.documents import SkipReport
 from megatron_bloom.errors import UserError
-
-
-@dataclass
-class JobOptions:
-    """What a run of tasks is asked (the flags of mbloom-preprocess that shape it)."""
-
-    output_prefix: str
-    tasks: int
-    executor: str  # local | slurm
-    workers: int  # local: tasks run at once
-    slurm_partition: str | None
-    slurm_time: str | None
-    dedup: str  # none | exact | near
-    split_by_lang: bool
-    strict: bool
 
 
 @dataclass
@@ -63,7 +49,7 @@ class JobResult:
     task_seconds: List[float]
 
 
-def check_job_options(options: JobOptions) -> None:
+def check_job_options(options: PreprocessOptions) -> None:
     if options.tasks < 1:
         raise UserError(f"--tasks must be at least 1, got {options.tasks}.")
     if options.dedup == "exact" and options.tasks > MAX_EXACT_TASKS:
@@ -73,7 +59,7 @@ def check_job_options(options: JobOptions) -> None:
         raise UserError("--slurm-partition and --slurm-time are for --executor slurm.")
 
 
-def run_job(options: JobOptions, sources: Sequence[Source], encoder: EncoderSettings) -> JobResult:
+def run_job(options: PreprocessOptions, sources: Sequence[Source], encoder: EncoderSettings) -> JobResult:
     """Run (or resume) the job's stages, then merge the tasks' part shards into the outputs."""
     work = Path(options.output_prefix + ".tasks")
     with locked(work):
@@ -107,7 +93,7 @@ def locked(work: Path) -> Iterator[None]:
         yield
 
 
-def run_record(options: JobOptions, sources: Sequence[Source], encoder: EncoderSettings) -> dict:
+def run_record(options: PreprocessOptions, sources: Sequence[Source], encoder: EncoderSettings) -> dict:
     """What makes a rerun the same run: the inputs as they are now, the tokenizer's content, and the options
     that change what the tasks write (not where they run)."""
     return {"inputs": [[source.name, input_bytes(source)] for source in sources],
@@ -145,7 +131,7 @@ def first_mistake(work: Path, tokenize_folder: Path) -> None:
         raise UserError(json.loads(errors[0].read_text())["message"])
 
 
-def merge_tasks(work: Path, options: JobOptions) -> JobResult:
+def merge_tasks(work: Path, options: PreprocessOptions) -> JobResult:
     """Sum the tasks' counts, and merge their part shards, language by language, in task order."""
     report = SkipReport()
     parts: Dict[str, List[str]] = {}  # by language, in order of first appearance: as one process meets them

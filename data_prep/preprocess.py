@@ -14,13 +14,13 @@ import multiprocessing
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
 from data_prep.encoding import EncodedChunk, EncoderSettings, encode_chunk
+from data_prep.options import EOD_TOKEN, PreprocessOptions
 from data_prep.shards import ShardSet, language_key, write_json
 from data_prep.sources import Source, iter_chunks, resolve_inputs
 from megatron_bloom.data.documents import SkipReport, no_usable_documents
@@ -29,51 +29,18 @@ from megatron_bloom.data.progress import Progress
 from megatron_bloom.data.tokenizer import load_tokenizer, tokenizer_file
 from megatron_bloom.errors import UserError
 
-EOD_TOKEN = "</s>"
-EXECUTORS = ("local", "slurm")
-DEDUP_MODES = ("none", "exact", "near")
-
-
-@dataclass
-class PreprocessOptions:
-    """What `mbloom-preprocess` is asked to do (its flags)."""
-
-    input: List[str]  # jsonl, jsonl.gz or parquet files, or saved `datasets` dirs, in order: paths, globs, URLs
-    tokenizer: Path  # a tokenizer.json or a directory holding one
-    output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json
-    workers: int = 1  # one task: tokenizing processes; several: tasks run at once here (--executor local)
-    text_key: str = "text"
-    lang_key: str = "lang"
-    split_by_lang: bool = False  # one PREFIX_<lang> shard per language
-    append_eod: bool = False  # end every document with EOD_TOKEN
-    strict: bool = False  # stop at the first bad record
-    tasks: int = 1  # a job of this many tasks, each tokenizing a consecutive part of the inputs
-    executor: str = "local"  # where a job's tasks run: local | slurm
-    slurm_partition: Optional[str] = None
-    slurm_time: Optional[str] = None
-    dedup: str = "none"  # none | exact | near: drop duplicate documents, keeping the first
-
-    @property
-    def as_job(self) -> bool:
-        return self.tasks > 1 or self.executor != "local" or self.dedup != "none"
-
-
 def preprocess(options: PreprocessOptions) -> dict:
     """Tokenize the inputs into shards; returns the summary also written to PREFIX.stats.json."""
-    from data_prep.distributed import JobOptions, check_job_options, run_job
+    from data_prep.distributed import check_job_options, run_job
 
     if options.workers < 1:
         raise UserError(f"--workers must be at least 1, got {options.workers}.")
-    job = JobOptions(output_prefix=options.output_prefix, tasks=options.tasks, executor=options.executor,
-                     workers=options.workers, slurm_partition=options.slurm_partition,
-                     slurm_time=options.slurm_time, dedup=options.dedup, split_by_lang=options.split_by_lang,
-                     strict=options.strict)
-    check_job_options(job)
+    check_job_options(options)
     sources = resolve_inputs(options.input)
     encoder = encoder_settings(options)
     start = time.perf_counter()
     if options.as_job:
-        result = run_job(job, sources, encoder)
+        result = run_job(options, sources, encoder)
         documents, tokens, report, outputs = result.documents, result.tokens, result.report, result.outputs
         details = {"tasks": options.tasks, "executor": options.executor, "task_seconds": result.task_seconds}
     else:

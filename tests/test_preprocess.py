@@ -238,7 +238,7 @@ def test_glob_patterns_and_fsspec_urls_read_their_matches_in_name_order(tokenize
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_prep.preprocess import PreprocessOptions
+    from data_prep.options import PreprocessOptions
     from data_prep.preprocess import preprocess as preprocess_in_process
 
     lines = CORPUS.read_bytes().splitlines(keepends=True)

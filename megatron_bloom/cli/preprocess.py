@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from data_prep.preprocess import DEDUP_MODES, EOD_TOKEN, EXECUTORS, PreprocessOptions, preprocess, print_summary
+from data_prep.options import DEDUP_MODES, EOD_TOKEN, EXECUTORS, PreprocessOptions
+from data_prep.preprocess import preprocess, print_summary
 from megatron_bloom.cli.errors import exit_on_user_error
 
 
