@@ -7,8 +7,9 @@ is queued. No processes, no weights (formulas: megatron_bloom/planner/memory.py 
 `--iter-time SECONDS` adds TFLOPs per GPU (counted as the trainer logs them) and MFU against the peak of
 `hardware=` (a100-80gb, h100-80gb, h200, or cpu: this machine's measured GEMM peak); without it a preset
 predicts them (planner/cost.py). `--search cluster.gpus=N [cluster.gpus_per_node=G]` lists the layouts of the
-model that fit N accelerators, fastest first, and says why the first (planner/search.py). `--json` prints one
-JSON object instead of the table.
+model that fit N accelerators, fastest first, and says why the first (planner/search.py). `--calibrate
+--output FILE` measures this machine at the shapes of the config's model and micro-batch into a hardware file
+that `hardware=FILE` predicts with (planner/calibrate.py). `--json` prints one JSON object instead of the table.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_bloom.cli.arguments import parse_command_line
 from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.errors import UserError
 
-USAGE = "[hydra overrides] [--iter-time SECONDS | --search cluster.gpus=N] [--json]"
-SWITCHES, OPTIONS = ("--json", "--search"), ("--iter-time",)  # flags besides the overrides (OPTIONS take a value)
+USAGE = "[hydra overrides] [--iter-time SECONDS | --search cluster.gpus=N | --calibrate --output FILE] [--json]"
+SWITCHES, OPTIONS = ("--json", "--search", "--calibrate"), ("--iter-time", "--output")  # OPTIONS take a value
 
 
 def iter_time_seconds(value: Optional[object]) -> Optional[float]:
@@ -49,6 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_bloom.planner.report import build_report, format_table
 
     config = load_config(overrides)
+    if flags.get("--calibrate") or flags.get("--output"):
+        calibrate_into(config, flags.get("--output"), iter_time, bool(flags.get("--search")))
+        return
     if flags.get("--search"):
         from megatron_bloom.planner.search import explain, format_candidates, search
 
@@ -60,6 +65,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     report = build_report(config, iter_time, hardware(config.hardware))
     print(json.dumps(report) if as_json else format_table(report), flush=True)
+
+
+def calibrate_into(config, output: Optional[str], iter_time: Optional[float], searching: bool) -> None:
+    from megatron_bloom.planner.calibrate import calibrate
+
+    if output is None:
+        raise UserError("--calibrate writes a hardware file: give its path with --output FILE.")
+    if iter_time is not None or searching:
+        raise UserError("--calibrate measures this machine and writes --output FILE; plan with hardware=FILE "
+                        "afterwards (--iter-time and --search are for that run).")
+    target = Path(output)
+    if not target.parent.is_dir():
+        raise UserError(f"--output {output}: its folder {target.parent} does not exist.")
+    measured = calibrate(config, progress=lambda line: print(f"mbloom-plan: {line}", flush=True))
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(measured, indent=1) + "\n")
+    partial.replace(target)  # whole or not at all
+    print(f"mbloom-plan: wrote {output}; plan with hardware={output}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ documentation: docs/configuration.md is generated from it (`config/reference.py`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -521,13 +522,17 @@ class TrainConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     task: TaskRunConfig = field(default_factory=TaskRunConfig)
     hardware: str = "a100-80gb"
-    """What mbloom-plan compares memory and FLOPs against: `a100-80gb`, `h100-80gb`, `h200`, or `cpu` (this
-    machine, measured)."""
+    """What mbloom-plan compares memory and FLOPs against and predicts time on: `a100-80gb`, `h100-80gb`, `h200`,
+    `cpu` (this machine's GEMM peak, measured; no prediction), or a hardware file's path (`mbloom-plan
+    --calibrate --output FILE`)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("hardware", self.hardware, HARDWARE_NAMES)
+        if self.hardware not in HARDWARE_NAMES and not os.path.isfile(str(self.hardware)):
+            raise ConfigError(f"hardware must be one of {', '.join(HARDWARE_NAMES)} or the path of a hardware "
+                              f"file (mbloom-plan --calibrate --output FILE); got {self.hardware!r}, which is "
+                              "neither a preset nor an existing file.")
         self.check_layout()
 
     @property

@@ -78,16 +78,22 @@ class BloomAttention(nn.Module):
         if self.alibi_slopes.device != hidden_states.device:
             self.alibi_slopes = self.alibi_slopes.to(hidden_states.device)
         bias = alibi_bias(self.alibi_slopes, positions, hidden_states.dtype)  # [batch * heads, 1, kv]
-        if self.attention_impl == "sdpa" and q_length == 1:
-            context = self._decode_attention(query, key, value, bias, additive_mask, cache)
-        elif self.attention_impl == "sdpa":
-            context = self._fused_attention(query, key, value, bias, additive_mask)
-        else:
-            context = self._eager_attention(query, key, value, bias, additive_mask)
+        context = self.core_attention(query, key, value, bias, additive_mask, cache)
         # [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
         context = context.permute(0, 2, 1, 3).reshape(batch_size, q_length, self.num_heads * self.head_dim)
         output = self.dense(context)
         return residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+
+    def core_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                       additive_mask: torch.Tensor, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + ALiBi `bias` + `additive_mask`) v, by `attention_impl`: the
+        queries, keys and values `[batch, heads, seq, head_dim]` (the keys' seq is kv), the context the
+        same shape as the queries."""
+        if self.attention_impl == "sdpa" and query.shape[2] == 1:
+            return self._decode_attention(query, key, value, bias, additive_mask, cache)
+        if self.attention_impl == "sdpa":
+            return self._fused_attention(query, key, value, bias, additive_mask)
+        return self._eager_attention(query, key, value, bias, additive_mask)
 
     def _eager_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
                          additive_mask: torch.Tensor) -> torch.Tensor:

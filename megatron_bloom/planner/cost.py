@@ -1,33 +1,45 @@
 """A training iteration's time, predicted from the config and the hardware alone (no run).
 
 One iteration of 1F1B over pp stages and m micro-batches per data-parallel replica (Narayanan et al. 2021,
-section 2.2) takes (m + pp - 1) slots of the slowest stage's forward and backward of one micro-batch, then
-the data-parallel gradient reduction and the optimizer step:
+section 2.2) takes (m + pp - 1) slots of a stage's forward and backward of one micro-batch when the stages are
+equal; when they are not, the first micro-batch's forward and last one's backward cross every stage once and
+the m - 1 others pass the slowest (the last stage, which adds the LM head, usually). Then the data-parallel
+gradient reduction and the optimizer step:
 
-    T = (m + pp - 1) * max_s (compute_s + tp_s + p2p_s)  +  dp_exposed  +  optimizer
+    T = sum_s slot_s + (m - 1) * max_s slot_s  +  dp  +  optimizer,     slot_s = compute_s + tp_s + p2p_s
 
 - compute_s: the stage's GEMM FLOPs per tensor-parallel rank at the hardware's achieved rate, by shape class:
-  the linears' (and the LM head's) at `gemm_efficiency` of peak, attention's batched s x s products at
-  `attention_efficiency`. Per block and micro-batch of b sequences of s tokens, a forward costs 24 b s h^2 + 4 b
-  s^2 h FLOPs (model/flops.py); a backward twice that; full recomputation one forward more. The last stage adds
+  the linears' at `gemm_efficiency` of peak, the LM head's (with its loss) at `lm_head_efficiency`,
+  attention's batched s x s products at `attention_efficiency`. Per block and micro-batch of b sequences of s tokens, a forward costs 24 b s h^2 + 4 b
+  s^2 h FLOPs (model/flops.py); a backward twice that; full recomputation one forward more (a calibrated
+  machine's `recompute_passes`: what checkpointing costs there, in forwards). The last stage adds
   the LM head (2 b s h V forward, never recomputed). Then the element-wise work (LayerNorms, bias, GeLU,
   softmax, dropout, residuals), bound by memory: each pass writes and reads again about the activations a block
   keeps for its backward (Korthikanti et al. 2022; planner/memory.py), so a forward moves 2 A bytes, a backward
-  twice that, at the memory bandwidth.
+  twice that, at the memory bandwidth. A calibrated machine measured these rates on whole blocks at tp 1,
+  operator dispatch included; tp divides the work but each rank dispatches every operator, so its share of
+  the `block_overhead_s` a block's dispatch takes is added back: (1 - 1/t) of it a block and pass.
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
   tensor parallelism waits for them: none overlaps compute.
 - p2p_s: the activations forward and their gradient backward across the stage's boundaries, at the inter-node
   bandwidth per GPU when the neighbouring stage is on another node (ranks run tp fastest, then dp, then pp:
   stages are tp x dp ranks apart), else intra-node.
-- dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (ZeRO 1 and 2 send the same
+- dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (float32 in bf16 runs with ZeRO,
+  as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 and 2 send the same
   bytes as a reduce-scatter and an all-gather; ZeRO 3 half as much again, gathering the parameters twice), at the inter-node bandwidth per GPU once the replicas span
   nodes; at pp > 1 the embedding's gradient is also summed between the first and the last stage, which both hold
-  it (tied). DeepSpeed's pipeline engine reduces after the last backward; at pp = 1 the reduction overlaps the
-  last micro-batch's backward (`overlap_comm`), so only what outlasts it shows.
+  it (tied). None of it overlaps compute: DeepSpeed's pipeline engine and its BF16 optimizer (ZeRO 1) reduce
+  after the last backward, and ZeRO 2 and 3 without `overlap_comm` (training/deepspeed_config.py leaves it
+  off) reduce each bucket in the backward hook, waiting for it.
 - optimizer: Adam's memory traffic over the rank's share of the parameters (ZeRO 1 and 2 divide it by dp): the
   float32 master weights, gradients and two moments read, the moments and weights written, and the 16-bit
-  weights written: 30 bytes per parameter at the memory bandwidth.
+  weights written: 30 bytes per parameter at the memory bandwidth (a calibrated machine's own Adam rate).
+
+A calibrated machine (a hardware file) gives the figures of one rank when the layout's ranks all run on it
+at once (`Hardware.for_layout`), and its own data-parallel and point-to-point links within the node. On a
+CPU whose cores the ranks share, the slots of the sum above run while the other stages wait, with their
+cores (`Hardware.while_one_stage_runs`).
 """
 
 from __future__ import annotations
@@ -83,16 +95,19 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     """The time of one training iteration of `config` (parallel.dp explicit) on `device`; `stages`: its
     `plan_stages`, when the caller has them already."""
     parallel, train = config.parallel, config.train
+    world = parallel.tp * parallel.pp * parallel.dp
+    alone = device.while_one_stage_runs(world, parallel.pp, train.micro_batch_size)
+    device = device.for_layout(world, train.micro_batch_size)
     stages = stages if stages is not None else plan_stages(config)
     times = [stage_time(config, stage, device) for stage in stages]
     m = micro_batches_per_step(config)
-    pipeline_s = (m + parallel.pp - 1) * max(time.slot_s for time in times)
+    # the first forward and the last backward: each stage while the others wait (on a CPU, with their cores)
+    crossing = times if alone is device else [stage_time(config, stage, alone) for stage in stages]
+    pipeline_s = sum(time.slot_s for time in crossing) + (m - 1) * max(time.slot_s for time in times)
     dp_s = max(data_parallel_seconds(config, stage, device) for stage in stages)
-    if parallel.pp == 1:  # overlapped with the last micro-batch's backward
-        dp_s = max(0.0, dp_s - times[0].compute_s * 2 / (4 if train.activation_checkpointing else 3))
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
-        device.memory_gb_per_s * 1e9)
+        (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
 
@@ -100,44 +115,61 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
     model, parallel, train = config.model, config.parallel, config.train
     s, b, h, t = config.sample_length, train.micro_batch_size, model.hidden_size, parallel.tp
     last = stage.stage == parallel.pp - 1 and not config.fine_tuning
-    passes = 4 if train.activation_checkpointing else 3  # forward, backward (2), recomputed forward
+    passes = 3 + (device.recompute_passes if train.activation_checkpointing else 0)  # forward, backward (2)
     peak = device.peak_tflops(config.precision) * 1e12
     dense = stage.blocks * 24.0 * b * s * h * h / t * passes
     attention = stage.blocks * 4.0 * b * s * s * h / t * passes
-    if last:
-        dense += 2.0 * b * s * h * model.padded_vocab_size(t) / t * 3
+    head = 2.0 * b * s * h * model.padded_vocab_size(t) / t * 3 if last else 0.0
     elementwise = stage.blocks * 2.0 * layer_activation_bytes(config) * passes
+    # the rates were measured on whole (tp 1) blocks, dispatch included; tp divides the work but not that
+    undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
     compute_s = (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
-                 + elementwise / (device.memory_gb_per_s * 1e9))
+                 + head / (peak * (device.lm_head_efficiency or device.gemm_efficiency))
+                 + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
     collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage)
     tp_s = transfer_seconds(tp_bytes, collectives, device, across_nodes=False)
     boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)
-    across_nodes = t * parallel.dp >= device.gpus_per_node  # neighbouring stages are tp x dp ranks apart
+    across_nodes = device.nodes_apart(t * parallel.dp)  # neighbouring stages are tp x dp ranks apart
     pipeline_bytes = training_communication(config, stage)["pipeline"] / micro_batches_per_step(config)
-    p2p_s = transfer_seconds(pipeline_bytes, boundaries, device, across_nodes)
+    p2p_s = transfer_seconds(pipeline_bytes, boundaries, device, across_nodes, "p2p")
     return StageTime(stage.stage, compute_s, tp_s, p2p_s)
 
 
 def data_parallel_seconds(config: TrainConfig, stage: StagePlan, device: Hardware) -> float:
     """The gradient reduction of one rank of `stage`: over the data-parallel replicas, and at pp > 1 the tied
     embedding's between the end stages."""
-    parallel, width = config.parallel, WEIGHT_BYTES[config.precision]
+    parallel, width = config.parallel, gradient_bytes(config)
     seconds = 0.0
     if parallel.dp > 1:
-        across_nodes = parallel.tp * parallel.dp > device.gpus_per_node
+        across_nodes = device.nodes_apart(parallel.tp * parallel.dp)
         # ZeRO 3 gathers the parameters for the forward and again for the backward, and reduce-scatters the
         # gradients: 3 (d - 1) / d of them, against an all-reduce's 2 (Rajbhandari et al. 2020, section 7)
         factor = 1.5 if config.zero.stage == 3 else 1.0
         seconds += factor * transfer_seconds(all_reduce(stage.params_per_rank * width, parallel.dp),
-                                             2 * (parallel.dp - 1), device, across_nodes)
+                                             2 * (parallel.dp - 1), device, across_nodes, "gradient")
     end_stage = stage.stage in (0, parallel.pp - 1)
     if parallel.pp > 1 and end_stage and not config.fine_tuning:
         embedding = config.model.padded_vocab_size(parallel.tp) // parallel.tp * config.model.hidden_size
-        seconds += transfer_seconds(all_reduce(embedding * width, 2), 2, device, across_nodes=True)
+        seconds += transfer_seconds(all_reduce(embedding * width, 2), 2, device,
+                                    device.nodes_apart(parallel.tp * parallel.dp * (parallel.pp - 1)), "gradient")
     return seconds
 
 
-def transfer_seconds(sent_bytes: float, messages: int, device: Hardware, across_nodes: bool) -> float:
-    bandwidth = device.inter_node_gb_per_s if across_nodes else device.intra_node_gb_per_s
-    latency = device.inter_node_latency_s if across_nodes else device.intra_node_latency_s
+def gradient_bytes(config: TrainConfig) -> int:
+    """Bytes per gradient element the data-parallel reduction sends: bf16 runs with ZeRO reduce in float32
+    (training/deepspeed_config.py), others in the weights' width."""
+    return 4 if config.precision == "bf16" and config.zero.stage >= 1 else WEIGHT_BYTES[config.precision]
+
+
+def transfer_seconds(sent_bytes: float, messages: int, device: Hardware, across_nodes: bool,
+                     link: str = "tensor_parallel") -> float:
+    """Seconds to send `sent_bytes` in `messages`, between nodes or within one; within one, a "gradient" or
+    "p2p" link has the figures a calibration measured for it, where it has them."""
+    if across_nodes:
+        bandwidth, latency = device.inter_node_gb_per_s, device.inter_node_latency_s
+    else:
+        bandwidth = {"gradient": device.gradient_gb_per_s, "p2p": device.p2p_gb_per_s}.get(link) \
+            or device.intra_node_gb_per_s
+        latency = {"gradient": device.gradient_latency_s, "p2p": device.p2p_latency_s}.get(link)
+        latency = device.intra_node_latency_s if latency is None else latency
     return sent_bytes / (bandwidth * 1e9) + messages * latency

@@ -17,14 +17,26 @@ Sources of the presets (dense figures, no sparsity):
   2021 measured the same order in Megatron-LM's layers); attention's batched products of head-sized
   operands, with the softmax between them unfused, at about half that.
 `cpu` is measured here and now: the bf16 (or fp32) matrix-multiply rate of this machine with all its
-threads, and its total memory; it predicts no time until calibrated.
+threads, and its total memory; it predicts no time.
+
+A hardware FILE (`mbloom-plan --calibrate --output FILE`, planner/calibrate.py; read by
+planner/hardware_file.py) holds what was measured on one machine, for each number of ranks that shared it and
+each micro-batch size: where ranks share cores (CPUs) each rank's rates depend on how many run at once, and
+small operands run below the rate of large ones, so a layout is predicted with the figures of its own rank
+count and micro-batch (`for_layout`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
+
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,20 @@ class Hardware:
     inter_node_gb_per_s: Optional[float] = None  # per GPU, between nodes
     inter_node_latency_s: Optional[float] = None
     gpus_per_node: int = 8
+    # measured machines (hardware files) only
+    kind: str = "gpu"  # or "cpu": ranks share the cores
+    precision: Optional[str] = None  # the one the rates were measured in; None: any (presets)
+    lm_head_efficiency: Optional[float] = None  # the LM head and its loss; None: gemm_efficiency
+    optimizer_gb_per_s: Optional[float] = None  # Adam's effective rate; None: memory_gb_per_s
+    gradient_gb_per_s: Optional[float] = None  # the data-parallel all-reduce within a node; None: intra_node
+    gradient_latency_s: Optional[float] = None
+    p2p_gb_per_s: Optional[float] = None  # a pipeline send within a node; None: intra_node
+    p2p_latency_s: Optional[float] = None
+    recompute_passes: float = 1.0  # what recomputation adds, in forwards (checkpointing's own work included)
+    block_overhead_s: float = 0.0  # a block's forward and backward dispatch, not divided by tp (GPUs: hidden)
+    cores: int = 0  # a calibrated CPU's, which its ranks share
+    # a hardware file's figures: (ranks sharing the machine, micro-batch size, one rank's figures)
+    measured: Tuple[Tuple[int, int, "Hardware"], ...] = ()
 
     def peak_tflops(self, precision: str) -> float:
         return self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops_16bit
@@ -60,6 +86,48 @@ class Hardware:
                             self.intra_node_gb_per_s, self.intra_node_latency_s, self.inter_node_gb_per_s,
                             self.inter_node_latency_s)
 
+    def for_layout(self, world_size: int, micro_batch_size: int) -> "Hardware":
+        """The figures of one rank of a layout: on a calibrated machine, those measured with as many ranks at
+        once (on CPUs all of a layout's ranks share it, on GPUs at most a node's) and the nearest micro-batch
+        size; past the largest rank count measured, on CPUs, its rates shared further (the cores are divided)."""
+        if not self.measured:
+            return self
+        ranks = world_size if self.kind == "cpu" else min(world_size, self.gpus_per_node)
+        counts = sorted({count for count, _, _ in self.measured})
+        count = max((n for n in counts if n <= ranks), default=counts[0])
+        sizes = [(abs(math.log2(micro / micro_batch_size)), -micro, figures)
+                 for n, micro, figures in self.measured if n == count]
+        figures = min(sizes, key=lambda entry: entry[:2])[2]
+        if self.kind != "cpu" or count >= ranks:
+            return figures
+        share = count / ranks
+        return dataclasses.replace(figures, peak_tflops_16bit=figures.peak_tflops_16bit * share,
+                                   peak_tflops_fp32=figures.peak_tflops_fp32 * share,
+                                   memory_gb_per_s=figures.memory_gb_per_s * share,
+                                   optimizer_gb_per_s=figures.optimizer_gb_per_s * share)
+
+    def while_one_stage_runs(self, world_size: int, pipeline_stages: int, micro_batch_size: int) -> "Hardware":
+        """The figures of one rank while only its own stage's ranks work (a pipeline's fill and drain): on a
+        CPU the idle stages' cores go to the working ranks, as far as their threads can use them (each has
+        cores / world_size of them, as the launcher gives them)."""
+        if self.kind != "cpu" or not self.measured:
+            return self.for_layout(world_size, micro_batch_size)
+        threads = max(1, self.cores // world_size)
+        working = max(world_size // pipeline_stages, self.cores // threads)
+        return self.for_layout(min(working, world_size), micro_batch_size)
+
+    def nodes_apart(self, ranks_apart: int) -> bool:
+        """Whether ranks this far apart in the rank order run on different nodes (never on CPUs: a hardware
+        file describes one machine)."""
+        return self.kind != "cpu" and ranks_apart >= self.gpus_per_node
+
+    def describe_mismatch(self, precision: str) -> Optional[str]:
+        """Why this hardware cannot predict a run in `precision` (None when it can)."""
+        if self.precision is not None and self.precision != precision:
+            return (f"hardware={self.name} was calibrated in {self.precision}, and its rates say nothing of "
+                    f"{precision}: calibrate again with precision={precision}, or plan in {self.precision}.")
+        return None
+
 
 USABLE_MEMORY_FRACTION = 0.92
 
@@ -77,7 +145,25 @@ PRESETS = {  # every name of config.schema.HARDWARE_NAMES but `cpu`; figures and
 
 
 def hardware(name: str) -> Hardware:
-    return measure_cpu() if name == "cpu" else PRESETS[name]
+    """A preset, `cpu` (measured now), or a hardware file's path."""
+    from megatron_bloom.planner.hardware_file import load_hardware_file
+
+    if name == "cpu":
+        return measure_cpu()
+    return PRESETS[name] if name in PRESETS else load_hardware_file(name)
+
+
+def is_cpu(name: str) -> bool:
+    """Whether `hardware=name` describes CPUs (the attention kernels, and so the activations kept, differ)."""
+    return name == "cpu" or (name not in PRESETS and _file_kind(name) == "cpu")
+
+
+@functools.lru_cache(maxsize=16)  # the memory model asks for every layout a search weighs
+def _file_kind(path: str) -> str:
+    try:
+        return json.loads(Path(path).read_text()).get("kind", "gpu")
+    except (OSError, ValueError, AttributeError):
+        return "gpu"  # load_hardware_file says what is wrong with it, when the file is used
 
 
 def gemm_tflops(m: int, k: int, n: int, dtype, seconds: float = 0.5) -> float:
@@ -101,4 +187,5 @@ def measure_cpu(size: int = 2048, seconds: float = 1.0) -> Hardware:
     import torch
 
     return Hardware("cpu", gemm_tflops(size, size, size, torch.bfloat16, seconds / 2),
-                    gemm_tflops(size, size, size, torch.float32, seconds / 2), psutil.virtual_memory().total / 1e9)
+                    gemm_tflops(size, size, size, torch.float32, seconds / 2), psutil.virtual_memory().total / 1e9,
+                    kind="cpu")

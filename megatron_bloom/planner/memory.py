@@ -39,6 +39,7 @@ from typing import List
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.model.causal_blocks import CAUSAL_BLOCK_ROWS
+from megatron_bloom.planner.hardware import is_cpu
 from megatron_bloom.pipeline.partition import stage_layers
 
 GB = 1e9
@@ -110,11 +111,11 @@ def layer_activation_bytes(config: TrainConfig) -> float:
     linear = s * b * h * (34.0 / t if parallel.sequence_parallel else 10.0 + 24.0 / t)
     if model.attention_impl == "eager":
         scores = 5.0 * a * s * s * b / t
-    elif config.hardware == "cpu" and not config.fine_tuning:
+    elif is_cpu(config.hardware) and not config.fine_tuning:
         # Causal blocks keep each block's 2-byte probabilities against the keys up to it: (n + 1) / 2n of s x s.
         blocks = -(-s // CAUSAL_BLOCK_ROWS)
         scores = 2.0 * a * s * s * b * (blocks + 1) / (2 * blocks) / t
-    elif config.hardware == "cpu":  # padded samples: the masked kernel keeps ALiBi + mask, a 2-byte s x s per head
+    elif is_cpu(config.hardware):  # padded samples: the masked kernel keeps ALiBi + mask, a 2-byte s x s per head
         scores = 2.0 * a * s * s * b / t
     else:  # GPUs: ALiBi folded into q.k, causal flash kernel, nothing of size s x s
         scores = 0.0

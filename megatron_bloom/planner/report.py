@@ -55,9 +55,12 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
     report["communication_per_iter_gb"] = max((stage["communication_gb"] for stage in report["stages"]),
                                               key=lambda sent: sum(sent.values()))
     if device is not None:
+        rank = device.for_layout(world, train.micro_batch_size)  # a calibrated machine: one rank's figures
         report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
-                              "peak_tflops": round(device.peak_tflops(config.precision), 1),
-                              "fits": largest.memory.total / 1e9 <= device.usable_memory_gb}
+                              "peak_tflops": round(rank.peak_tflops(config.precision), 1),
+                              # CPU ranks share the machine's memory
+                              "fits": largest.memory.total / 1e9 * (world if device.kind == "cpu" else 1)
+                              <= device.usable_memory_gb}
     # As the trainer logs it: the recomputation's extra forward counts (hardware FLOPs); MFU counts the
     # model's FLOPs only (Chowdhery et al. 2022).
     model_flops = iteration_flops(model, train.global_batch_size, seq_length, False, lm_head)
@@ -66,13 +69,15 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
         report["tflops_per_gpu"] = flops / iter_time / world / 1e12
         report["tokens_per_s"] = tokens / iter_time
         if device is not None:
-            report["mfu"] = model_flops / iter_time / world / 1e12 / device.peak_tflops(config.precision)
+            report["mfu"] = model_flops / iter_time / world / 1e12 / rank.peak_tflops(config.precision)
+    elif device is not None and device.predicts and device.describe_mismatch(config.precision):
+        report["prediction_unavailable"] = device.describe_mismatch(config.precision)
     elif device is not None and device.predicts:
         predicted = predict_iteration(config, device, stages)
         seconds = predicted.total_s
         report["predicted_iter_time_s"] = seconds
         report["predicted_tflops_per_gpu"] = flops / seconds / world / 1e12
-        report["predicted_mfu"] = model_flops / seconds / world / 1e12 / device.peak_tflops(config.precision)
+        report["predicted_mfu"] = model_flops / seconds / world / 1e12 / rank.peak_tflops(config.precision)
         report["predicted_breakdown_s"] = {"pipeline": predicted.pipeline_s,
                                            "data_parallel": predicted.data_parallel_s,
                                            "optimizer": predicted.optimizer_s}
@@ -117,6 +122,8 @@ def format_table(report: dict) -> str:
                      f"{report['predicted_tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {report['predicted_mfu']:.1%} "
                      f"(pipeline {parts['pipeline']:.2f} s, data-parallel {parts['data_parallel']:.2f} s, "
                      f"optimizer {parts['optimizer']:.2f} s)")
+    if "prediction_unavailable" in report:
+        lines.append(f"no prediction: {report['prediction_unavailable']}")
     if "tflops_per_gpu" in report:
         lines.append(f"at {report['iter_time_s']} s per iteration: {report['tflops_per_gpu']:.1f} TFLOP/s per GPU, "
                      f"{report['tokens_per_s']:,.0f} tokens/s" + (f", MFU {report['mfu']:.1%}" if "mfu" in report else ""))

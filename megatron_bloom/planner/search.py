@@ -36,6 +36,11 @@ class Candidate:
     predicted_iter_time_s: float
     predicted_tflops_per_gpu: float
     memory_gb: float  # the largest rank's
+    predicted_breakdown_s: dict  # pipeline, data_parallel, optimizer
+
+    @property
+    def layout(self) -> str:
+        return f"tp {self.tp} x pp {self.pp} x dp {self.dp}"
 
 
 def layouts(config: TrainConfig, gpus: int, gpus_per_node: int):
@@ -61,7 +66,9 @@ def search(config: TrainConfig, device: Hardware) -> List[Candidate]:
         raise UserError("mbloom-plan --search needs cluster.gpus=N (and cluster.gpus_per_node, default 8).")
     if not device.predicts:
         raise UserError(f"hardware={device.name} predicts no time: --search needs a preset (a100-80gb, h100-80gb, "
-                        "h200).")
+                        "h200) or a hardware file (mbloom-plan --calibrate --output FILE).")
+    if device.describe_mismatch(config.precision):
+        raise UserError(device.describe_mismatch(config.precision))
     found = []
     for tp, pp, dp, micro, recompute, zero in layouts(config, gpus, per_node):
         candidate = _evaluate(config, device, tp, pp, dp, micro, recompute, zero)
@@ -101,37 +108,50 @@ def _evaluate(config: TrainConfig, device: Hardware, tp: int, pp: int, dp: int, 
         return None
     stages = plan_stages(layout)
     memory = max(stage.memory.total for stage in stages) / 1e9
-    if memory > device.usable_memory_gb:
+    # on a calibrated CPU the layout's ranks share the machine's memory
+    if memory * (tp * pp * dp if device.kind == "cpu" else 1) > device.usable_memory_gb:
         return None
-    seconds = predict_iteration(layout, device, stages).total_s
+    predicted = predict_iteration(layout, device, stages)
+    seconds = predicted.total_s
     flops = iteration_flops(config.model, config.train.global_batch_size, config.sample_length, recompute,
                             not config.fine_tuning)
-    return Candidate(tp, pp, dp, micro, recompute, zero, seconds, flops / seconds / (tp * pp * dp) / 1e12, memory)
+    return Candidate(tp, pp, dp, micro, recompute, zero, seconds, flops / seconds / (tp * pp * dp) / 1e12, memory,
+                     {"pipeline": predicted.pipeline_s, "data_parallel": predicted.data_parallel_s,
+                      "optimizer": predicted.optimizer_s})
 
 
 def explain(candidates: List[Candidate]) -> str:
-    """Why the fastest layout: the smallest model-parallel size that fits, and what the neighbouring tp and pp
-    of the same micro-batch, recomputation and ZeRO stage would cost."""
+    """Why the fastest layout: against the fastest with a smaller replica (fewer GPUs in tp x pp), where the
+    time goes in each (the pipeline, with its bubble, or the data-parallel reduction); or that no smaller
+    replica fits; and what the neighbouring tp and pp of the same micro-batch, recomputation and ZeRO stage
+    would cost."""
     best = candidates[0]
     smallest = min(candidate.tp * candidate.pp for candidate in candidates)
+    setting = (best.micro_batch_size, best.activation_checkpointing, best.zero_stage)
 
     def time_of(tp: int, pp: int) -> Optional[float]:
         return next((c.predicted_iter_time_s for c in candidates if (c.tp, c.pp) == (tp, pp)
-                     and (c.micro_batch_size, c.activation_checkpointing, c.zero_stage)
-                     == (best.micro_batch_size, best.activation_checkpointing, best.zero_stage)), None)
+                     and (c.micro_batch_size, c.activation_checkpointing, c.zero_stage) == setting), None)
 
     neighbours = []
-    for label, tp, pp in (("tp", best.tp * 2, best.pp), ("tp", best.tp // 2, best.pp * 2),
-                          ("pp", best.tp, best.pp * 2), ("pp", best.tp, best.pp // 2)):
+    for tp, pp in ((best.tp * 2, best.pp), (best.tp // 2, best.pp * 2), (best.tp, best.pp * 2), (best.tp, best.pp // 2)):
         other = time_of(tp, pp) if tp >= 1 and pp >= 1 and (tp, pp) != (best.tp, best.pp) else None
         if other is not None:
             neighbours.append(f"tp {tp} x pp {pp} {other - best.predicted_iter_time_s:+.2f} s")
     compared = f"; the same at {', '.join(neighbours)}" if neighbours else ""
-    fits = ("a replica fits on one GPU" if smallest == 1 else
-            f"the model fits no replica of fewer than {smallest} GPUs")
-    return (f"tp {best.tp} x pp {best.pp} x dp {best.dp}, micro-batch {best.micro_batch_size}, recomputation "
+    smaller = [c for c in candidates if c.tp * c.pp < best.tp * best.pp]
+    if smaller:
+        rival, parts, mine = smaller[0], smaller[0].predicted_breakdown_s, best.predicted_breakdown_s
+        why = (f"the fastest smaller replica, {rival.layout} (ZeRO {rival.zero_stage}), takes "
+               f"{rival.predicted_iter_time_s - best.predicted_iter_time_s:+.2f} s: pipeline "
+               f"{parts['pipeline']:.2f} s against {mine['pipeline']:.2f}, data-parallel reduction "
+               f"{parts['data_parallel']:.2f} s against {mine['data_parallel']:.2f}")
+    else:
+        why = ("a replica fits on one GPU" if smallest == 1 else
+               f"the model fits no replica of fewer than {smallest} GPUs")
+    return (f"{best.layout}, micro-batch {best.micro_batch_size}, recomputation "
             f"{'on' if best.activation_checkpointing else 'off'}, ZeRO {best.zero_stage}: "
-            f"{best.predicted_iter_time_s:.2f} s per iteration; {fits}{compared}.")
+            f"{best.predicted_iter_time_s:.2f} s per iteration; {why}{compared}.")
 
 
 def format_candidates(candidates: List[Candidate], limit: int = 20) -> str:

@@ -1,0 +1,362 @@
+"""`mbloom-plan --calibrate --output FILE`: what the iteration-time model (planner/cost.py) needs, measured on
+this machine at the shapes of the config's model, into a hardware file that `hardware=FILE` reads
+(planner/hardware.py).
+
+For each number of ranks n that may share the machine (CPUs: 1, 2, 4, ... up to twice the cores, each rank
+with cores / n threads as the launcher gives them; GPUs: one rank per device), n processes measure at once,
+so that each rank's figures are those it gets beside its n - 1 peers:
+- compute, by shape class, each forward and backward through the model's own modules at tp 1, for micro-batches
+  of 1, 2 and 4 sequences and the config's (small operands run below the rate of large ones): the block's four
+  linear layers; attention's products with their softmax and masks (the kernel the model runs); the LM head
+  with its loss; the rest of a block (LayerNorms, GeLU, residuals), as the block's time less the other two, in
+  GB/s of the activations planner/memory.py counts; what recomputation adds, in forwards (the block under
+  activation checkpointing, as pipeline/model.py runs it, less the block); a block's forward and backward
+  with next to no work (its operators' dispatch, which tensor parallelism does not divide); Adam's step with
+  clipping, in GB/s of its 30 bytes per parameter; and the square-GEMM peak.
+- links, at n >= 2: the tensor-parallel all-reduce (on CPUs through the shared-memory group the layers use),
+  the data-parallel all-reduce of the backend (gloo, NCCL) and a point-to-point send, each timed at a small
+  and a large message: latency = the small one's time, bandwidth = the large one's extra bytes over its extra
+  time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention).
+Every time is the median over repetitions; compute figures are then the median over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from megatron_bloom.config import TrainConfig
+from megatron_bloom.errors import UserError
+from megatron_bloom.planner.cost import ADAM_BYTES_PER_PARAMETER
+from megatron_bloom.planner.hardware_file import FILE_FORMAT
+from megatron_bloom.planner.memory import layer_activation_bytes
+
+OPTIMIZER_ELEMENTS = 8 * 2**20  # Adam is timed over this many parameters (or the model's, if fewer)
+SMALL_MESSAGE_ELEMENTS = 256  # what a link's latency is timed with
+LARGE_MESSAGE_ELEMENTS = 4 * 2**20  # and its bandwidth (or an activation, if larger): far past the latency
+MIN_REPETITIONS = 3
+ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What the ranks measure at: the model at tp 1, micro-batches of these sizes."""
+
+    model: object  # ModelConfig
+    micro_batch_sizes: tuple
+    seq_length: int
+    precision: str
+    optimizer_elements: int
+
+
+def default_rank_counts(on_gpu: bool) -> List[int]:
+    if on_gpu:
+        import torch
+
+        return sorted({1, torch.cuda.device_count()})
+    cores = os.cpu_count() or 1
+    return [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(2, 2 * cores)]
+
+
+def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, seconds: float = 0.6,
+              progress: Callable[[str], None] = lambda line: None) -> dict:
+    """The hardware file's contents for this machine (`seconds`: how long each figure is timed)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    counts = sorted(set(rank_counts or default_rank_counts(on_gpu)))
+    if on_gpu and max(counts) > torch.cuda.device_count():
+        raise UserError(f"--calibrate on GPUs runs one rank per device; this machine has "
+                        f"{torch.cuda.device_count()}, not {max(counts)}.")
+    model = config.model
+    micro_batch_sizes = tuple(sorted({1, 2, 4, config.train.micro_batch_size}))
+    shapes = Shapes(model, micro_batch_sizes, config.sample_length, config.precision,
+                    min(OPTIMIZER_ELEMENTS, model.num_parameters()))
+    ranks = {}
+    for count in counts:
+        progress(f"measuring {count} rank{'s' * (count > 1)} at once")
+        ranks[str(count)] = figures(shapes, config, _run_ranks(count, shapes, seconds, on_gpu))
+    import psutil
+
+    memory_gb = (torch.cuda.get_device_properties(0).total_memory if on_gpu else psutil.virtual_memory().total) / 1e9
+    return {
+        "format": FILE_FORMAT,
+        "kind": "gpu" if on_gpu else "cpu",
+        "device": torch.cuda.get_device_name(0) if on_gpu else (platform.processor() or platform.machine()),
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory_gb, 2),
+        "precision": config.precision,
+        "ranks_per_node": max(counts),
+        "calibrated_for": {"hidden_size": model.hidden_size, "num_heads": model.num_heads,
+                           "vocab_size": model.vocab_size, "seq_length": shapes.seq_length},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ranks": ranks,
+    }
+
+
+def figures(shapes: Shapes, config: TrainConfig, times: dict) -> dict:
+    """The rates of one rank count from the seconds its ranks measured."""
+    h, s = shapes.model.hidden_size, shapes.seq_length
+    vocab = shapes.model.padded_vocab_size(1)
+    result = {"threads": int(times["threads"]), "peak_tflops_16bit": times["peak_16bit"],
+              "peak_tflops_fp32": times["peak_fp32"],
+              "optimizer_gb_per_s": ADAM_BYTES_PER_PARAMETER * shapes.optimizer_elements / times["optimizer"] / 1e9,
+              "block_overhead_s": times["block_overhead"]}
+    for link in ("tensor_parallel", "gradient", "p2p"):
+        if link in times:
+            small, large, bus_bytes = times[link]
+            result[f"{link}_latency_s"] = small
+            result[f"{link}_gb_per_s"] = bus_bytes / max(large - small, 1e-9) / 1e9
+    result["micro_batches"] = {}
+    for b in shapes.micro_batch_sizes:
+        at = {key: times[f"{key}@{b}"] for key in ("block", "recomputed_block", "linear", "attention", "lm_head")}
+        one = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=b),
+                                  parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=1,
+                                                               sequence_parallel=False))
+        elementwise_s = max(at["block"] - at["linear"] - at["attention"], 0.05 * at["block"])
+        result["micro_batches"][str(b)] = {
+            "linear_tflops": 3 * 24.0 * b * s * h * h / at["linear"] / 1e12,  # forward and backward (2x)
+            "attention_tflops": 3 * 4.0 * b * s * s * h / at["attention"] / 1e12,
+            "lm_head_tflops": 3 * 2.0 * b * s * h * vocab / at["lm_head"] / 1e12,
+            # the bytes planner/cost.py charges the element-wise work with: 2 A a pass, 3 passes
+            "elementwise_gb_per_s": 3 * 2.0 * layer_activation_bytes(one) / elementwise_s / 1e9,
+            # a forward is about a third of the block's forward and backward
+            "recompute_passes": max(0.1, (at["recomputed_block"] - at["block"]) / (at["block"] / 3)),
+        }
+    return _rounded(result)
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return round(value, 9) if isinstance(value, float) else value
+
+
+def _run_ranks(count: int, shapes: Shapes, seconds: float, on_gpu: bool) -> dict:
+    """`count` processes measuring at once; the median over ranks of each time."""
+    import torch.multiprocessing as mp
+
+    from megatron_bloom.parallel.distributed import free_port
+
+    with tempfile.TemporaryDirectory(prefix="mbloom-calibrate-") as out:
+        mp.start_processes(_rank_main, args=(count, free_port(), shapes, seconds, on_gpu, out), nprocs=count,
+                           start_method="spawn", join=True)
+        results = [json.loads((Path(out) / f"{rank}.json").read_text()) for rank in range(count)]
+    # compute: the median rank; links: rank 0's (it has a pipeline peer whatever the count)
+    return {key: value if isinstance(value, list) else statistics.median(result[key] for result in results)
+            for key, value in results[0].items()}
+
+
+def _rank_main(rank: int, count: int, port: int, shapes: Shapes, seconds: float, on_gpu: bool, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = 1 if on_gpu else max(1, (os.cpu_count() or 1) // count)  # as the launcher shares the cores
+    torch.set_num_threads(threads)
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=count)
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    timer = _Timer(device, seconds)
+    try:
+        times = {"threads": threads, **_compute_times(shapes, device, timer)}
+        if count > 1:
+            times.update(_link_times(shapes, device, timer, rank, count))
+        (Path(out) / f"{rank}.json").write_text(json.dumps(times))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Timer:
+    """The median time of a callable over repetitions lasting about `seconds`, after a warm-up. Every rank
+    starts together and repeats as often as the others (a collective must), as many times as the slowest
+    rank's first call fits in `seconds`."""
+
+    def __init__(self, device, seconds: float) -> None:
+        self.device, self.seconds = device, seconds
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        import torch
+        import torch.distributed as dist
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        dist.barrier()
+        start = time.perf_counter()
+        fn()  # the warm-up, timed as the probe
+        sync()
+        probe = torch.tensor([time.perf_counter() - start], device=self.device)
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX)
+        samples: List[float] = []
+        for _ in range(max(MIN_REPETITIONS, min(1000, int(self.seconds / max(probe.item(), 1e-6))))):
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples.append(time.perf_counter() - start)
+        dist.barrier()
+        return statistics.median(samples)
+
+
+def _compute_times(shapes: Shapes, device, timer: _Timer) -> Dict[str, float]:
+    import torch
+
+    times = {}
+    side = 2048
+    for key, peak_dtype in (("peak_16bit", torch.bfloat16), ("peak_fp32", torch.float32)):
+        x, y = (torch.randn(side, side, device=device, dtype=peak_dtype) for _ in range(2))
+        times[key] = 2.0 * side ** 3 / timer(lambda: torch.mm(x, y)) / 1e12
+    for micro_batch_size in shapes.micro_batch_sizes:
+        for key, seconds in _shape_class_times(shapes, micro_batch_size, device, timer).items():
+            times[f"{key}@{micro_batch_size}"] = seconds
+    times["optimizer"] = timer(_optimizer_step(shapes, device, _dtype(shapes.precision)))
+    times["block_overhead"] = _block_overhead(shapes, device, timer)
+    return times
+
+
+def _block_overhead(shapes: Shapes, device, timer: _Timer) -> float:
+    """A block's forward and backward with next to no work (the model's heads, 8 dimensions each, 16 tokens):
+    the time its operators take to dispatch, which tensor parallelism does not divide."""
+    import torch
+
+    from megatron_bloom.model.block import BloomBlock
+    from megatron_bloom.model.transformer import attention_inputs
+
+    dtype, heads = _dtype(shapes.precision), shapes.model.num_heads
+    small = dataclasses.replace(shapes.model, hidden_size=8 * heads)
+    block = BloomBlock(small).to(device=device, dtype=dtype)
+    x = torch.randn(1, 16, small.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    positions, mask = attention_inputs(1, 16, None, dtype, device)
+
+    def step():
+        out = block(x, positions, mask)
+        out.backward(torch.ones_like(out))
+    return timer(step)
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[str, float]:
+    """Forward and backward seconds of a block, as a whole and recomputed, and of its shape classes, at a
+    micro-batch of `b` sequences."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from megatron_bloom.model.alibi import alibi_bias
+    from megatron_bloom.model.block import BloomBlock
+    from megatron_bloom.model.transformer import attention_inputs
+    from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss
+
+    model, s, dtype = shapes.model, shapes.seq_length, _dtype(shapes.precision)
+    h, heads = model.hidden_size, model.num_heads
+
+    def forward_backward(fn, *inputs):
+        def step():
+            out = fn(*inputs)
+            out.backward(torch.ones_like(out))
+        return step
+
+    x = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
+    block = BloomBlock(model).to(device=device, dtype=dtype)
+    positions, mask = attention_inputs(b, s, None, dtype, device)
+    weights = [torch.nn.Parameter(torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.02)
+               for out_features, in_features in ((3 * h, h), (h, h), (4 * h, h), (h, 4 * h))]
+    biases = [torch.nn.Parameter(torch.zeros(w.shape[0], device=device, dtype=dtype)) for w in weights]
+    inputs = [torch.randn(b, s, w.shape[1], device=device, dtype=dtype, requires_grad=True) for w in weights]
+    attention = block.self_attention
+    qkv = [torch.randn(b, heads, s, h // heads, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    bias = alibi_bias(attention.alibi_slopes.to(device), positions, dtype)
+    embedding = torch.nn.Parameter(torch.randn(model.padded_vocab_size(1), h, device=device, dtype=dtype) * 0.02)
+    labels = torch.randint(0, model.vocab_size, (b, s), device=device)
+    loss = VocabParallelCausalLMLoss(None, 0, model.vocab_size, fused=False)
+    hidden = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
+    steps = {
+        "block": [forward_backward(lambda inp: block(inp, positions, mask), x)],
+        "recomputed_block": [forward_backward(lambda inp: checkpoint(block, inp, positions, mask, use_reentrant=False),
+                                              x)],
+        "linear": [forward_backward(F.linear, i, w, bias) for i, w, bias in zip(inputs, weights, biases)],
+        "attention": [forward_backward(lambda q, k, v: attention.core_attention(q, k, v, bias, mask), *qkv)],
+        "lm_head": [forward_backward(lambda inp: loss(F.linear(inp, embedding), labels), hidden)],
+    }
+    # The element-wise work and recomputation's are differences of these times: rounds interleaved, and the
+    # fastest round of each, keep a one-off slow stretch (the allocator, a first kernel) out of them.
+    times, timer = {key: math.inf for key in steps}, _Timer(device, timer.seconds / ROUNDS)
+    for _ in range(ROUNDS):
+        for key, fns in steps.items():
+            times[key] = min(times[key], sum(timer(fn) for fn in fns))
+    return times
+
+
+def _optimizer_step(shapes: Shapes, device, dtype):
+    """What ends an iteration on one rank: clipping, AdamW (fused, as training/optimizer.py builds it) over
+    float32 masters, and the new weights copied to `dtype`."""
+    import torch
+
+    sizes = [shapes.model.hidden_size * shapes.model.hidden_size] * max(
+        1, shapes.optimizer_elements // shapes.model.hidden_size ** 2)
+    masters = [torch.nn.Parameter(torch.randn(n, device=device) * 0.02) for n in sizes]
+    for master in masters:
+        master.grad = torch.randn_like(master) * 1e-3
+    copies = [torch.empty(n, device=device, dtype=dtype) for n in sizes]
+    optimizer = torch.optim.AdamW(masters, lr=1e-4, fused=True)
+
+    def step():
+        norm = torch.stack(torch._foreach_norm([m.grad for m in masters])).norm()
+        torch._foreach_mul_([m.grad for m in masters], torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        optimizer.step()
+        torch._foreach_copy_(copies, masters)
+    return step
+
+
+def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) -> dict:
+    """(small message's seconds, large message's seconds, the large one's extra bus bytes) of each link."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_bloom.parallel.host_group import SharedMemoryGroup
+
+    dtype = _dtype(shapes.precision)
+    activation = max(LARGE_MESSAGE_ELEMENTS, max(shapes.micro_batch_sizes) * shapes.seq_length * shapes.model.hidden_size)
+    shared = SharedMemoryGroup.create(dist.group.WORLD) if device.type == "cpu" else None
+    tensor_parallel = shared.all_reduce_ if shared is not None else dist.all_reduce
+    bus = 2.0 * (count - 1) / count
+    result = {}
+    for link, collective, elements, link_dtype in (
+            ("tensor_parallel", tensor_parallel, activation, dtype),
+            # bf16 gradients are reduced in float32 (training/deepspeed_config.py)
+            ("gradient", dist.all_reduce, max(LARGE_MESSAGE_ELEMENTS, shapes.optimizer_elements), torch.float32)):
+        small = torch.ones(SMALL_MESSAGE_ELEMENTS, device=device, dtype=link_dtype)
+        large = torch.ones(elements, device=device, dtype=link_dtype)
+        size = large.element_size()
+        result[link] = [timer(lambda: collective(small)), timer(lambda: collective(large)),
+                        bus * (elements - SMALL_MESSAGE_ELEMENTS) * size]
+    # pipeline neighbours: ranks 2i and 2i + 1 exchange an activation (a send forward, one backward)
+    peer = rank ^ 1
+    small = torch.ones(SMALL_MESSAGE_ELEMENTS, device=device, dtype=dtype)
+    large = torch.ones(activation, device=device, dtype=dtype)
+
+    def exchange(tensor):
+        if peer >= count:
+            return
+        if rank % 2 == 0:
+            dist.send(tensor, peer)
+            dist.recv(tensor, peer)
+        else:
+            dist.recv(tensor, peer)
+            dist.send(tensor, peer)
+    # one exchange is two sends one after the other: half its time is one send's
+    result["p2p"] = [timer(lambda: exchange(small)) / 2, timer(lambda: exchange(large)) / 2,
+                     (activation - SMALL_MESSAGE_ELEMENTS) * large.element_size()]
+    return result

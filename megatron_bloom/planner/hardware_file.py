@@ -1,0 +1,111 @@
+"""Hardware files: what `mbloom-plan --calibrate --output FILE` measured (planner/calibrate.py), read back as
+the `Hardware` that `hardware=FILE` predicts with.
+
+    {"format": "megatron_bloom.hardware/1", "kind": "cpu" | "gpu", "precision": "bf16", "memory_gb": 25.3,
+     "cores": 2, "ranks_per_node": 4, "device": ..., "calibrated_for": {...}, "measured_at": ...,
+     "ranks": {"<ranks running at once>": {
+         "threads", "peak_tflops_16bit", "peak_tflops_fp32", "optimizer_gb_per_s", "block_overhead_s",
+         "tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
+         "p2p_gb_per_s", "p2p_latency_s",                                   (links: 2 ranks and more)
+         "micro_batches": {"<micro-batch size>": {"linear_tflops", "attention_tflops", "lm_head_tflops",
+                                                  "elementwise_gb_per_s", "recompute_passes"}}}}}
+
+Each figure is one rank's, while that many ranks run at once (planner/calibrate.py says how each is timed).
+A file that does not parse, or whose figures are missing or not positive numbers, is refused with one
+paragraph; nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from megatron_bloom.errors import UserError
+from megatron_bloom.planner.hardware import Hardware
+
+FILE_FORMAT = "megatron_bloom.hardware/1"
+LINK_FIELDS = ("tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
+               "p2p_gb_per_s", "p2p_latency_s")
+
+
+def load_hardware_file(path: str) -> Hardware:
+    """The Hardware a calibration file describes; a UserError saying what is wrong with it."""
+    where = f"hardware={path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"{where}: the file cannot be read ({error.strerror or error}). hardware= takes a preset "
+                        "(a100-80gb, h100-80gb, h200, cpu) or a file written by mbloom-plan --calibrate.") from None
+    except ValueError as error:
+        raise UserError(f"{where} is not JSON ({error}); hardware files are written by mbloom-plan --calibrate "
+                        "--output FILE.") from None
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+        raise UserError(f"{where} is not a hardware file of this version (its \"format\" must be "
+                        f"{FILE_FORMAT!r}); write one with mbloom-plan --calibrate --output FILE.")
+    try:
+        kind, precision, ranks = data["kind"], data["precision"], data["ranks"]
+        if kind not in ("cpu", "gpu") or precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError("\"kind\" must be cpu or gpu, and \"precision\" fp32, bf16 or fp16")
+        if not isinstance(ranks, dict) or not ranks:
+            raise ValueError("\"ranks\" must be a non-empty object")
+        base = Hardware(name=path, peak_tflops_16bit=1.0, peak_tflops_fp32=1.0, memory_gb=_number(data, "memory_gb"),
+                        kind=kind, precision=precision, cores=int(_number(data, "cores")))
+        measured = tuple(sorted(
+            (_count(count), _count(micro), _figures(base, entry, figures))
+            for count, entry in ranks.items() for micro, figures in _micro_batches(entry).items()))
+        per_node = int(_number(data, "ranks_per_node"))
+    except (KeyError, TypeError, ValueError) as error:
+        what = f"it has no {error.args[0]!r}" if isinstance(error, KeyError) else str(error)
+        raise UserError(f"{where} is damaged or was edited wrongly ({what}); write it again with mbloom-plan "
+                        "--calibrate --output FILE.") from None
+    return dataclasses.replace(measured[0][2], measured=measured, gpus_per_node=per_node)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"rank counts and micro-batch sizes must be positive, not {text!r}")
+    return value
+
+
+def _micro_batches(entry: dict) -> dict:
+    micro_batches = entry["micro_batches"]
+    if not isinstance(micro_batches, dict) or not micro_batches:
+        raise ValueError("\"micro_batches\" must be a non-empty object")
+    return micro_batches
+
+
+def _number(data: dict, key: str, optional: bool = False) -> Optional[float]:
+    value = data.get(key) if optional else data[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key!r} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
+    """One rank's figures at one rank count and micro-batch size."""
+    peak_16bit, peak_fp32 = _number(entry, "peak_tflops_16bit"), _number(entry, "peak_tflops_fp32")
+    peak = peak_fp32 if base.precision == "fp32" else peak_16bit
+    links = {key: _number(entry, key, optional=True) for key in LINK_FIELDS}
+    # A rank alone measures no links: a layout of one rank sends nothing (and one of more finds the figures of
+    # its own count). One machine has nothing between nodes: its gradient figures stand in.
+    rate = {name: links[f"{name}_gb_per_s"] or math.inf for name in ("tensor_parallel", "gradient", "p2p")}
+    latency = {name: links[f"{name}_latency_s"] or 0.0 for name in ("tensor_parallel", "gradient", "p2p")}
+    return dataclasses.replace(
+        base, peak_tflops_16bit=peak_16bit, peak_tflops_fp32=peak_fp32,
+        memory_gb_per_s=_number(micro, "elementwise_gb_per_s"),
+        gemm_efficiency=_number(micro, "linear_tflops") / peak,
+        attention_efficiency=_number(micro, "attention_tflops") / peak,
+        lm_head_efficiency=_number(micro, "lm_head_tflops") / peak,
+        recompute_passes=_number(micro, "recompute_passes"),
+        optimizer_gb_per_s=_number(entry, "optimizer_gb_per_s"),
+        block_overhead_s=_number(entry, "block_overhead_s"),
+        intra_node_gb_per_s=rate["tensor_parallel"], intra_node_latency_s=latency["tensor_parallel"],
+        inter_node_gb_per_s=rate["gradient"], inter_node_latency_s=latency["gradient"],
+        gradient_gb_per_s=rate["gradient"], gradient_latency_s=latency["gradient"],
+        p2p_gb_per_s=rate["p2p"], p2p_latency_s=latency["p2p"])
