@@ -9,7 +9,7 @@ import pytest
 from megatron_bloom.config import load_config
 from megatron_bloom.errors import ConfigError
 from megatron_bloom.planner.cost import predict_iteration
-from megatron_bloom.planner.hardware import hardware
+from megatron_bloom.planner.hardware_file import hardware
 from megatron_bloom.planner.hardware_file import FILE_FORMAT, load_hardware_file
 from megatron_bloom.planner.memory import plan_stages
 from megatron_bloom.planner.report import build_report
@@ -44,7 +44,7 @@ def test_a_layout_is_predicted_with_the_figures_of_its_rank_count_and_micro_batc
     one, two = device.for_layout(1, 4), device.for_layout(2, 1)
     assert one.gemm_efficiency * one.peak_tflops_16bit == pytest.approx(0.48)  # 1 rank, micro 4
     assert two.gemm_efficiency * two.peak_tflops_16bit == pytest.approx(0.2)  # 2 ranks, micro 1
-    assert device.for_layout(2, 2).gemm_efficiency == two.for_layout(2, 4).gemm_efficiency  # ties: the larger
+    assert device.for_layout(2, 2).gemm_efficiency == device.for_layout(2, 4).gemm_efficiency  # ties: the larger
     assert device.for_layout(1, 16).lm_head_efficiency * 0.4 == pytest.approx(0.36)  # nearest measured: 4
     # 8 ranks on a machine measured with 2 at once: each gets a quarter of those rates (the cores are shared)
     eight = device.for_layout(8, 1)
@@ -90,6 +90,11 @@ def test_hardware_files_that_are_wrong_are_one_paragraph(tmp_path, capsys):
         assert_user_error_in_process(main, [*TINY, f"hardware={tmp_path / name}"], capsys, fragment)
     with pytest.raises(ConfigError, match="neither a preset nor an existing file"):
         load_config([*TINY, f"hardware={tmp_path / 'absent.json'}"])
+    # one GPU measured alone knows no links: a layout of two ranks is refused, not predicted as if they were free
+    alone = {**good, "kind": "gpu", "ranks_per_node": 1, "ranks": {"1": good["ranks"]["1"]}}
+    (tmp_path / "one-gpu.json").write_text(json.dumps(alone))
+    assert_user_error_in_process(main, [*TINY, "parallel.dp=2", f"hardware={tmp_path / 'one-gpu.json'}"], capsys,
+                                 "was measured with one rank alone")
     # a file measured in bf16 says nothing of fp32: no prediction, and a search refuses
     report = build_report(load_config(["model=bloom-tiny", "precision=fp32", f"hardware={tmp_path / 'good.json'}"]),
                           None, hardware(str(tmp_path / "good.json")))

@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     iter_time, as_json = iter_time_seconds(flags.get("--iter-time")), bool(flags.get("--json"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the stage split comes from DeepSpeed; no device is used
     from megatron_bloom.config import load_config
-    from megatron_bloom.planner.hardware import hardware
+    from megatron_bloom.planner.hardware_file import hardware
     from megatron_bloom.planner.report import build_report, format_table
 
     config = load_config(overrides)

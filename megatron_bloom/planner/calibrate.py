@@ -55,6 +55,7 @@ class Shapes:
     seq_length: int
     precision: str
     optimizer_elements: int
+    config: TrainConfig  # for the engines the ZeRO 3 figure trains
 
 
 def default_rank_counts(on_gpu: bool) -> List[int]:
@@ -79,7 +80,7 @@ def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, 
     model = config.model
     micro_batch_sizes = tuple(sorted({1, 2, 4, config.train.micro_batch_size}))
     shapes = Shapes(model, micro_batch_sizes, config.sample_length, config.precision,
-                    min(OPTIMIZER_ELEMENTS, model.num_parameters()))
+                    min(OPTIMIZER_ELEMENTS, model.num_parameters()), config)
     ranks = {}
     for count in counts:
         progress(f"measuring {count} rank{'s' * (count > 1)} at once")
@@ -110,6 +111,9 @@ def figures(shapes: Shapes, config: TrainConfig, times: dict) -> dict:
               "peak_tflops_fp32": times["peak_fp32"],
               "optimizer_gb_per_s": ADAM_BYTES_PER_PARAMETER * shapes.optimizer_elements / times["optimizer"] / 1e9,
               "block_overhead_s": times["block_overhead"]}
+    for key in ("zero3_block_overhead", "zero3_micro_batch_overhead"):
+        if key in times:
+            result[f"{key}_s"] = times[key]
     for link in ("tensor_parallel", "gradient", "p2p"):
         if link in times:
             small, large, bus_bytes = times[link]
@@ -159,7 +163,8 @@ def _rank_main(rank: int, count: int, port: int, shapes: Shapes, seconds: float,
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cuda" if on_gpu else "cpu",
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(count))  # as a launcher sets them
     threads = 1 if on_gpu else max(1, (os.cpu_count() or 1) // count)  # as the launcher shares the cores
     torch.set_num_threads(threads)
     if on_gpu:
@@ -171,6 +176,7 @@ def _rank_main(rank: int, count: int, port: int, shapes: Shapes, seconds: float,
         times = {"threads": threads, **_compute_times(shapes, device, timer)}
         if count > 1:
             times.update(_link_times(shapes, device, timer, rank, count))
+            times.update(_zero3_overhead(shapes, count, timer))
         (Path(out) / f"{rank}.json").write_text(json.dumps(times))
     finally:
         dist.destroy_process_group()
@@ -360,3 +366,40 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
     result["p2p"] = [timer(lambda: exchange(small)) / 2, timer(lambda: exchange(large)) / 2,
                      (activation - SMALL_MESSAGE_ELEMENTS) * large.element_size()]
     return result
+
+
+def _zero3_overhead(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
+    """What DeepSpeed's ZeRO 3 adds to a micro-batch beyond its traffic (its hooks on every module, gathering
+    and releasing each parameter), a block's share and the rest's (embedding, head): the trainer's own engine
+    (training/loop.py) over models of one and three blocks on these ranks as data-parallel replicas, a step of
+    two micro-batches at ZeRO 3 against ZeRO 2."""
+    import torch
+
+    from megatron_bloom.parallel.distributed import state_for_run
+    from megatron_bloom.training.loop import build_engine, train_step
+
+    config, micro_batches = shapes.config, 2
+    b, s = config.train.micro_batch_size, shapes.seq_length
+    state = state_for_run(1, 1, count, count, require_groups=True)
+    tokens = torch.randint(0, config.model.vocab_size, (b, s), device=state.device)
+
+    def batches():
+        while True:
+            yield tokens, tokens
+
+    added = {}
+    for layers in (1, 3):
+        seconds = {}
+        for stage in (2, 3):
+            run = dataclasses.replace(
+                config, model=dataclasses.replace(config.model, num_layers=layers),
+                parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=count, sequence_parallel=False),
+                train=dataclasses.replace(config.train, global_batch_size=b * micro_batches * count,
+                                          activation_checkpointing=False, compile=False),
+                zero=dataclasses.replace(config.zero, stage=stage))
+            engine, _, _ = build_engine(run, state)
+            stream = batches()
+            seconds[stage] = timer(lambda: train_step(engine, stream, state, micro_batches))
+        added[layers] = (seconds[3] - seconds[2]) / micro_batches
+    block = max(added[3] - added[1], 0.0) / 2
+    return {"zero3_block_overhead": block, "zero3_micro_batch_overhead": max(added[1] - block, 0.0)}

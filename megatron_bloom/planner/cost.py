@@ -18,7 +18,9 @@ gradient reduction and the optimizer step:
   keeps for its backward (Korthikanti et al. 2022; planner/memory.py), so a forward moves 2 A bytes, a backward
   twice that, at the memory bandwidth. A calibrated machine measured these rates on whole blocks at tp 1,
   operator dispatch included; tp divides the work but each rank dispatches every operator, so its share of
-  the `block_overhead_s` a block's dispatch takes is added back: (1 - 1/t) of it a block and pass.
+  the `block_overhead_s` a block's dispatch takes is added back: (1 - 1/t) of it a block and pass. At ZeRO 3,
+  DeepSpeed's hooks on every module add `zero3_block_overhead_s` a block and micro-batch and
+  `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at ZeRO 3).
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
   tensor parallelism waits for them: none overlaps compute.
@@ -123,6 +125,8 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
     elementwise = stage.blocks * 2.0 * layer_activation_bytes(config) * passes
     # the rates were measured on whole (tp 1) blocks, dispatch included; tp divides the work but not that
     undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
+    if config.zero.stage == 3:  # DeepSpeed's per-module work (a calibrated machine's figures)
+        undivided += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
     compute_s = (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
                  + head / (peak * (device.lm_head_efficiency or device.gemm_efficiency))
                  + elementwise / (device.memory_gb_per_s * 1e9) + undivided)

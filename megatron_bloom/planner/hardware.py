@@ -29,13 +29,12 @@ count and micro-batch (`for_layout`).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Tuple
+
+from megatron_bloom.errors import UserError
 
 
 
@@ -66,6 +65,8 @@ class Hardware:
     recompute_passes: float = 1.0  # what recomputation adds, in forwards (checkpointing's own work included)
     block_overhead_s: float = 0.0  # a block's forward and backward dispatch, not divided by tp (GPUs: hidden)
     cores: int = 0  # a calibrated CPU's, which its ranks share
+    zero3_block_overhead_s: float = 0.0  # ZeRO 3's hooks, a block and micro-batch, beyond its traffic
+    zero3_micro_batch_overhead_s: float = 0.0  # and the rest of the model's (embedding, head), a micro-batch
     # a hardware file's figures: (ranks sharing the machine, micro-batch size, one rank's figures)
     measured: Tuple[Tuple[int, int, "Hardware"], ...] = ()
 
@@ -98,6 +99,10 @@ class Hardware:
         sizes = [(abs(math.log2(micro / micro_batch_size)), -micro, figures)
                  for n, micro, figures in self.measured if n == count]
         figures = min(sizes, key=lambda entry: entry[:2])[2]
+        if world_size > 1 and count == 1:
+            raise UserError(f"hardware={self.name} was measured with one rank alone: it knows no links between "
+                            f"ranks, and this layout has {world_size}. Calibrate on a machine with as many "
+                            "devices (GPUs: one rank each) as a node of the cluster has.")
         if self.kind != "cpu" or count >= ranks:
             return figures
         share = count / ranks
@@ -142,28 +147,6 @@ PRESETS = {  # every name of config.schema.HARDWARE_NAMES but `cpu`; figures and
                      attention_efficiency=0.33, intra_node_gb_per_s=360.0, intra_node_latency_s=12e-6,
                      inter_node_gb_per_s=45.0, inter_node_latency_s=20e-6),
 }
-
-
-def hardware(name: str) -> Hardware:
-    """A preset, `cpu` (measured now), or a hardware file's path."""
-    from megatron_bloom.planner.hardware_file import load_hardware_file
-
-    if name == "cpu":
-        return measure_cpu()
-    return PRESETS[name] if name in PRESETS else load_hardware_file(name)
-
-
-def is_cpu(name: str) -> bool:
-    """Whether `hardware=name` describes CPUs (the attention kernels, and so the activations kept, differ)."""
-    return name == "cpu" or (name not in PRESETS and _file_kind(name) == "cpu")
-
-
-@functools.lru_cache(maxsize=16)  # the memory model asks for every layout a search weighs
-def _file_kind(path: str) -> str:
-    try:
-        return json.loads(Path(path).read_text()).get("kind", "gpu")
-    except (OSError, ValueError, AttributeError):
-        return "gpu"  # load_hardware_file says what is wrong with it, when the file is used
 
 
 def gemm_tflops(m: int, k: int, n: int, dtype, seconds: float = 0.5) -> float:

@@ -1,10 +1,11 @@
-"""Hardware files: what `mbloom-plan --calibrate --output FILE` measured (planner/calibrate.py), read back as
-the `Hardware` that `hardware=FILE` predicts with.
+"""What `hardware=` names: a preset (planner/hardware.py), `cpu`, or a hardware file, what `mbloom-plan
+--calibrate --output FILE` measured (planner/calibrate.py), read back as the `Hardware` it predicts with.
 
     {"format": "megatron_bloom.hardware/1", "kind": "cpu" | "gpu", "precision": "bf16", "memory_gb": 25.3,
      "cores": 2, "ranks_per_node": 4, "device": ..., "calibrated_for": {...}, "measured_at": ...,
      "ranks": {"<ranks running at once>": {
          "threads", "peak_tflops_16bit", "peak_tflops_fp32", "optimizer_gb_per_s", "block_overhead_s",
+         "zero3_block_overhead_s", "zero3_micro_batch_overhead_s",          (2 ranks and more)
          "tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
          "p2p_gb_per_s", "p2p_latency_s",                                   (links: 2 ranks and more)
          "micro_batches": {"<micro-batch size>": {"linear_tflops", "attention_tflops", "lm_head_tflops",
@@ -18,17 +19,38 @@ paragraph; nothing in it is ever executed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Optional
 
 from megatron_bloom.errors import UserError
-from megatron_bloom.planner.hardware import Hardware
+from megatron_bloom.planner.hardware import PRESETS, Hardware, measure_cpu
 
 FILE_FORMAT = "megatron_bloom.hardware/1"
 LINK_FIELDS = ("tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
                "p2p_gb_per_s", "p2p_latency_s")
+
+
+def hardware(name: str) -> Hardware:
+    """A preset, `cpu` (measured now), or a hardware file's path."""
+    if name == "cpu":
+        return measure_cpu()
+    return PRESETS[name] if name in PRESETS else load_hardware_file(name)
+
+
+def is_cpu(name: str) -> bool:
+    """Whether `hardware=name` describes CPUs (the attention kernels, and so the activations kept, differ)."""
+    return name == "cpu" or (name not in PRESETS and _file_kind(name) == "cpu")
+
+
+@functools.lru_cache(maxsize=16)  # the memory model asks for every layout a search weighs
+def _file_kind(path: str) -> str:
+    try:
+        return json.loads(Path(path).read_text()).get("kind", "gpu")
+    except (OSError, ValueError, AttributeError):
+        return "gpu"  # load_hardware_file says what is wrong with it, when the file is used
 
 
 def load_hardware_file(path: str) -> Hardware:
@@ -105,6 +127,8 @@ def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
         recompute_passes=_number(micro, "recompute_passes"),
         optimizer_gb_per_s=_number(entry, "optimizer_gb_per_s"),
         block_overhead_s=_number(entry, "block_overhead_s"),
+        zero3_block_overhead_s=_number(entry, "zero3_block_overhead_s", optional=True) or 0.0,
+        zero3_micro_batch_overhead_s=_number(entry, "zero3_micro_batch_overhead_s", optional=True) or 0.0,
         intra_node_gb_per_s=rate["tensor_parallel"], intra_node_latency_s=latency["tensor_parallel"],
         inter_node_gb_per_s=rate["gradient"], inter_node_latency_s=latency["gradient"],
         gradient_gb_per_s=rate["gradient"], gradient_latency_s=latency["gradient"],

@@ -39,7 +39,7 @@ from typing import List
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.model.causal_blocks import CAUSAL_BLOCK_ROWS
-from megatron_bloom.planner.hardware import is_cpu
+from megatron_bloom.planner.hardware_file import is_cpu
 from megatron_bloom.pipeline.partition import stage_layers
 
 GB = 1e9
