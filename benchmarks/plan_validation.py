@@ -1,6 +1,6 @@
 """The planner's predicted iteration time against real training runs on this machine.
 
-    python benchmarks/plan_validation.py [--iters 6] [--only NAME ...]
+    python benchmarks/plan_validation.py [--iters 6] [--only NAME ...] [--calibrated DIR]
 
 For bloom-small and bloom-tiny in turn: `mbloom-plan --calibrate` measures this machine at the model's shapes
 into a hardware file; then for each layout below `mbloom-plan --json hardware=FILE` predicts the iteration
@@ -100,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--only", nargs="*", help="layout names to run (default: all)")
+    parser.add_argument("--calibrated", type=Path, help="a folder with hardware-<model>.json files of an earlier "
+                                                        "run of this machine to use instead of calibrating again")
     args = parser.parse_args()
     layouts = [layout for layout in LAYOUTS if not args.only or layout[0] in args.only]
     work = Path(tempfile.mkdtemp(prefix="mbloom-bench-plan-"))
@@ -113,8 +115,11 @@ def main() -> None:
              "--output", str(tokenizer)])
         run(["-m", "megatron_bloom.cli.preprocess", "--input", str(source), "--tokenizer", str(tokenizer),
              "--output-prefix", str(corpora[model]), "--append-eod"])
-        run(["-m", "megatron_bloom.cli.plan", "--calibrate", "--output", str(hardware[model]), f"model={model}",
-             f"train.micro_batch_size={micro}", "precision=bf16"])
+        if args.calibrated is not None:
+            hardware[model] = args.calibrated / hardware[model].name
+        else:
+            run(["-m", "megatron_bloom.cli.plan", "--calibrate", "--output", str(hardware[model]), f"model={model}",
+                 f"train.micro_batch_size={micro}", "precision=bf16"])
         print(f"calibrated {model}: {hardware[model]}", flush=True)
     print(f"bf16, {os.cpu_count()} cores shared by each layout's ranks")
     print(f"{'layout':<20} {'ranks':>5} {'predicted s':>11} {'measured s':>10} {'error':>7}")

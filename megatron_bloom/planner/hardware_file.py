@@ -100,12 +100,14 @@ def _micro_batches(entry: dict) -> dict:
     return micro_batches
 
 
-def _number(data: dict, key: str, optional: bool = False) -> Optional[float]:
+def _number(data: dict, key: str, optional: bool = False, zero: bool = False) -> Optional[float]:
+    """`data[key]`, a positive number (or 0, where `zero`: an overhead that may be none)."""
     value = data.get(key) if optional else data[key]
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key!r} must be a positive number, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (value == 0 and not zero):
+        raise ValueError(f"{key!r} must be a {'non-negative' if zero else 'positive'} number, not {value!r}")
     return float(value)
 
 
@@ -126,9 +128,9 @@ def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
         lm_head_efficiency=_number(micro, "lm_head_tflops") / peak,
         recompute_passes=_number(micro, "recompute_passes"),
         optimizer_gb_per_s=_number(entry, "optimizer_gb_per_s"),
-        block_overhead_s=_number(entry, "block_overhead_s"),
-        zero3_block_overhead_s=_number(entry, "zero3_block_overhead_s", optional=True) or 0.0,
-        zero3_micro_batch_overhead_s=_number(entry, "zero3_micro_batch_overhead_s", optional=True) or 0.0,
+        block_overhead_s=_number(entry, "block_overhead_s", zero=True),
+        zero3_block_overhead_s=_number(entry, "zero3_block_overhead_s", optional=True, zero=True) or 0.0,
+        zero3_micro_batch_overhead_s=_number(entry, "zero3_micro_batch_overhead_s", optional=True, zero=True) or 0.0,
         intra_node_gb_per_s=rate["tensor_parallel"], intra_node_latency_s=latency["tensor_parallel"],
         inter_node_gb_per_s=rate["gradient"], inter_node_latency_s=latency["gradient"],
         gradient_gb_per_s=rate["gradient"], gradient_latency_s=latency["gradient"],
