@@ -25,7 +25,8 @@ def synthetic_file(path, precision="bf16"):
                 "elementwise_gb_per_s": 10.0 * scale, "recompute_passes": 1.5}
 
     links = {"tensor_parallel_gb_per_s": 5.0, "tensor_parallel_latency_s": 1e-4, "gradient_gb_per_s": 1.0,
-             "gradient_latency_s": 1e-3, "p2p_gb_per_s": 2.0, "p2p_latency_s": 2e-4}
+             "gradient_latency_s": 1e-3, "p2p_gb_per_s": 2.0, "p2p_latency_s": 2e-4,
+             "zero3_block_overhead_s": 2e-3, "zero3_micro_batch_overhead_s": 0.0}  # an overhead may be none
     data = {"format": FILE_FORMAT, "kind": "cpu", "precision": precision, "memory_gb": 24.0, "cores": 2,
             "ranks_per_node": 2,
             "ranks": {"1": {"threads": 2, "peak_tflops_16bit": 0.4, "peak_tflops_fp32": 0.2, "optimizer_gb_per_s": 20.0,
@@ -70,6 +71,12 @@ def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(t
     # the LM head is never recomputed; everything else costs 4.5 passes instead of 3
     head = 2.0 * 4 * 128 * 64 * 1024 * 3 / (0.15 * 1.2e12)
     assert (with_recompute - head) == pytest.approx((base_compute - head) * 4.5 / 3)
+    # ZeRO 3: DeepSpeed's hooks, 2 ms a block and micro-batch here, and half as much traffic again
+    zero3 = load_config([*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
+                         "train.micro_batch_size=4", "zero.stage=3"])
+    predicted3 = predict_iteration(zero3, hardware(path))
+    assert predicted3.stages[0].compute_s == pytest.approx(base_compute + 4 * 2e-3)
+    assert predicted3.data_parallel_s == pytest.approx(1.5 * (4 * params / 1e9 + 2 * 1e-3))
 
 
 def test_hardware_files_that_are_wrong_are_one_paragraph(tmp_path, capsys):
