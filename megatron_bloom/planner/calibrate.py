@@ -1,6 +1,6 @@
 """`mbloom-plan --calibrate --output FILE`: what the iteration-time model (planner/cost.py) needs, measured on
 this machine at the shapes of the config's model, into a hardware file that `hardware=FILE` reads
-(planner/hardware.py).
+(planner/hardware_file.py).
 
 For each number of ranks n that may share the machine (CPUs: 1, 2, 4, ... up to twice the cores, each rank
 with cores / n threads as the launcher gives them; GPUs: one rank per device), n processes measure at once,
@@ -16,8 +16,12 @@ so that each rank's figures are those it gets beside its n - 1 peers:
 - links, at n >= 2: the tensor-parallel all-reduce (on CPUs through the shared-memory group the layers use),
   the data-parallel all-reduce of the backend (gloo, NCCL) and a point-to-point send, each timed at a small
   and a large message: latency = the small one's time, bandwidth = the large one's extra bytes over its extra
-  time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention).
-Every time is the median over repetitions; compute figures are then the median over ranks.
+  time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention); and what DeepSpeed's
+  ZeRO 3 adds beyond its traffic (the trainer's own engine, ZeRO 3 against ZeRO 2).
+Every rank repeats a timing as often as the others, which a collective needs; a time is the median of its
+repetitions, a shape class's the fastest of ROUNDS interleaved rounds (the element-wise and recomputation
+figures are differences of them: a slow stretch in one would swing them), and a compute figure the median
+over ranks. Run it on a quiet machine: other work on the cores is measured too.
 """
 
 from __future__ import annotations
@@ -334,7 +338,8 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
     from megatron_bloom.parallel.host_group import SharedMemoryGroup
 
     dtype = _dtype(shapes.precision)
-    activation = max(LARGE_MESSAGE_ELEMENTS, max(shapes.micro_batch_sizes) * shapes.seq_length * shapes.model.hidden_size)
+    activation = max(LARGE_MESSAGE_ELEMENTS,
+                     max(shapes.micro_batch_sizes) * shapes.seq_length * shapes.model.hidden_size)
     shared = SharedMemoryGroup.create(dist.group.WORLD) if device.type == "cpu" else None
     tensor_parallel = shared.all_reduce_ if shared is not None else dist.all_reduce
     bus = 2.0 * (count - 1) / count

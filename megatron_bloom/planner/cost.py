@@ -10,15 +10,15 @@ gradient reduction and the optimizer step:
 
 - compute_s: the stage's GEMM FLOPs per tensor-parallel rank at the hardware's achieved rate, by shape class:
   the linears' at `gemm_efficiency` of peak, the LM head's (with its loss) at `lm_head_efficiency`,
-  attention's batched s x s products at `attention_efficiency`. Per block and micro-batch of b sequences of s tokens, a forward costs 24 b s h^2 + 4 b
-  s^2 h FLOPs (model/flops.py); a backward twice that; full recomputation one forward more (a calibrated
-  machine's `recompute_passes`: what checkpointing costs there, in forwards). The last stage adds
-  the LM head (2 b s h V forward, never recomputed). Then the element-wise work (LayerNorms, bias, GeLU,
-  softmax, dropout, residuals), bound by memory: each pass writes and reads again about the activations a block
+  attention's batched s x s products at `attention_efficiency`. Per block and micro-batch of b sequences of s
+  tokens, a forward costs 24 b s h^2 + 4 b s^2 h FLOPs (model/flops.py); a backward twice that; full
+  recomputation one forward more (a calibrated machine's `recompute_passes`: what checkpointing costs there,
+  in forwards). The last stage adds the LM head (2 b s h V forward, never recomputed). Then the element-wise
+  work (LayerNorms, bias, GeLU, softmax, dropout, residuals), bound by memory: each pass writes and reads again about the activations a block
   keeps for its backward (Korthikanti et al. 2022; planner/memory.py), so a forward moves 2 A bytes, a backward
   twice that, at the memory bandwidth. A calibrated machine measured these rates on whole blocks at tp 1,
   operator dispatch included; tp divides the work but each rank dispatches every operator, so its share of
-  the `block_overhead_s` a block's dispatch takes is added back: (1 - 1/t) of it a block and pass. At ZeRO 3,
+  the `block_overhead_s` a block's dispatch takes is added back, (1 - 1/t) of it per block and pass. At ZeRO 3,
   DeepSpeed's hooks on every module add `zero3_block_overhead_s` a block and micro-batch and
   `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at ZeRO 3).
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
@@ -27,11 +27,11 @@ gradient reduction and the optimizer step:
 - p2p_s: the activations forward and their gradient backward across the stage's boundaries, at the inter-node
   bandwidth per GPU when the neighbouring stage is on another node (ranks run tp fastest, then dp, then pp:
   stages are tp x dp ranks apart), else intra-node.
-- dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (float32 in bf16 runs with ZeRO,
-  as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 and 2 send the same
-  bytes as a reduce-scatter and an all-gather; ZeRO 3 half as much again, gathering the parameters twice), at the inter-node bandwidth per GPU once the replicas span
-  nodes; at pp > 1 the embedding's gradient is also summed between the first and the last stage, which both hold
-  it (tied). None of it overlaps compute: DeepSpeed's pipeline engine and its BF16 optimizer (ZeRO 1) reduce
+- dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (float32 in bf16 runs with
+  ZeRO, as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 and 2 send the same bytes as a reduce-scatter
+  and an all-gather; ZeRO 3 half as much again, gathering the parameters twice), at the inter-node bandwidth
+  per GPU once the replicas span nodes; at pp > 1 the embedding's gradient is also summed between the first
+  and the last stage, which both hold it (tied). None of it overlaps compute: DeepSpeed's pipeline engine and its BF16 optimizer (ZeRO 1) reduce
   after the last backward, and ZeRO 2 and 3 without `overlap_comm` (training/deepspeed_config.py leaves it
   off) reduce each bucket in the backward hook, waiting for it.
 - optimizer: Adam's memory traffic over the rank's share of the parameters (ZeRO 1 and 2 divide it by dp): the

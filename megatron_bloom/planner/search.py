@@ -134,7 +134,8 @@ def explain(candidates: List[Candidate]) -> str:
                      and (c.micro_batch_size, c.activation_checkpointing, c.zero_stage) == setting), None)
 
     neighbours = []
-    for tp, pp in ((best.tp * 2, best.pp), (best.tp // 2, best.pp * 2), (best.tp, best.pp * 2), (best.tp, best.pp // 2)):
+    for tp, pp in ((best.tp * 2, best.pp), (best.tp // 2, best.pp * 2), (best.tp, best.pp * 2),
+                   (best.tp, best.pp // 2)):
         other = time_of(tp, pp) if tp >= 1 and pp >= 1 and (tp, pp) != (best.tp, best.pp) else None
         if other is not None:
             neighbours.append(f"tp {tp} x pp {pp} {other - best.predicted_iter_time_s:+.2f} s")
