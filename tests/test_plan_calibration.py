@@ -52,6 +52,12 @@ def test_a_layout_is_predicted_with_the_figures_of_its_rank_count_and_micro_batc
     assert eight.peak_tflops_16bit == pytest.approx(0.05) and eight.memory_gb_per_s == pytest.approx(2.5)
     assert eight.optimizer_gb_per_s == pytest.approx(2.5) and eight.p2p_gb_per_s == 2.0
     assert not device.nodes_apart(64)  # one machine
+    # GPUs: a device's compute is its own, whatever the count; a layout's links come from the most measured
+    data = json.loads((tmp_path / "hw.json").read_text())
+    (tmp_path / "gpu.json").write_text(json.dumps({**data, "kind": "gpu"}))
+    gpus = load_hardware_file(str(tmp_path / "gpu.json"))
+    assert gpus.for_layout(16, 1).p2p_gb_per_s == 2.0 and gpus.for_layout(16, 1).peak_tflops_16bit == 0.2
+    assert gpus.for_layout(1, 1).peak_tflops_16bit == 0.4 and gpus.nodes_apart(2) and not gpus.nodes_apart(1)
 
 
 def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(tmp_path):
@@ -136,3 +142,24 @@ def test_calibration_measures_this_machine_into_a_file_that_predicts(tmp_path):
                       f"hardware={path}", "--json"])
     candidates = json.loads(search.stdout.strip().splitlines()[-1])["candidates"]
     assert {(c["tp"], c["pp"], c["dp"]) for c in candidates} >= {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+
+
+def test_calibrated_rates_are_in_the_units_the_cost_model_charges():
+    """From a rank's times to the file's figures: FLOPs over seconds per shape class, and the element-wise
+    rate in bytes of the activations the cost model counts on this kind of machine (on a CPU, with its
+    attention kernel's s x s terms), so that the calibration shape is predicted back exactly."""
+    from megatron_bloom.planner.calibrate import Shapes, figures
+    from megatron_bloom.planner.memory import layer_activation_bytes
+
+    config = load_config([*TINY, "train.micro_batch_size=2"])
+    shapes = Shapes(config.model, (2,), 128, "bf16", 1000, config, True)
+    times = {"threads": 1, "peak_16bit": 0.4, "peak_fp32": 0.2, "optimizer": 0.01, "block_overhead": 1e-3,
+             "block@2": 0.010, "recomputed_block@2": 0.013, "linear@2": 0.004, "attention@2": 0.002,
+             "lm_head@2": 0.003}
+    micro = figures(shapes, config, times)["micro_batches"]["2"]
+    h, s, b = 64, 128, 2
+    assert micro["linear_tflops"] == pytest.approx(3 * 24 * b * s * h * h / 0.004 / 1e12, rel=1e-6)
+    assert micro["attention_tflops"] == pytest.approx(3 * 4 * b * s * s * h / 0.002 / 1e12, rel=1e-6)
+    assert micro["recompute_passes"] == pytest.approx(0.003 / (0.010 / 3))
+    on_cpu = load_config([*TINY, "train.micro_batch_size=2", "hardware=cpu"])
+    assert micro["elementwise_gb_per_s"] == pytest.approx(6 * layer_activation_bytes(on_cpu) / 0.004 / 1e9, rel=1e-6)

@@ -60,6 +60,7 @@ class Shapes:
     precision: str
     optimizer_elements: int
     config: TrainConfig  # for the engines the ZeRO 3 figure trains
+    on_cpu: bool
 
 
 def default_rank_counts(on_gpu: bool) -> List[int]:
@@ -84,7 +85,7 @@ def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, 
     model = config.model
     micro_batch_sizes = tuple(sorted({1, 2, 4, config.train.micro_batch_size}))
     shapes = Shapes(model, micro_batch_sizes, config.sample_length, config.precision,
-                    min(OPTIMIZER_ELEMENTS, model.num_parameters()), config)
+                    min(OPTIMIZER_ELEMENTS, model.num_parameters()), config, not on_gpu)
     ranks = {}
     for count in counts:
         progress(f"measuring {count} rank{'s' * (count > 1)} at once")
@@ -126,9 +127,11 @@ def figures(shapes: Shapes, config: TrainConfig, times: dict) -> dict:
     result["micro_batches"] = {}
     for b in shapes.micro_batch_sizes:
         at = {key: times[f"{key}@{b}"] for key in ("block", "recomputed_block", "linear", "attention", "lm_head")}
+        # as the cost model will count them for this machine: on a CPU its attention kernel's s x s terms
         one = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=b),
                                   parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=1,
-                                                               sequence_parallel=False))
+                                                               sequence_parallel=False),
+                                  hardware="cpu" if shapes.on_cpu else "a100-80gb")
         elementwise_s = max(at["block"] - at["linear"] - at["attention"], 0.05 * at["block"])
         result["micro_batches"][str(b)] = {
             "linear_tflops": 3 * 24.0 * b * s * h * h / at["linear"] / 1e12,  # forward and backward (2x)

@@ -37,7 +37,6 @@ from typing import Optional, Tuple
 from megatron_bloom.errors import UserError
 
 
-
 @dataclass(frozen=True)
 class Hardware:
     name: str
@@ -88,14 +87,17 @@ class Hardware:
                             self.inter_node_latency_s)
 
     def for_layout(self, world_size: int, micro_batch_size: int) -> "Hardware":
-        """The figures of one rank of a layout: on a calibrated machine, those measured with as many ranks at
-        once (on CPUs all of a layout's ranks share it, on GPUs at most a node's) and the nearest micro-batch
-        size; past the largest rank count measured, on CPUs, its rates shared further (the cores are divided)."""
+        """The figures of one rank of a layout, on a calibrated machine, at the nearest micro-batch size
+        measured. CPUs: those measured with as many ranks at once (all of a layout's ranks share the machine),
+        past the largest count measured its rates shared further (the cores are divided). GPUs: a device's
+        compute is its own; the links are those measured with the most devices together."""
         if not self.measured:
             return self
-        ranks = world_size if self.kind == "cpu" else min(world_size, self.gpus_per_node)
         counts = sorted({count for count, _, _ in self.measured})
-        count = max((n for n in counts if n <= ranks), default=counts[0])
+        if self.kind == "cpu":
+            count = max((n for n in counts if n <= world_size), default=counts[0])
+        else:
+            count = counts[-1] if world_size > 1 else counts[0]
         sizes = [(abs(math.log2(micro / micro_batch_size)), -micro, figures)
                  for n, micro, figures in self.measured if n == count]
         figures = min(sizes, key=lambda entry: entry[:2])[2]
@@ -103,9 +105,9 @@ class Hardware:
             raise UserError(f"hardware={self.name} was measured with one rank alone: it knows no links between "
                             f"ranks, and this layout has {world_size}. Calibrate on a machine with as many "
                             "devices (GPUs: one rank each) as a node of the cluster has.")
-        if self.kind != "cpu" or count >= ranks:
+        if self.kind != "cpu" or count >= world_size:
             return figures
-        share = count / ranks
+        share = count / world_size
         return dataclasses.replace(figures, peak_tflops_16bit=figures.peak_tflops_16bit * share,
                                    peak_tflops_fp32=figures.peak_tflops_fp32 * share,
                                    memory_gb_per_s=figures.memory_gb_per_s * share,

@@ -55,7 +55,8 @@ def build_report(config: TrainConfig, iter_time: Optional[float] = None,
     report["communication_per_iter_gb"] = max((stage["communication_gb"] for stage in report["stages"]),
                                               key=lambda sent: sum(sent.values()))
     if device is not None:
-        rank = device.for_layout(world, train.micro_batch_size)  # a calibrated machine: one rank's figures
+        # a calibrated machine: one rank's figures (a GPU's peak is its own, a CPU rank's its share)
+        rank = device.for_layout(world if device.kind == "cpu" else 1, train.micro_batch_size)
         report["hardware"] = {"name": device.name, "memory_gb": round(device.memory_gb, 1),
                               "peak_tflops": round(rank.peak_tflops(config.precision), 1),
                               # CPU ranks share the machine's memory
