@@ -28,7 +28,7 @@ LAYERS: Dict[str, Set[str]] = {
     "inference": {"errors", "model", "config", "data", "parallel", "checkpoint", "tasks"},
     "training": {"errors", "fence", "model", "config", "data", "parallel", "pipeline", "tasks", "checkpoint",
                  "inference"},
-    "planner": {"errors", "model", "config", "pipeline", "parallel", "training"},
+    "planner": {"errors", "model", "config", "pipeline", "parallel", "checkpoint", "training"},
     "launcher": {"errors", "config", "parallel", "training"},
     "data_prep": {"errors", "data"},
     "cli": {"errors", "fence", "model", "config", "data", "parallel", "pipeline", "tasks", "checkpoint", "training",

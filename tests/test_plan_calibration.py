@@ -152,11 +152,11 @@ def test_calibrated_rates_are_in_the_units_the_cost_model_charges():
     from megatron_bloom.planner.memory import layer_activation_bytes
 
     config = load_config([*TINY, "train.micro_batch_size=2"])
-    shapes = Shapes(config.model, (2,), 128, "bf16", 1000, config, True)
+    shapes = Shapes(config, (2,), 1000, True)
     times = {"threads": 1, "peak_16bit": 0.4, "peak_fp32": 0.2, "optimizer": 0.01, "block_overhead": 1e-3,
              "block@2": 0.010, "recomputed_block@2": 0.013, "linear@2": 0.004, "attention@2": 0.002,
              "lm_head@2": 0.003}
-    micro = figures(shapes, config, times)["micro_batches"]["2"]
+    micro = figures(shapes, times)["micro_batches"]["2"]
     h, s, b = 64, 128, 2
     assert micro["linear_tflops"] == pytest.approx(3 * 24 * b * s * h * h / 0.004 / 1e12, rel=1e-6)
     assert micro["attention_tflops"] == pytest.approx(3 * 4 * b * s * s * h / 0.002 / 1e12, rel=1e-6)

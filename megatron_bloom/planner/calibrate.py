@@ -52,15 +52,26 @@ ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """What the ranks measure at: the model at tp 1, micro-batches of these sizes."""
+    """What the ranks measure at: the config's model at tp 1, micro-batches of these sizes."""
 
-    model: object  # ModelConfig
+    config: TrainConfig
     micro_batch_sizes: tuple
-    seq_length: int
-    precision: str
     optimizer_elements: int
-    config: TrainConfig  # for the engines the ZeRO 3 figure trains
     on_cpu: bool
+
+    @property
+    def model(self):
+        return self.config.model
+
+    @property
+    def seq_length(self) -> int:
+        return self.config.sample_length
+
+    @property
+    def dtype(self):
+        from megatron_bloom.checkpoint.layout import PRECISION_DTYPES
+
+        return PRECISION_DTYPES[self.config.precision]
 
 
 def default_rank_counts(on_gpu: bool) -> List[int]:
@@ -84,12 +95,11 @@ def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, 
                         f"{torch.cuda.device_count()}, not {max(counts)}.")
     model = config.model
     micro_batch_sizes = tuple(sorted({1, 2, 4, config.train.micro_batch_size}))
-    shapes = Shapes(model, micro_batch_sizes, config.sample_length, config.precision,
-                    min(OPTIMIZER_ELEMENTS, model.num_parameters()), config, not on_gpu)
+    shapes = Shapes(config, micro_batch_sizes, min(OPTIMIZER_ELEMENTS, model.num_parameters()), not on_gpu)
     ranks = {}
     for count in counts:
         progress(f"measuring {count} rank{'s' * (count > 1)} at once")
-        ranks[str(count)] = figures(shapes, config, _run_ranks(count, shapes, seconds, on_gpu))
+        ranks[str(count)] = figures(shapes, _run_ranks(count, shapes, seconds, on_gpu))
     import psutil
 
     memory_gb = (torch.cuda.get_device_properties(0).total_memory if on_gpu else psutil.virtual_memory().total) / 1e9
@@ -108,9 +118,9 @@ def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, 
     }
 
 
-def figures(shapes: Shapes, config: TrainConfig, times: dict) -> dict:
+def figures(shapes: Shapes, times: dict) -> dict:
     """The rates of one rank count from the seconds its ranks measured."""
-    h, s = shapes.model.hidden_size, shapes.seq_length
+    config, h, s = shapes.config, shapes.model.hidden_size, shapes.seq_length
     vocab = shapes.model.padded_vocab_size(1)
     result = {"threads": int(times["threads"]), "peak_tflops_16bit": times["peak_16bit"],
               "peak_tflops_fp32": times["peak_fp32"],
@@ -229,7 +239,7 @@ def _compute_times(shapes: Shapes, device, timer: _Timer) -> Dict[str, float]:
     for micro_batch_size in shapes.micro_batch_sizes:
         for key, seconds in _shape_class_times(shapes, micro_batch_size, device, timer).items():
             times[f"{key}@{micro_batch_size}"] = seconds
-    times["optimizer"] = timer(_optimizer_step(shapes, device, _dtype(shapes.precision)))
+    times["optimizer"] = timer(_optimizer_step(shapes, device))
     times["block_overhead"] = _block_overhead(shapes, device, timer)
     return times
 
@@ -242,22 +252,22 @@ def _block_overhead(shapes: Shapes, device, timer: _Timer) -> float:
     from megatron_bloom.model.block import BloomBlock
     from megatron_bloom.model.transformer import attention_inputs
 
-    dtype, heads = _dtype(shapes.precision), shapes.model.num_heads
+    dtype, heads = shapes.dtype, shapes.model.num_heads
     small = dataclasses.replace(shapes.model, hidden_size=8 * heads)
     block = BloomBlock(small).to(device=device, dtype=dtype)
     x = torch.randn(1, 16, small.hidden_size, device=device, dtype=dtype, requires_grad=True)
     positions, mask = attention_inputs(1, 16, None, dtype, device)
-
-    def step():
-        out = block(x, positions, mask)
-        out.backward(torch.ones_like(out))
-    return timer(step)
+    return timer(_forward_backward(lambda inp: block(inp, positions, mask), x))
 
 
-def _dtype(precision: str):
+def _forward_backward(fn, *inputs):
+    """A call of `fn(*inputs)` and the backward of its output (gradient ones), to time."""
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    def step():
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+    return step
 
 
 def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[str, float]:
@@ -272,14 +282,8 @@ def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[st
     from megatron_bloom.model.transformer import attention_inputs
     from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss
 
-    model, s, dtype = shapes.model, shapes.seq_length, _dtype(shapes.precision)
+    model, s, dtype = shapes.model, shapes.seq_length, shapes.dtype
     h, heads = model.hidden_size, model.num_heads
-
-    def forward_backward(fn, *inputs):
-        def step():
-            out = fn(*inputs)
-            out.backward(torch.ones_like(out))
-        return step
 
     x = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
     block = BloomBlock(model).to(device=device, dtype=dtype)
@@ -296,12 +300,12 @@ def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[st
     loss = VocabParallelCausalLMLoss(None, 0, model.vocab_size, fused=False)
     hidden = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
     steps = {
-        "block": [forward_backward(lambda inp: block(inp, positions, mask), x)],
-        "recomputed_block": [forward_backward(lambda inp: checkpoint(block, inp, positions, mask, use_reentrant=False),
-                                              x)],
-        "linear": [forward_backward(F.linear, i, w, bias) for i, w, bias in zip(inputs, weights, biases)],
-        "attention": [forward_backward(lambda q, k, v: attention.core_attention(q, k, v, bias, mask), *qkv)],
-        "lm_head": [forward_backward(lambda inp: loss(F.linear(inp, embedding), labels), hidden)],
+        "block": [_forward_backward(lambda inp: block(inp, positions, mask), x)],
+        "recomputed_block": [_forward_backward(
+            lambda inp: checkpoint(block, inp, positions, mask, use_reentrant=False), x)],
+        "linear": [_forward_backward(F.linear, i, w, bias) for i, w, bias in zip(inputs, weights, biases)],
+        "attention": [_forward_backward(lambda q, k, v: attention.core_attention(q, k, v, bias, mask), *qkv)],
+        "lm_head": [_forward_backward(lambda inp: loss(F.linear(inp, embedding), labels), hidden)],
     }
     # The element-wise work and recomputation's are differences of these times: rounds interleaved, and the
     # fastest round of each, keep a one-off slow stretch (the allocator, a first kernel) out of them.
@@ -312,7 +316,7 @@ def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[st
     return times
 
 
-def _optimizer_step(shapes: Shapes, device, dtype):
+def _optimizer_step(shapes: Shapes, device):
     """What ends an iteration on one rank: clipping, AdamW (fused, as training/optimizer.py builds it) over
     float32 masters, and the new weights copied to `dtype`."""
     import torch
@@ -322,7 +326,7 @@ def _optimizer_step(shapes: Shapes, device, dtype):
     masters = [torch.nn.Parameter(torch.randn(n, device=device) * 0.02) for n in sizes]
     for master in masters:
         master.grad = torch.randn_like(master) * 1e-3
-    copies = [torch.empty(n, device=device, dtype=dtype) for n in sizes]
+    copies = [torch.empty(n, device=device, dtype=shapes.dtype) for n in sizes]
     optimizer = torch.optim.AdamW(masters, lr=1e-4, fused=True)
 
     def step():
@@ -340,7 +344,7 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
 
     from megatron_bloom.parallel.host_group import SharedMemoryGroup
 
-    dtype = _dtype(shapes.precision)
+    dtype = shapes.dtype
     activation = max(LARGE_MESSAGE_ELEMENTS,
                      max(shapes.micro_batch_sizes) * shapes.seq_length * shapes.model.hidden_size)
     shared = SharedMemoryGroup.create(dist.group.WORLD) if device.type == "cpu" else None
