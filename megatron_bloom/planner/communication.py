@@ -54,14 +54,19 @@ def tensor_parallel_per_micro_batch(config: TrainConfig, stage: StagePlan) -> Tu
     return collectives, sent
 
 
-def training_communication(config: TrainConfig, stage: StagePlan) -> dict:
-    """Bytes per iteration one rank of `stage` sends: tensor-parallel collectives (activations, and with SP
-    the replicated parameters' gradients) and pipeline point-to-point."""
+def pipeline_per_micro_batch(config: TrainConfig, stage: StagePlan) -> Tuple[int, float]:
+    """(sends, bytes one rank sends) of `stage`'s pipeline point-to-point for one micro-batch: one send across
+    each boundary it has (forward and/or backward)."""
     model, parallel, train = config.model, config.parallel, config.train
     t, sp = parallel.tp, parallel.sequence_parallel
     n = config.sample_length * train.micro_batch_size * model.hidden_size * WEIGHT_BYTES[config.precision]
+    boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)
+    return boundaries, boundaries * (n / t + (0.0 if sp or t == 1 else gather(n, t)))
+
+
+def training_communication(config: TrainConfig, stage: StagePlan) -> dict:
+    """Bytes per iteration one rank of `stage` sends: tensor-parallel collectives (activations, and with SP
+    the replicated parameters' gradients) and pipeline point-to-point."""
     micro_batches = micro_batches_per_step(config)
-    boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)  # sends forward and/or backward
-    pipeline = boundaries * (n / t + (0.0 if sp or t == 1 else gather(n, t)))
     return {"tensor_parallel": tensor_parallel_per_micro_batch(config, stage)[1] * micro_batches,
-            "pipeline": pipeline * micro_batches}
+            "pipeline": pipeline_per_micro_batch(config, stage)[1] * micro_batches}

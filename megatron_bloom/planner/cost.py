@@ -52,8 +52,8 @@ from typing import List, Optional
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.planner.communication import (
     all_reduce,
+    pipeline_per_micro_batch,
     tensor_parallel_per_micro_batch,
-    training_communication,
 )
 from megatron_bloom.planner.hardware import Hardware
 from megatron_bloom.planner.memory import (
@@ -83,7 +83,7 @@ class StageTime:
 class IterationTime:
     stages: List[StageTime]
     micro_batches: int
-    pipeline_s: float  # (m + pp - 1) slots of the slowest stage
+    pipeline_s: float  # every stage's slot once, then m - 1 slots of the slowest
     data_parallel_s: float  # the gradient reduction that does not overlap
     optimizer_s: float
 
@@ -132,10 +132,9 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
                  + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
     collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage)
     tp_s = transfer_seconds(tp_bytes, collectives, device, across_nodes=False)
-    boundaries = (stage.stage > 0) + (stage.stage < parallel.pp - 1)
+    sends, pipeline_bytes = pipeline_per_micro_batch(config, stage)
     across_nodes = device.nodes_apart(t * parallel.dp)  # neighbouring stages are tp x dp ranks apart
-    pipeline_bytes = training_communication(config, stage)["pipeline"] / micro_batches_per_step(config)
-    p2p_s = transfer_seconds(pipeline_bytes, boundaries, device, across_nodes, "p2p")
+    p2p_s = transfer_seconds(pipeline_bytes, sends, device, across_nodes, "p2p")
     return StageTime(stage.stage, compute_s, tp_s, p2p_s)
 
 
