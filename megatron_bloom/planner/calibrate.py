@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
 from megatron_bloom.planner.cost import ADAM_BYTES_PER_PARAMETER
-from megatron_bloom.planner.hardware_file import FILE_FORMAT
+from megatron_bloom.planner.hardware_file import FILE_FORMAT, LINKS
 from megatron_bloom.planner.memory import layer_activation_bytes
 
 OPTIMIZER_ELEMENTS = 8 * 2**20  # Adam is timed over this many parameters (or the model's, if fewer)
@@ -129,7 +129,7 @@ def figures(shapes: Shapes, times: dict) -> dict:
     for key in ("zero3_block_overhead", "zero3_micro_batch_overhead"):
         if key in times:
             result[f"{key}_s"] = times[key]
-    for link in ("tensor_parallel", "gradient", "p2p"):
+    for link in LINKS:
         if link in times:
             small, large, bus_bytes = times[link]
             result[f"{link}_latency_s"] = small

@@ -25,12 +25,12 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from megatron_bloom.config.schema import PRECISIONS
 from megatron_bloom.errors import UserError
 from megatron_bloom.planner.hardware import PRESETS, Hardware, measure_cpu
 
 FILE_FORMAT = "megatron_bloom.hardware/1"
-LINK_FIELDS = ("tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
-               "p2p_gb_per_s", "p2p_latency_s")
+LINKS = ("tensor_parallel", "gradient", "p2p")  # each with <link>_gb_per_s and <link>_latency_s
 
 
 def hardware(name: str) -> Hardware:
@@ -69,8 +69,8 @@ def load_hardware_file(path: str) -> Hardware:
                         f"{FILE_FORMAT!r}); write one with mbloom-plan --calibrate --output FILE.")
     try:
         kind, precision, ranks = data["kind"], data["precision"], data["ranks"]
-        if kind not in ("cpu", "gpu") or precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError("\"kind\" must be cpu or gpu, and \"precision\" fp32, bf16 or fp16")
+        if kind not in ("cpu", "gpu") or precision not in PRECISIONS:
+            raise ValueError(f"\"kind\" must be cpu or gpu, and \"precision\" one of {', '.join(PRECISIONS)}")
         if not isinstance(ranks, dict) or not ranks:
             raise ValueError("\"ranks\" must be a non-empty object")
         base = Hardware(name=path, peak_tflops_16bit=1.0, peak_tflops_fp32=1.0, memory_gb=_number(data, "memory_gb"),
@@ -115,11 +115,10 @@ def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
     """One rank's figures at one rank count and micro-batch size."""
     peak_16bit, peak_fp32 = _number(entry, "peak_tflops_16bit"), _number(entry, "peak_tflops_fp32")
     peak = peak_fp32 if base.precision == "fp32" else peak_16bit
-    links = {key: _number(entry, key, optional=True) for key in LINK_FIELDS}
     # A rank alone measures no links: a layout of one rank sends nothing (and one of more finds the figures of
     # its own count). One machine has nothing between nodes: its gradient figures stand in.
-    rate = {name: links[f"{name}_gb_per_s"] or math.inf for name in ("tensor_parallel", "gradient", "p2p")}
-    latency = {name: links[f"{name}_latency_s"] or 0.0 for name in ("tensor_parallel", "gradient", "p2p")}
+    rate = {link: _number(entry, f"{link}_gb_per_s", optional=True) or math.inf for link in LINKS}
+    latency = {link: _number(entry, f"{link}_latency_s", optional=True) or 0.0 for link in LINKS}
     return dataclasses.replace(
         base, peak_tflops_16bit=peak_16bit, peak_tflops_fp32=peak_fp32,
         memory_gb_per_s=_number(micro, "elementwise_gb_per_s"),
