@@ -48,6 +48,9 @@ SMALL_MESSAGE_ELEMENTS = 256  # what a link's latency is timed with
 LARGE_MESSAGE_ELEMENTS = 4 * 2**20  # and its bandwidth (or an activation, if larger): far past the latency
 MIN_REPETITIONS = 3
 ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
+TRAINER_STEPS = ((1, 1), (1, 3), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
+ZERO3_MICRO_BATCHES = 2  # ZeRO 3's steps (one and three blocks)
+TRAINER_WARMUP_STEPS = 2  # before a trainer's steps are timed (beside the timer's own warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,9 @@ def calibrate(config: TrainConfig, rank_counts: Optional[Sequence[int]] = None, 
     ranks = {}
     for count in counts:
         progress(f"measuring {count} rank{'s' * (count > 1)} at once")
-        ranks[str(count)] = figures(shapes, _run_ranks(count, shapes, seconds, on_gpu))
+        times = _run_ranks(count, shapes, seconds, on_gpu)
+        ranks[str(count)] = figures(shapes, times)
+        ranks[str(count)].update(trainer_overheads(shapes, count, ranks[str(count)], times))
     import psutil
 
     memory_gb = (torch.cuda.get_device_properties(0).total_memory if on_gpu else psutil.virtual_memory().total) / 1e9
@@ -126,9 +131,6 @@ def figures(shapes: Shapes, times: dict) -> dict:
               "peak_tflops_fp32": times["peak_fp32"],
               "optimizer_gb_per_s": ADAM_BYTES_PER_PARAMETER * shapes.optimizer_elements / times["optimizer"] / 1e9,
               "block_overhead_s": times["block_overhead"]}
-    for key in ("zero3_block_overhead", "zero3_micro_batch_overhead"):
-        if key in times:
-            result[f"{key}_s"] = times[key]
     for link in LINKS:
         if link in times:
             small, large, bus_bytes = times[link]
@@ -152,6 +154,11 @@ def figures(shapes: Shapes, times: dict) -> dict:
             # a forward is about a third of the block's forward and backward
             "recompute_passes": max(0.1, (at["recomputed_block"] - at["block"]) / (at["block"] / 3)),
         }
+        for key in ("tensor_parallel_block", "sequence_parallel_block"):
+            blocks = {str(t): times[f"{key}@{t}@{b}"] for t in tensor_parallel_degrees(shapes.model, 64)
+                      if f"{key}@{t}@{b}" in times}
+            if blocks:
+                result["micro_batches"][str(b)][f"{key}_s"] = blocks
     return _rounded(result)
 
 
@@ -192,8 +199,9 @@ def _rank_main(rank: int, count: int, port: int, shapes: Shapes, seconds: float,
     try:
         times = {"threads": threads, **_compute_times(shapes, device, timer)}
         if count > 1:
+            times.update(_tensor_parallel_block_times(shapes, device, timer, count))
             times.update(_link_times(shapes, device, timer, rank, count))
-            times.update(_zero3_overhead(shapes, count, timer))
+        times.update(_trainer_steps(shapes, count, timer))  # last: what engines leave behind slows what follows
         (Path(out) / f"{rank}.json").write_text(json.dumps(times))
     finally:
         dist.destroy_process_group()
@@ -236,9 +244,15 @@ def _compute_times(shapes: Shapes, device, timer: _Timer) -> Dict[str, float]:
     for key, peak_dtype in (("peak_16bit", torch.bfloat16), ("peak_fp32", torch.float32)):
         x, y = (torch.randn(side, side, device=device, dtype=peak_dtype) for _ in range(2))
         times[key] = 2.0 * side ** 3 / timer(lambda: torch.mm(x, y)) / 1e12
-    for micro_batch_size in shapes.micro_batch_sizes:
-        for key, seconds in _shape_class_times(shapes, micro_batch_size, device, timer).items():
-            times[f"{key}@{micro_batch_size}"] = seconds
+    # The element-wise work and recomputation's are differences of these times: rounds spread over the whole
+    # phase, and the fastest of each, keep a slow stretch (the allocator, a first kernel, a busy neighbour)
+    # out of them.
+    round_timer = _Timer(device, timer.seconds / ROUNDS)
+    for _ in range(ROUNDS):
+        for micro_batch_size in shapes.micro_batch_sizes:
+            for key, fns in _shape_class_steps(shapes, micro_batch_size, device).items():
+                name = f"{key}@{micro_batch_size}"
+                times[name] = min(times.get(name, math.inf), sum(round_timer(fn) for fn in fns))
     times["optimizer"] = timer(_optimizer_step(shapes, device))
     times["block_overhead"] = _block_overhead(shapes, device, timer)
     return times
@@ -270,15 +284,14 @@ def _forward_backward(fn, *inputs):
     return step
 
 
-def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[str, float]:
-    """Forward and backward seconds of a block, as a whole and recomputed, and of its shape classes, at a
-    micro-batch of `b` sequences."""
+def _shape_class_steps(shapes: Shapes, b: int, device) -> Dict[str, List[Callable[[], None]]]:
+    """What to time, at a micro-batch of `b` sequences: the forward and backward of a block, as a whole and
+    recomputed, and of its shape classes (the sum of a class's list)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
     from megatron_bloom.model.alibi import alibi_bias
-    from megatron_bloom.model.block import BloomBlock
     from megatron_bloom.model.transformer import attention_inputs
     from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss
 
@@ -286,7 +299,7 @@ def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[st
     h, heads = model.hidden_size, model.num_heads
 
     x = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
-    block = BloomBlock(model).to(device=device, dtype=dtype)
+    block = _trainer_block(model, None, device, dtype)
     positions, mask = attention_inputs(b, s, None, dtype, device)
     weights = [torch.nn.Parameter(torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.02)
                for out_features, in_features in ((3 * h, h), (h, h), (4 * h, h), (h, 4 * h))]
@@ -299,20 +312,53 @@ def _shape_class_times(shapes: Shapes, b: int, device, timer: _Timer) -> Dict[st
     labels = torch.randint(0, model.vocab_size, (b, s), device=device)
     loss = VocabParallelCausalLMLoss(None, 0, model.vocab_size, fused=False)
     hidden = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
-    steps = {
-        "block": [_forward_backward(lambda inp: block(inp, positions, mask), x)],
-        "recomputed_block": [_forward_backward(
-            lambda inp: checkpoint(block, inp, positions, mask, use_reentrant=False), x)],
+    return {
+        "block": [_forward_backward(block, x)],
+        "recomputed_block": [_forward_backward(lambda inp: checkpoint(block, inp, use_reentrant=False), x)],
         "linear": [_forward_backward(F.linear, i, w, bias) for i, w, bias in zip(inputs, weights, biases)],
         "attention": [_forward_backward(lambda q, k, v: attention.core_attention(q, k, v, bias, mask), *qkv)],
         "lm_head": [_forward_backward(lambda inp: loss(F.linear(inp, embedding), labels), hidden)],
     }
-    # The element-wise work and recomputation's are differences of these times: rounds interleaved, and the
-    # fastest round of each, keep a one-off slow stretch (the allocator, a first kernel) out of them.
-    times, timer = {key: math.inf for key in steps}, _Timer(device, timer.seconds / ROUNDS)
-    for _ in range(ROUNDS):
-        for key, fns in steps.items():
-            times[key] = min(times[key], sum(timer(fn) for fn in fns))
+
+
+def _trainer_block(model, state, device, dtype, sequence_parallel: bool = False):
+    """A transformer block as the trainer builds it (pipeline/layers.py: it makes its attention inputs), on
+    `state`'s tensor-parallel ranks (None: one rank alone)."""
+    from megatron_bloom.model import TaskConfig
+    from megatron_bloom.parallel.sharding import full_shapes
+    from megatron_bloom.parallel.state import ParallelState
+    from megatron_bloom.pipeline.layers import BlockPipe
+
+    state = state or ParallelState.single(device)
+    return BlockPipe(model, state, full_shapes(model, TaskConfig()), seed=0, layer_number=0,
+                     sequence_parallel=sequence_parallel).to(dtype)
+
+
+def tensor_parallel_degrees(model, count: int) -> List[int]:
+    """The tensor-parallel degrees a layout of `count` ranks may use with `model` (beyond 1)."""
+    return [t for t in (2, 4, 8, 16, 32, 64) if t <= count and model.num_heads % t == 0 and model.hidden_size % t == 0]
+
+
+def _tensor_parallel_block_times(shapes: Shapes, device, timer: _Timer, count: int) -> Dict[str, float]:
+    """Forward and backward seconds of the model's block as a layout at tp t runs it (the module the trainer
+    builds, its collectives included), with and without sequence parallelism, the ranks in count / t groups
+    at once, at each micro-batch size: its operands are t times narrower, every rank dispatches every operator,
+    and the ranks wait for each other at each collective, none of which the rates of whole blocks show."""
+    import torch
+
+    from megatron_bloom.parallel.state import ParallelState
+
+    model, s, dtype = shapes.model, shapes.seq_length, shapes.dtype
+    times = {}
+    for t in tensor_parallel_degrees(model, count):
+        state = ParallelState.create(tp=t, pp=1, dp=count // t, device=device)
+        for sequence_parallel in (False, True)[:1 + (s % t == 0)]:
+            block = _trainer_block(model, state, device, dtype, sequence_parallel)
+            for b in shapes.micro_batch_sizes:
+                x = torch.randn(b, s // t if sequence_parallel else s, model.hidden_size, device=device, dtype=dtype,
+                                requires_grad=True)
+                key = "sequence_parallel_block" if sequence_parallel else "tensor_parallel_block"
+                times[f"{key}@{t}@{b}"] = timer(_forward_backward(block, x))
     return times
 
 
@@ -380,38 +426,80 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
     return result
 
 
-def _zero3_overhead(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
-    """What DeepSpeed's ZeRO 3 adds to a micro-batch beyond its traffic (its hooks on every module, gathering
-    and releasing each parameter), a block's share and the rest's (embedding, head): the trainer's own engine
-    (training/loop.py) over models of one and three blocks on these ranks as data-parallel replicas, a step of
-    two micro-batches at ZeRO 3 against ZeRO 2."""
+def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
+    """The trainer's steps over models of TRAINER_STEPS' blocks and micro-batches, these ranks as data-parallel
+    replicas, at ZeRO 1 or 2 (the config's) and, with more than one rank, at ZeRO 3 (one and three blocks,
+    ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction. ZeRO 3's engines last:
+    what they leave behind slows what follows."""
+    stage = min(shapes.config.zero.stage, 2)
+    times = {f"trainer@{blocks}@{m}": _trainer_step_seconds(_trainer_run(shapes, count, blocks, m, stage), timer)
+             for blocks, m in TRAINER_STEPS}
+    if count > 1:
+        times.update({f"zero3@{blocks}": _trainer_step_seconds(
+            _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, 3), timer) for blocks in (1, 3)})
+    return times
+
+
+def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dict) -> Dict[str, float]:
+    """What the trainer's steps took beyond the model's prediction of the same runs from `rank_figures`
+    (DeepSpeed's engine and its gradient hooks, the embedding's backward, gradient accumulation, the optimizer's
+    bookkeeping), in the three parts the runs of TRAINER_STEPS tell apart: one a step, one a micro-batch, and
+    one a block and micro-batch. Then what ZeRO 3's runs took beyond that and their traffic (its hooks on
+    every module, gathering and releasing each parameter): a block's share and the rest's, a micro-batch."""
+    from megatron_bloom.planner.cost import predict_iteration
+    from megatron_bloom.planner.hardware_file import hardware_from_data
+
+    def residual(key: str, blocks: int, micro_batches: int, stage: int, rank: dict) -> float:
+        data = {"format": FILE_FORMAT, "kind": "cpu" if shapes.on_cpu else "gpu", "memory_gb": 1.0,
+                "precision": shapes.config.precision, "cores": os.cpu_count() or 1, "ranks_per_node": count,
+                "ranks": {str(count): rank}}
+        run = _trainer_run(shapes, count, blocks, micro_batches, stage)
+        return times[key] - predict_iteration(run, hardware_from_data(data, "this calibration")).total_s
+
+    stage = min(shapes.config.zero.stage, 2)
+    left = {(blocks, m): residual(f"trainer@{blocks}@{m}", blocks, m, stage, rank_figures)
+            for blocks, m in TRAINER_STEPS}
+    # left(blocks, m) = step + m * micro_batch + blocks * m * block
+    block = max((left[3, 3] - left[1, 3]) / 6, 0.0)
+    micro_batch = max((left[1, 3] - left[1, 1]) / 2 - block, 0.0)
+    result = {"step_overhead_s": max(left[1, 1] - micro_batch - block, 0.0),
+              "micro_batch_overhead_s": micro_batch, "block_micro_batch_overhead_s": block}
+    if count > 1:
+        with_trainer, m = {**rank_figures, **result}, ZERO3_MICRO_BATCHES
+        left = {blocks: residual(f"zero3@{blocks}", blocks, m, 3, with_trainer) / m for blocks in (1, 3)}
+        zero3_block = max((left[3] - left[1]) / 2, 0.0)
+        result.update(zero3_block_overhead_s=zero3_block, zero3_micro_batch_overhead_s=max(left[1] - zero3_block, 0))
+    return _rounded(result)
+
+
+def _trainer_run(shapes: Shapes, count: int, layers: int, micro_batches: int, zero_stage: int) -> TrainConfig:
+    """The config's model cut to `layers` blocks, on `count` data-parallel ranks, `micro_batches` per step."""
+    config = shapes.config
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, num_layers=layers),
+        parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=count, sequence_parallel=False),
+        train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size * micro_batches * count,
+                                  activation_checkpointing=False, compile=False),
+        zero=dataclasses.replace(config.zero, stage=zero_stage),
+        hardware="cpu" if shapes.on_cpu else config.hardware)  # the activations the cost model counts here
+
+
+def _trainer_step_seconds(run: TrainConfig, timer: _Timer) -> float:
+    """One step of the trainer's own engine (training/loop.py) for `run` on these ranks."""
     import torch
 
     from megatron_bloom.parallel.distributed import state_for_run
     from megatron_bloom.training.loop import build_engine, train_step
 
-    config, micro_batches = shapes.config, 2
-    b, s = config.train.micro_batch_size, shapes.seq_length
-    state = state_for_run(1, 1, count, count, require_groups=True)
-    tokens = torch.randint(0, config.model.vocab_size, (b, s), device=state.device)
+    parallel, train = run.parallel, run.train
+    state = state_for_run(1, 1, parallel.dp, parallel.dp, require_groups=True)
+    tokens = torch.randint(0, run.model.vocab_size, (train.micro_batch_size, run.sample_length), device=state.device)
 
     def batches():
         while True:
             yield tokens, tokens
-
-    added = {}
-    for layers in (1, 3):
-        seconds = {}
-        for stage in (2, 3):
-            run = dataclasses.replace(
-                config, model=dataclasses.replace(config.model, num_layers=layers),
-                parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=count, sequence_parallel=False),
-                train=dataclasses.replace(config.train, global_batch_size=b * micro_batches * count,
-                                          activation_checkpointing=False, compile=False),
-                zero=dataclasses.replace(config.zero, stage=stage))
-            engine, _, _ = build_engine(run, state)
-            stream = batches()
-            seconds[stage] = timer(lambda: train_step(engine, stream, state, micro_batches))
-        added[layers] = (seconds[3] - seconds[2]) / micro_batches
-    block = max(added[3] - added[1], 0.0) / 2
-    return {"zero3_block_overhead": block, "zero3_micro_batch_overhead": max(added[1] - block, 0.0)}
+    engine, _, _ = build_engine(run, state)
+    stream, accumulation = batches(), train.global_batch_size // train.micro_batch_size // parallel.dp
+    for _ in range(TRAINER_WARMUP_STEPS):  # ZeRO 3 traces its modules' order in the first steps
+        train_step(engine, stream, state, accumulation)
+    return timer(lambda: train_step(engine, stream, state, accumulation))

@@ -35,8 +35,9 @@ def gather(n: float, t: int) -> float:
     return (t - 1) / t * n
 
 
-def tensor_parallel_per_micro_batch(config: TrainConfig, stage: StagePlan) -> Tuple[int, float]:
-    """(collectives, bytes one rank sends) of `stage`'s tensor parallelism for one micro-batch."""
+def tensor_parallel_per_micro_batch(config: TrainConfig, stage: StagePlan, blocks: bool = True) -> Tuple[int, float]:
+    """(collectives, bytes one rank sends) of `stage`'s tensor parallelism for one micro-batch (`blocks`: those
+    of its transformer blocks too, else the rest's only)."""
     model, parallel, train = config.model, config.parallel, config.train
     t, sp = parallel.tp, parallel.sequence_parallel
     if t == 1:
@@ -46,7 +47,7 @@ def tensor_parallel_per_micro_batch(config: TrainConfig, stage: StagePlan) -> Tu
     per_block = (10 + 4 * train.activation_checkpointing) if sp else (4 + 2 * train.activation_checkpointing)
     # the embedding's lookups, summed, and the LM head's input
     ends = (stage.stage == 0) + (stage.stage == parallel.pp - 1 and not config.fine_tuning)
-    collectives = stage.blocks * per_block + ends * (2 if sp else 1)
+    collectives = stage.blocks * per_block * blocks + ends * (2 if sp else 1)
     sent = collectives * (gather(n, t) if sp else all_reduce(n, t))
     if sp:  # the LayerNorm and row-parallel-bias gradients, summed in fp32
         collectives += 1

@@ -110,6 +110,10 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
         (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
+    # the trainer's per-step work, measured with the machine's ranks as data-parallel replicas: beyond one rank,
+    # mostly what their reduction's bookkeeping adds to its traffic, which a layout without them does not pay
+    if parallel.dp > 1 or world == 1:
+        optimizer_s += device.step_overhead_s
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
 
@@ -119,18 +123,24 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
     last = stage.stage == parallel.pp - 1 and not config.fine_tuning
     passes = 3 + (device.recompute_passes if train.activation_checkpointing else 0)  # forward, backward (2)
     peak = device.peak_tflops(config.precision) * 1e12
-    dense = stage.blocks * 24.0 * b * s * h * h / t * passes
-    attention = stage.blocks * 4.0 * b * s * s * h / t * passes
     head = 2.0 * b * s * h * model.padded_vocab_size(t) / t * 3 if last else 0.0
-    elementwise = stage.blocks * 2.0 * layer_activation_bytes(config) * passes
-    # the rates were measured on whole (tp 1) blocks, dispatch included; tp divides the work but not that
-    undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
+    compute_s = head / (peak * (device.lm_head_efficiency or device.gemm_efficiency))
+    measured_block = device.tensor_parallel_block_s(t, parallel.sequence_parallel, b) if t > 1 else None
+    if measured_block is not None:  # timed as this layout runs it: its collectives are in it
+        compute_s += stage.blocks * measured_block * passes / 3
+    else:
+        dense = stage.blocks * 24.0 * b * s * h * h / t * passes
+        attention = stage.blocks * 4.0 * b * s * s * h / t * passes
+        elementwise = stage.blocks * 2.0 * layer_activation_bytes(config) * passes
+        # the rates were measured on whole (tp 1) blocks, dispatch included; tp divides the work but not that
+        undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
+        compute_s += (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
+                      + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
+    # the trainer's own work (a calibrated machine's figures)
+    compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
     if config.zero.stage == 3:  # DeepSpeed's per-module work (a calibrated machine's figures)
-        undivided += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
-    compute_s = (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
-                 + head / (peak * (device.lm_head_efficiency or device.gemm_efficiency))
-                 + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
-    collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage)
+        compute_s += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
+    collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage, blocks=measured_block is None)
     tp_s = transfer_seconds(tp_bytes, collectives, device, across_nodes=False)
     sends, pipeline_bytes = pipeline_per_micro_batch(config, stage)
     across_nodes = device.nodes_apart(t * parallel.dp)  # neighbouring stages are tp x dp ranks apart

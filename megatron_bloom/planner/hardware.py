@@ -66,11 +66,28 @@ class Hardware:
     cores: int = 0  # a calibrated CPU's, which its ranks share
     zero3_block_overhead_s: float = 0.0  # ZeRO 3's hooks, a block and micro-batch, beyond its traffic
     zero3_micro_batch_overhead_s: float = 0.0  # and the rest of the model's (embedding, head), a micro-batch
+    # the trainer's work beyond the model's arithmetic and traffic (DeepSpeed's engine and hooks, the embedding's
+    # backward, gradient accumulation): a step's, a micro-batch's, a block's in each micro-batch
+    step_overhead_s: float = 0.0
+    micro_batch_overhead_s: float = 0.0
+    block_micro_batch_overhead_s: float = 0.0
+    # a block's forward and backward at tp > 1 as a layout runs it, collectives included, at this micro-batch:
+    # (tp, sequence parallel, seconds)
+    tensor_parallel_blocks: Tuple[Tuple[int, bool, float], ...] = ()
+    micro_batch_size: int = 0  # the one a calibrated machine's figures were measured at
     # a hardware file's figures: (ranks sharing the machine, micro-batch size, one rank's figures)
     measured: Tuple[Tuple[int, int, "Hardware"], ...] = ()
 
     def peak_tflops(self, precision: str) -> float:
         return self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops_16bit
+
+    def tensor_parallel_block_s(self, tp: int, sequence_parallel: bool, micro_batch_size: int) -> Optional[float]:
+        """A block's measured forward and backward at this tp degree, for `micro_batch_size` sequences (scaled
+        from the micro-batch measured, as the rates are); None where it was not measured."""
+        for degree, sp, seconds in self.tensor_parallel_blocks:
+            if (degree, sp) == (tp, sequence_parallel):
+                return seconds * micro_batch_size / self.micro_batch_size
+        return None
 
     @property
     def usable_memory_gb(self) -> float:
@@ -111,7 +128,9 @@ class Hardware:
         return dataclasses.replace(figures, peak_tflops_16bit=figures.peak_tflops_16bit * share,
                                    peak_tflops_fp32=figures.peak_tflops_fp32 * share,
                                    memory_gb_per_s=figures.memory_gb_per_s * share,
-                                   optimizer_gb_per_s=figures.optimizer_gb_per_s * share)
+                                   optimizer_gb_per_s=figures.optimizer_gb_per_s * share,
+                                   tensor_parallel_blocks=tuple((t, sp, seconds / share) for t, sp, seconds
+                                                                in figures.tensor_parallel_blocks))
 
     def while_one_stage_runs(self, world_size: int, pipeline_stages: int, micro_batch_size: int) -> "Hardware":
         """The figures of one rank while only its own stage's ranks work (a pipeline's fill and drain): on a

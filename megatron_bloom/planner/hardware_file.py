@@ -5,11 +5,15 @@
      "cores": 2, "ranks_per_node": 4, "device": ..., "calibrated_for": {...}, "measured_at": ...,
      "ranks": {"<ranks running at once>": {
          "threads", "peak_tflops_16bit", "peak_tflops_fp32", "optimizer_gb_per_s", "block_overhead_s",
+         "step_overhead_s", "micro_batch_overhead_s", "block_micro_batch_overhead_s",
          "zero3_block_overhead_s", "zero3_micro_batch_overhead_s",          (2 ranks and more)
          "tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
          "p2p_gb_per_s", "p2p_latency_s",                                   (links: 2 ranks and more)
          "micro_batches": {"<micro-batch size>": {"linear_tflops", "attention_tflops", "lm_head_tflops",
-                                                  "elementwise_gb_per_s", "recompute_passes"}}}}}
+                                                  "elementwise_gb_per_s", "recompute_passes",
+                                                  "tensor_parallel_block_s": {"<tp>": seconds},
+                                                  "sequence_parallel_block_s": {"<tp>": seconds}}}}}}
+                                                                    (2 ranks and more)
 
 Each figure is one rank's, while that many ranks run at once (planner/calibrate.py says how each is timed).
 A file that does not parse, or whose figures are missing or not positive numbers, is refused with one
@@ -64,6 +68,12 @@ def load_hardware_file(path: str) -> Hardware:
     except ValueError as error:
         raise UserError(f"{where} is not JSON ({error}); hardware files are written by mbloom-plan --calibrate "
                         "--output FILE.") from None
+    return hardware_from_data(data, path)
+
+
+def hardware_from_data(data, path: str) -> Hardware:
+    """The Hardware of a hardware file's parsed contents (`path`: its name in errors and in plans)."""
+    where = f"hardware={path}"
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
         raise UserError(f"{where} is not a hardware file of this version (its \"format\" must be "
                         f"{FILE_FORMAT!r}); write one with mbloom-plan --calibrate --output FILE.")
@@ -76,7 +86,7 @@ def load_hardware_file(path: str) -> Hardware:
         base = Hardware(name=path, peak_tflops_16bit=1.0, peak_tflops_fp32=1.0, memory_gb=_number(data, "memory_gb"),
                         kind=kind, precision=precision, cores=int(_number(data, "cores")))
         measured = tuple(sorted(
-            (_count(count), _count(micro), _figures(base, entry, figures))
+            (_count(count), _count(micro), _figures(base, entry, figures, _count(micro)))
             for count, entry in ranks.items() for micro, figures in _micro_batches(entry).items()))
         per_node = int(_number(data, "ranks_per_node"))
     except (KeyError, TypeError, ValueError) as error:
@@ -111,7 +121,7 @@ def _number(data: dict, key: str, optional: bool = False, zero: bool = False) ->
     return float(value)
 
 
-def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
+def _figures(base: Hardware, entry: dict, micro: dict, micro_batch_size: int) -> Hardware:
     """One rank's figures at one rank count and micro-batch size."""
     peak_16bit, peak_fp32 = _number(entry, "peak_tflops_16bit"), _number(entry, "peak_tflops_fp32")
     peak = peak_fp32 if base.precision == "fp32" else peak_16bit
@@ -130,7 +140,21 @@ def _figures(base: Hardware, entry: dict, micro: dict) -> Hardware:
         block_overhead_s=_number(entry, "block_overhead_s", zero=True),
         zero3_block_overhead_s=_number(entry, "zero3_block_overhead_s", optional=True, zero=True) or 0.0,
         zero3_micro_batch_overhead_s=_number(entry, "zero3_micro_batch_overhead_s", optional=True, zero=True) or 0.0,
+        step_overhead_s=_number(entry, "step_overhead_s", optional=True, zero=True) or 0.0,
+        micro_batch_overhead_s=_number(entry, "micro_batch_overhead_s", optional=True, zero=True) or 0.0,
+        block_micro_batch_overhead_s=_number(entry, "block_micro_batch_overhead_s", optional=True, zero=True) or 0.0,
         intra_node_gb_per_s=rate["tensor_parallel"], intra_node_latency_s=latency["tensor_parallel"],
         inter_node_gb_per_s=rate["gradient"], inter_node_latency_s=latency["gradient"],
         gradient_gb_per_s=rate["gradient"], gradient_latency_s=latency["gradient"],
-        p2p_gb_per_s=rate["p2p"], p2p_latency_s=latency["p2p"])
+        p2p_gb_per_s=rate["p2p"], p2p_latency_s=latency["p2p"],
+        tensor_parallel_blocks=_tensor_parallel_blocks(micro), micro_batch_size=micro_batch_size)
+
+
+def _tensor_parallel_blocks(micro: dict) -> tuple:
+    blocks = []
+    for key, sequence_parallel in (("tensor_parallel_block_s", False), ("sequence_parallel_block_s", True)):
+        measured = micro.get(key, {})
+        if not isinstance(measured, dict):
+            raise ValueError(f"{key!r} must be an object of tensor-parallel degrees and seconds")
+        blocks += [(_count(tp), sequence_parallel, _number(measured, tp)) for tp in measured]
+    return tuple(sorted(blocks))
