@@ -2,12 +2,14 @@
 a layout is predicted with (rank count, micro-batch), the cost model's use of them, and files that are
 damaged, hostile or for another precision."""
 
+import dataclasses
 import json
 
 import pytest
 
 from megatron_bloom.config import load_config
 from megatron_bloom.errors import ConfigError
+from megatron_bloom.planner.communication import tensor_parallel_per_micro_batch
 from megatron_bloom.planner.cost import predict_iteration
 from megatron_bloom.planner.hardware_file import hardware
 from megatron_bloom.planner.hardware_file import FILE_FORMAT, load_hardware_file
@@ -19,6 +21,11 @@ TINY = ["model=bloom-tiny", "train.global_batch_size=16", "precision=bf16"]
 
 
 def synthetic_file(path, precision="bf16"):
+    path.write_text(synthetic_file_text(precision))
+    return path
+
+
+def synthetic_file_text(precision="bf16"):
     """A hardware file with round figures: at 1 rank twice the rates of 2 ranks; micro-batch 4 faster than 1."""
     def micro(scale):
         return {"linear_tflops": 0.2 * scale, "attention_tflops": 0.1 * scale, "lm_head_tflops": 0.15 * scale,
@@ -35,8 +42,7 @@ def synthetic_file(path, precision="bf16"):
                       "2": {"threads": 1, "peak_tflops_16bit": 0.2, "peak_tflops_fp32": 0.1, "optimizer_gb_per_s": 10.0,
                             "block_overhead_s": 1e-3,
                             **links, "micro_batches": {"1": micro(1.0), "4": micro(1.2)}}}}
-    path.write_text(json.dumps(data))
-    return path
+    return json.dumps(data)
 
 
 def test_a_layout_is_predicted_with_the_figures_of_its_rank_count_and_micro_batch(tmp_path):
@@ -77,12 +83,88 @@ def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(t
     # the LM head is never recomputed; everything else costs 4.5 passes instead of 3
     head = 2.0 * 4 * 128 * 64 * 1024 * 3 / (0.15 * 1.2e12)
     assert (with_recompute - head) == pytest.approx((base_compute - head) * 4.5 / 3)
-    # ZeRO 3: DeepSpeed's hooks, 2 ms a block and micro-batch here, and half as much traffic again
-    zero3 = load_config([*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
-                         "train.micro_batch_size=4", "zero.stage=3"])
-    predicted3 = predict_iteration(zero3, hardware(path))
-    assert predicted3.stages[0].compute_s == pytest.approx(base_compute + 4 * 2e-3)
-    assert predicted3.data_parallel_s == pytest.approx(1.5 * (4 * params / 1e9 + 2 * 1e-3))
+    # ZeRO 2 reduce-scatters the float32 gradients after each of the 2 micro-batches and gathers the bf16
+    # weights once: 1.25 all-reduces; ZeRO 3 gathers the parameters in every forward and backward instead (1 a
+    # micro-batch), and its hooks take 2 ms a block and micro-batch here
+    zero = {stage: predict_iteration(load_config(
+        [*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "train.micro_batch_size=4",
+         f"zero.stage={stage}"]), hardware(path)) for stage in (2, 3)}
+    assert zero[3].stages[0].compute_s == pytest.approx(base_compute + 4 * 2e-3)
+    assert zero[2].data_parallel_s == pytest.approx(1.25 * (4 * params / 1e9 + 2 * 1e-3))
+    assert zero[3].data_parallel_s == pytest.approx(2 * (4 * params / 1e9 + 2 * 1e-3))
+
+
+def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged_where_they_apply(tmp_path):
+    """At tp 2 a calibrated block replaces the rates' block and its collectives (the embedding's and the
+    head's stay), scaled to the micro-batch and shared further beyond the ranks measured; the trainer's
+    overheads, measured with data-parallel replicas, go to layouts with dp > 1 (and to one rank alone)."""
+    path = synthetic_file(tmp_path / "hw.json")
+    data = json.loads(path.read_text())
+    pair = data["ranks"]["2"]
+    pair["micro_batches"]["4"].update(tensor_parallel_block_s={"2": 0.008}, sequence_parallel_block_s={"2": 0.010})
+    pair.update(step_overhead_s=0.05, micro_batch_overhead_s=0.003, block_micro_batch_overhead_s=0.001)
+    path.write_text(json.dumps(data))
+    device = hardware(str(path))
+
+    def predicted(*overrides):
+        config = load_config([*TINY, f"hardware={path}", "parallel.pp=1", "train.micro_batch_size=4", *overrides])
+        return config, predict_iteration(config, device)
+
+    plain_config, plain = predicted("parallel.tp=2", "parallel.dp=1")
+    _, parallel = predicted("parallel.tp=2", "parallel.dp=1", "parallel.sequence_parallel=true")
+    head = 2.0 * 4 * 128 * 64 * 1024 / 2 * 3 / (0.15 * 1.2e12)  # the vocabulary's half, at the head's rate
+    assert plain.stages[0].compute_s == pytest.approx(4 * 0.008 + head)  # 4 blocks; no trainer overheads
+    assert parallel.stages[0].compute_s == pytest.approx(4 * 0.010 + head)
+    collectives, sent = tensor_parallel_per_micro_batch(plain_config, plan_stages(plain_config)[0], blocks=False)
+    assert collectives == 2  # the embedding's and the head's
+    assert plain.stages[0].tp_s == pytest.approx(sent / 5e9 + 2 * 1e-4)
+    # micro-batch 2: the nearest measured is 4, half its block; recomputation one forward of it more (1.5 here)
+    _, half = predicted("parallel.tp=2", "parallel.dp=1", "train.micro_batch_size=2", "train.global_batch_size=8")
+    assert half.stages[0].compute_s == pytest.approx(4 * 0.004 + head / 2)
+    _, recomputed = predicted("parallel.tp=2", "parallel.dp=1", "train.activation_checkpointing=true")
+    assert recomputed.stages[0].compute_s == pytest.approx(4 * 0.008 * 4.5 / 3 + head)
+    # four ranks on a machine measured with two: each has half the cores, its block takes twice as long
+    four = device.for_layout(4, 4)
+    assert four.tensor_parallel_block_s(2, False, 4) == pytest.approx(0.016)
+    assert four.tensor_parallel_block_s(4, False, 4) is None  # not measured: the rates' block
+    # dp 2: the trainer's overheads, a step's and per micro-batch (2 of them) and block (4)
+    _, replicas = predicted("parallel.tp=1", "parallel.dp=2")
+    without = dataclasses.replace(device, measured=tuple(
+        (n, b, dataclasses.replace(f, step_overhead_s=0.0, micro_batch_overhead_s=0.0, block_micro_batch_overhead_s=0.0))
+        for n, b, f in device.measured))
+    bare = predict_iteration(load_config([*TINY, f"hardware={path}", "parallel.pp=1", "train.micro_batch_size=4",
+                                          "parallel.tp=1", "parallel.dp=2"]), without)
+    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 2 * (0.003 + 4 * 0.001))
+
+
+def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():
+    """Steps made of the model's own prediction plus known overheads give back exactly those overheads:
+    a step's, a micro-batch's and a block's in each micro-batch, and ZeRO 3's on top."""
+    from megatron_bloom.planner.calibrate import (TRAINER_STEPS, ZERO3_MICRO_BATCHES, Shapes, _trainer_run,
+                                                  trainer_overheads)
+    from megatron_bloom.planner.hardware_file import hardware_from_data
+
+    config = load_config([*TINY, "train.micro_batch_size=4"])
+    shapes = Shapes(config, (4,), 1000, True)
+    data = json.loads(synthetic_file_text())
+    rank = {key: value for key, value in data["ranks"]["2"].items() if not key.startswith("zero3")}
+    device = hardware_from_data({**data, "ranks": {"2": rank}}, "synthetic")
+    step, micro, block, zero3_block, zero3_micro = 0.02, 0.004, 0.001, 0.003, 0.005
+    times = {}
+    for blocks, m in TRAINER_STEPS:
+        run = _trainer_run(shapes, 2, blocks, m, 1)
+        times[f"trainer@{blocks}@{m}"] = predict_iteration(run, device).total_s + step + m * (micro + blocks * block)
+    with_trainer = hardware_from_data({**data, "ranks": {"2": {
+        **rank, "step_overhead_s": step, "micro_batch_overhead_s": micro, "block_micro_batch_overhead_s": block}}},
+        "synthetic")
+    m = ZERO3_MICRO_BATCHES
+    for blocks in (1, 3):
+        run = _trainer_run(shapes, 2, blocks, m, 3)
+        times[f"zero3@{blocks}"] = predict_iteration(run, with_trainer).total_s + m * (zero3_micro + blocks * zero3_block)
+    found = trainer_overheads(shapes, 2, rank, times)
+    assert found == pytest.approx({"step_overhead_s": step, "micro_batch_overhead_s": micro,
+                                   "block_micro_batch_overhead_s": block, "zero3_block_overhead_s": zero3_block,
+                                   "zero3_micro_batch_overhead_s": zero3_micro}, abs=1e-8)
 
 
 def test_hardware_files_that_are_wrong_are_one_paragraph(tmp_path, capsys):

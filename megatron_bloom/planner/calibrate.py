@@ -13,11 +13,16 @@ so that each rank's figures are those it gets beside its n - 1 peers:
   activation checkpointing, as pipeline/model.py runs it, less the block); a block's forward and backward
   with next to no work (its operators' dispatch, which tensor parallelism does not divide); Adam's step with
   clipping, in GB/s of its 30 bytes per parameter; and the square-GEMM peak.
+- at n >= 2, the block as a layout at tp t runs it, for each t up to n (pipeline/layers.py's module, its
+  collectives included), with and without sequence parallelism, at each micro-batch size;
 - links, at n >= 2: the tensor-parallel all-reduce (on CPUs through the shared-memory group the layers use),
   the data-parallel all-reduce of the backend (gloo, NCCL) and a point-to-point send, each timed at a small
   and a large message: latency = the small one's time, bandwidth = the large one's extra bytes over its extra
-  time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention); and what DeepSpeed's
-  ZeRO 3 adds beyond its traffic (the trainer's own engine, ZeRO 3 against ZeRO 2).
+  time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention);
+- last (what DeepSpeed's engines leave behind slows what follows), the trainer's own steps (training/loop.py)
+  on models of one and three blocks, the n ranks as data-parallel replicas: what they take beyond the cost
+  model's prediction of the same runs from the figures above (trainer_overheads), and at n >= 2 what ZeRO 3's
+  steps take beyond that.
 Every rank repeats a timing as often as the others, which a collective needs; a time is the median of its
 repetitions, a shape class's the fastest of ROUNDS interleaved rounds (the element-wise and recomputation
 figures are differences of them: a slow stretch in one would swing them), and a compute figure the median
@@ -465,7 +470,8 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
     result = {"step_overhead_s": max(left[1, 1] - micro_batch - block, 0.0),
               "micro_batch_overhead_s": micro_batch, "block_micro_batch_overhead_s": block}
     if count > 1:
-        with_trainer, m = {**rank_figures, **result}, ZERO3_MICRO_BATCHES
+        with_trainer = {**rank_figures, **result, "zero3_block_overhead_s": 0.0, "zero3_micro_batch_overhead_s": 0.0}
+        m = ZERO3_MICRO_BATCHES
         left = {blocks: residual(f"zero3@{blocks}", blocks, m, 3, with_trainer) / m for blocks in (1, 3)}
         zero3_block = max((left[3] - left[1]) / 2, 0.0)
         result.update(zero3_block_overhead_s=zero3_block, zero3_micro_batch_overhead_s=max(left[1] - zero3_block, 0))

@@ -18,9 +18,15 @@ gradient reduction and the optimizer step:
   keeps for its backward (Korthikanti et al. 2022; planner/memory.py), so a forward moves 2 A bytes, a backward
   twice that, at the memory bandwidth. A calibrated machine measured these rates on whole blocks at tp 1,
   operator dispatch included; tp divides the work but each rank dispatches every operator, so its share of
-  the `block_overhead_s` a block's dispatch takes is added back, (1 - 1/t) of it per block and pass. At ZeRO 3,
-  DeepSpeed's hooks on every module add `zero3_block_overhead_s` a block and micro-batch and
-  `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at ZeRO 3).
+  the `block_overhead_s` a block's dispatch takes is added back, (1 - 1/t) of it per block and pass; where the
+  calibration timed the block at the layout's tp degree itself (`tensor_parallel_block_s`: narrower operands,
+  each rank's dispatch and the block's collectives, as the trainer runs it), that time replaces all of this
+  and the block's collectives. At ZeRO 3, DeepSpeed's hooks on every module add `zero3_block_overhead_s` a
+  block and micro-batch and `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at
+  ZeRO 3). With data parallelism (or one rank alone), the trainer's own work beyond all this (DeepSpeed's
+  engine and hooks, gradient accumulation, the embedding's backward) adds `micro_batch_overhead_s` and
+  `block_micro_batch_overhead_s` per block to each micro-batch, and `step_overhead_s` to the optimizer's
+  step: what a calibration's runs of the trainer took beyond this model's prediction of them.
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
   tensor parallelism waits for them: none overlaps compute.
@@ -28,8 +34,9 @@ gradient reduction and the optimizer step:
   bandwidth per GPU when the neighbouring stage is on another node (ranks run tp fastest, then dp, then pp:
   stages are tp x dp ranks apart), else intra-node.
 - dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (float32 in bf16 runs with
-  ZeRO, as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 and 2 send the same bytes as a reduce-scatter
-  and an all-gather; ZeRO 3 half as much again, gathering the parameters twice), at the inter-node bandwidth
+  ZeRO, as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 sends the same bytes as a reduce-scatter and an
+  all-gather; ZeRO 2 and 3 reduce-scatter after every micro-batch, and ZeRO 3 gathers the parameters twice a
+  micro-batch: `zero_reductions`), at the inter-node bandwidth
   per GPU once the replicas span nodes; at pp > 1 the embedding's gradient is also summed between the first
   and the last stage, which both hold it (tied). None of it overlaps compute: DeepSpeed's pipeline engine and its BF16 optimizer (ZeRO 1) reduce
   after the last backward, and ZeRO 2 and 3 without `overlap_comm` (training/deepspeed_config.py leaves it
@@ -110,9 +117,7 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
         (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
-    # the trainer's per-step work, measured with the machine's ranks as data-parallel replicas: beyond one rank,
-    # mostly what their reduction's bookkeeping adds to its traffic, which a layout without them does not pay
-    if parallel.dp > 1 or world == 1:
+    if parallel.dp > 1 or world == 1:  # the trainer's own work (see trainer_overhead)
         optimizer_s += device.step_overhead_s
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
@@ -136,8 +141,8 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
         undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
         compute_s += (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
                       + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
-    # the trainer's own work (a calibrated machine's figures)
-    compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
+    if parallel.dp > 1 or parallel.tp * parallel.pp == 1:  # the trainer's own work (see trainer_overhead)
+        compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
     if config.zero.stage == 3:  # DeepSpeed's per-module work (a calibrated machine's figures)
         compute_s += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
     collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage, blocks=measured_block is None)
@@ -155,17 +160,26 @@ def data_parallel_seconds(config: TrainConfig, stage: StagePlan, device: Hardwar
     seconds = 0.0
     if parallel.dp > 1:
         across_nodes = device.nodes_apart(parallel.tp * parallel.dp)
-        # ZeRO 3 gathers the parameters for the forward and again for the backward, and reduce-scatters the
-        # gradients: 3 (d - 1) / d of them, against an all-reduce's 2 (Rajbhandari et al. 2020, section 7)
-        factor = 1.5 if config.zero.stage == 3 else 1.0
-        seconds += factor * transfer_seconds(all_reduce(stage.params_per_rank * width, parallel.dp),
-                                             2 * (parallel.dp - 1), device, across_nodes, "gradient")
+        seconds += zero_reductions(config) * transfer_seconds(
+            all_reduce(stage.params_per_rank * width, parallel.dp), 2 * (parallel.dp - 1), device, across_nodes,
+            "gradient")
     end_stage = stage.stage in (0, parallel.pp - 1)
     if parallel.pp > 1 and end_stage and not config.fine_tuning:
         embedding = config.model.padded_vocab_size(parallel.tp) // parallel.tp * config.model.hidden_size
         seconds += transfer_seconds(all_reduce(embedding * width, 2), 2, device,
                                     device.nodes_apart(parallel.tp * parallel.dp * (parallel.pp - 1)), "gradient")
     return seconds
+
+
+def zero_reductions(config: TrainConfig) -> float:
+    """The data-parallel traffic of a step, in all-reduces of the gradients (2 (d - 1) / d of them each, at
+    `gradient_bytes`; a reduce-scatter or an all-gather is half of one). ZeRO 0 and 1 reduce once a step. ZeRO
+    2 and 3 keep only their partition of the gradients, so they reduce-scatter after every micro-batch's
+    backward (DeepSpeed issue #2252); ZeRO 2 then gathers the new weights once a step, ZeRO 3 the parameters
+    for every forward and again every backward (Rajbhandari et al. 2020, section 7), in the weights' width."""
+    m, stage = micro_batches_per_step(config), config.zero.stage
+    weights = WEIGHT_BYTES[config.precision] / gradient_bytes(config)  # a gather's width against a reduction's
+    return {2: (m + weights) / 2, 3: m * (1 + 2 * weights) / 2}.get(stage, 1.0)
 
 
 def gradient_bytes(config: TrainConfig) -> int:
