@@ -433,15 +433,15 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
 
 def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
     """The trainer's steps over models of TRAINER_STEPS' blocks and micro-batches, these ranks as data-parallel
-    replicas, at ZeRO 1 or 2 (the config's) and, with more than one rank, at ZeRO 3 (one and three blocks,
-    ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction. ZeRO 3's engines last:
-    what they leave behind slows what follows."""
+    replicas, at ZeRO 1 or 2 (the config's) and, with more than one rank, at ZeRO 2 and 3 (one and three
+    blocks, ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction."""
     stage = min(shapes.config.zero.stage, 2)
     times = {f"trainer@{blocks}@{m}": _trainer_step_seconds(_trainer_run(shapes, count, blocks, m, stage), timer)
              for blocks, m in TRAINER_STEPS}
-    if count > 1:
-        times.update({f"zero3@{blocks}": _trainer_step_seconds(
-            _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, 3), timer) for blocks in (1, 3)})
+    if count > 1:  # ZeRO 3 against ZeRO 2, one after the other (whatever slows this phase slows both)
+        times.update({f"zero{zero}@{blocks}": _trainer_step_seconds(
+            _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, zero), timer)
+            for blocks in (1, 3) for zero in (2, 3)})
     return times
 
 
@@ -449,8 +449,9 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
     """What the trainer's steps took beyond the model's prediction of the same runs from `rank_figures`
     (DeepSpeed's engine and its gradient hooks, the embedding's backward, gradient accumulation, the optimizer's
     bookkeeping), in the three parts the runs of TRAINER_STEPS tell apart: one a step, one a micro-batch, and
-    one a block and micro-batch. Then what ZeRO 3's runs took beyond that and their traffic (its hooks on
-    every module, gathering and releasing each parameter): a block's share and the rest's, a micro-batch."""
+    one a block and micro-batch. Then what ZeRO 3's runs took beyond ZeRO 2's, less the traffic the model
+    counts between them (its hooks on every module, gathering and releasing each parameter): a block's share
+    and the rest's, a micro-batch."""
     from megatron_bloom.planner.cost import predict_iteration
     from megatron_bloom.planner.hardware_file import hardware_from_data
 
@@ -472,7 +473,8 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
     if count > 1:
         with_trainer = {**rank_figures, **result, "zero3_block_overhead_s": 0.0, "zero3_micro_batch_overhead_s": 0.0}
         m = ZERO3_MICRO_BATCHES
-        left = {blocks: residual(f"zero3@{blocks}", blocks, m, 3, with_trainer) / m for blocks in (1, 3)}
+        left = {blocks: (residual(f"zero3@{blocks}", blocks, m, 3, with_trainer)
+                         - residual(f"zero2@{blocks}", blocks, m, 2, with_trainer)) / m for blocks in (1, 3)}
         zero3_block = max((left[3] - left[1]) / 2, 0.0)
         result.update(zero3_block_overhead_s=zero3_block, zero3_micro_batch_overhead_s=max(left[1] - zero3_block, 0))
     return _rounded(result)
