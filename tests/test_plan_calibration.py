@@ -97,7 +97,8 @@ def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(t
 def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged_where_they_apply(tmp_path):
     """At tp 2 a calibrated block replaces the rates' block and its collectives (the embedding's and the
     head's stay), scaled to the micro-batch and shared further beyond the ranks measured; the trainer's
-    overheads, measured with data-parallel replicas, go to layouts with dp > 1 (and to one rank alone)."""
+    overheads in each micro-batch go to every layout, its step's (measured with data-parallel replicas) to
+    layouts with dp > 1 (and to one rank alone)."""
     path = synthetic_file(tmp_path / "hw.json")
     data = json.loads(path.read_text())
     pair = data["ranks"]["2"]
@@ -113,16 +114,17 @@ def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged
     plain_config, plain = predicted("parallel.tp=2", "parallel.dp=1")
     _, parallel = predicted("parallel.tp=2", "parallel.dp=1", "parallel.sequence_parallel=true")
     head = 2.0 * 4 * 128 * 64 * 1024 / 2 * 3 / (0.15 * 1.2e12)  # the vocabulary's half, at the head's rate
-    assert plain.stages[0].compute_s == pytest.approx(4 * 0.008 + head)  # 4 blocks; no trainer overheads
-    assert parallel.stages[0].compute_s == pytest.approx(4 * 0.010 + head)
+    trainer = 0.003 + 4 * 0.001  # the trainer's own work in a micro-batch: its and 4 blocks' overheads
+    assert plain.stages[0].compute_s == pytest.approx(4 * 0.008 + head + trainer)
+    assert parallel.stages[0].compute_s == pytest.approx(4 * 0.010 + head + trainer)
     collectives, sent = tensor_parallel_per_micro_batch(plain_config, plan_stages(plain_config)[0], blocks=False)
     assert collectives == 2  # the embedding's and the head's
     assert plain.stages[0].tp_s == pytest.approx(sent / 5e9 + 2 * 1e-4)
     # micro-batch 2: the nearest measured is 4, half its block; recomputation one forward of it more (1.5 here)
     _, half = predicted("parallel.tp=2", "parallel.dp=1", "train.micro_batch_size=2", "train.global_batch_size=8")
-    assert half.stages[0].compute_s == pytest.approx(4 * 0.004 + head / 2)
+    assert half.stages[0].compute_s == pytest.approx(4 * 0.004 + head / 2 + trainer)
     _, recomputed = predicted("parallel.tp=2", "parallel.dp=1", "train.activation_checkpointing=true")
-    assert recomputed.stages[0].compute_s == pytest.approx(4 * 0.008 * 4.5 / 3 + head)
+    assert recomputed.stages[0].compute_s == pytest.approx(4 * 0.008 * 4.5 / 3 + head + trainer)
     # four ranks on a machine measured with two: each has half the cores, its block takes twice as long
     four = device.for_layout(4, 4)
     assert four.tensor_parallel_block_s(2, False, 4) == pytest.approx(0.016)
@@ -134,7 +136,9 @@ def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged
         for n, b, f in device.measured))
     bare = predict_iteration(load_config([*TINY, f"hardware={path}", "parallel.pp=1", "train.micro_batch_size=4",
                                           "parallel.tp=1", "parallel.dp=2"]), without)
-    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 2 * (0.003 + 4 * 0.001))
+    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 2 * trainer)
+    # without data parallelism on two ranks, no step's overhead (measured with replicas, it is mostly theirs)
+    assert plain.optimizer_s == pytest.approx(predict_iteration(plain_config, without).optimizer_s)
 
 
 def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():

@@ -55,6 +55,7 @@ MIN_REPETITIONS = 3
 ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
 TRAINER_STEPS = ((1, 1), (1, 3), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
 ZERO3_MICRO_BATCHES = 2  # ZeRO 3's steps (one and three blocks)
+TRAINER_ROUNDS = 2  # of the trainer's steps' timings
 TRAINER_WARMUP_STEPS = 2  # before a trainer's steps are timed (beside the timer's own warm-up)
 
 
@@ -434,14 +435,20 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
 def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
     """The trainer's steps over models of TRAINER_STEPS' blocks and micro-batches, these ranks as data-parallel
     replicas, at ZeRO 1 or 2 (the config's) and, with more than one rank, at ZeRO 2 and 3 (one and three
-    blocks, ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction."""
+    blocks, ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction. Each group's
+    engines are timed in TRAINER_ROUNDS interleaved rounds, the fastest of each: the overheads are
+    differences of these times, which one slow stretch would swing."""
     stage = min(shapes.config.zero.stage, 2)
-    times = {f"trainer@{blocks}@{m}": _trainer_step_seconds(_trainer_run(shapes, count, blocks, m, stage), timer)
-             for blocks, m in TRAINER_STEPS}
-    if count > 1:  # ZeRO 3 against ZeRO 2, one after the other (whatever slows this phase slows both)
-        times.update({f"zero{zero}@{blocks}": _trainer_step_seconds(
-            _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, zero), timer)
-            for blocks in (1, 3) for zero in (2, 3)})
+    groups = [{f"trainer@{blocks}@{m}": _trainer_run(shapes, count, blocks, m, stage) for blocks, m in TRAINER_STEPS}]
+    if count > 1:  # ZeRO 3 against ZeRO 2, side by side (whatever slows this phase slows both)
+        groups.append({f"zero{zero}@{blocks}": _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, zero)
+                       for blocks in (1, 3) for zero in (2, 3)})
+    times, round_timer = {}, _Timer(timer.device, timer.seconds / TRAINER_ROUNDS)
+    for group in groups:
+        steps = {key: _trainer_step(run) for key, run in group.items()}
+        for _ in range(TRAINER_ROUNDS):
+            for key, step in steps.items():
+                times[key] = min(times.get(key, math.inf), round_timer(step))
     return times
 
 
@@ -492,8 +499,9 @@ def _trainer_run(shapes: Shapes, count: int, layers: int, micro_batches: int, ze
         hardware="cpu" if shapes.on_cpu else config.hardware)  # the activations the cost model counts here
 
 
-def _trainer_step_seconds(run: TrainConfig, timer: _Timer) -> float:
-    """One step of the trainer's own engine (training/loop.py) for `run` on these ranks."""
+def _trainer_step(run: TrainConfig) -> Callable[[], object]:
+    """One step of the trainer's own engine (training/loop.py) for `run` on these ranks, to time (after
+    TRAINER_WARMUP_STEPS)."""
     import torch
 
     from megatron_bloom.parallel.distributed import state_for_run
@@ -510,4 +518,4 @@ def _trainer_step_seconds(run: TrainConfig, timer: _Timer) -> float:
     stream, accumulation = batches(), train.global_batch_size // train.micro_batch_size // parallel.dp
     for _ in range(TRAINER_WARMUP_STEPS):  # ZeRO 3 traces its modules' order in the first steps
         train_step(engine, stream, state, accumulation)
-    return timer(lambda: train_step(engine, stream, state, accumulation))
+    return lambda: train_step(engine, stream, state, accumulation)

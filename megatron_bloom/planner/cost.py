@@ -23,10 +23,10 @@ gradient reduction and the optimizer step:
   each rank's dispatch and the block's collectives, as the trainer runs it), that time replaces all of this
   and the block's collectives. At ZeRO 3, DeepSpeed's hooks on every module add `zero3_block_overhead_s` a
   block and micro-batch and `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at
-  ZeRO 3). With data parallelism (or one rank alone), the trainer's own work beyond all this (DeepSpeed's
-  engine and hooks, gradient accumulation, the embedding's backward) adds `micro_batch_overhead_s` and
-  `block_micro_batch_overhead_s` per block to each micro-batch, and `step_overhead_s` to the optimizer's
-  step: what a calibration's runs of the trainer took beyond this model's prediction of them.
+  ZeRO 3). The trainer's own work beyond all this (DeepSpeed's engine and hooks, gradient accumulation, the
+  embedding's backward) adds `micro_batch_overhead_s` and `block_micro_batch_overhead_s` per block to each
+  micro-batch, and with data parallelism (or one rank alone) `step_overhead_s` to the optimizer's step: what a
+  calibration's runs of the trainer, the ranks as data-parallel replicas, took beyond this model's prediction.
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
   tensor parallelism waits for them: none overlaps compute.
@@ -117,7 +117,9 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
         (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
-    if parallel.dp > 1 or world == 1:  # the trainer's own work (see trainer_overhead)
+    # the trainer's per-step work, measured with the machine's ranks as data-parallel replicas: beyond one rank,
+    # mostly what their reduction's bookkeeping adds to its traffic, which a layout without them does not pay
+    if parallel.dp > 1 or world == 1:
         optimizer_s += device.step_overhead_s
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
@@ -141,8 +143,8 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
         undivided = stage.blocks * passes / 3 * device.block_overhead_s * (1 - 1 / t)
         compute_s += (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
                       + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
-    if parallel.dp > 1 or parallel.tp * parallel.pp == 1:  # the trainer's own work (see trainer_overhead)
-        compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
+    # the trainer's own work in each micro-batch (a calibrated machine's figures)
+    compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
     if config.zero.stage == 3:  # DeepSpeed's per-module work (a calibrated machine's figures)
         compute_s += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
     collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage, blocks=measured_block is None)
