@@ -4,8 +4,8 @@
 
 For bloom-small and bloom-tiny in turn: `mbloom-plan --calibrate` measures this machine at the model's shapes
 into a hardware file; then, right after (the machine's speed drifts), for each of its layouts below
-`mbloom-plan --json hardware=FILE` predicts the iteration time, and `mbloom-train` (torchrun, the ranks sharing the cores: cores / ranks threads each, as the
-calibration measured them) runs it. The measured time is the median step after two warm-up iterations.
+`mbloom-plan --json hardware=FILE` predicts the iteration time, and `mbloom-train` (torchrun, the ranks
+sharing the cores: cores / ranks threads each, as the calibration measured them) runs it. The measured time is the median step after two warm-up iterations.
 Prints predicted against measured per layout, the error, the median and largest absolute error, and
 Spearman's rank correlation over all layouts (issue 29 asks for <= 20%, <= 35% and >= 0.8).
 """
