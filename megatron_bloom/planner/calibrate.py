@@ -52,6 +52,7 @@ OPTIMIZER_ELEMENTS = 8 * 2**20  # Adam is timed over this many parameters (or th
 SMALL_MESSAGE_ELEMENTS = 256  # what a link's latency is timed with
 LARGE_MESSAGE_ELEMENTS = 4 * 2**20  # and its bandwidth (or an activation, if larger): far past the latency
 MIN_REPETITIONS = 3
+TENSOR_PARALLEL_DEGREES = (2, 4, 8, 16, 32, 64)  # a block is timed at those of these a layout may use
 ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
 TRAINER_STEPS = ((1, 1), (1, 3), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
 ZERO3_MICRO_BATCHES = 2  # ZeRO 3's steps (one and three blocks)
@@ -75,6 +76,17 @@ class Shapes:
     @property
     def seq_length(self) -> int:
         return self.config.sample_length
+
+    @property
+    def counted_as(self) -> str:
+        """A `hardware=` name of this machine's kind: the memory model counts a CPU's attention activations
+        (its kernel keeps s x s terms) apart from a GPU's."""
+        return "cpu" if self.on_cpu else "a100-80gb"
+
+    @property
+    def trainer_zero_stage(self) -> int:
+        """The config's ZeRO stage for the trainer's runs; ZeRO 3's own are measured against ZeRO 2."""
+        return min(self.config.zero.stage, 2)
 
     @property
     def dtype(self):
@@ -149,7 +161,7 @@ def figures(shapes: Shapes, times: dict) -> dict:
         one = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=b),
                                   parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=1,
                                                                sequence_parallel=False),
-                                  hardware="cpu" if shapes.on_cpu else "a100-80gb")
+                                  hardware=shapes.counted_as)
         elementwise_s = max(at["block"] - at["linear"] - at["attention"], 0.05 * at["block"])
         result["micro_batches"][str(b)] = {
             "linear_tflops": 3 * 24.0 * b * s * h * h / at["linear"] / 1e12,  # forward and backward (2x)
@@ -161,8 +173,7 @@ def figures(shapes: Shapes, times: dict) -> dict:
             "recompute_passes": max(0.1, (at["recomputed_block"] - at["block"]) / (at["block"] / 3)),
         }
         for key in ("tensor_parallel_block", "sequence_parallel_block"):
-            blocks = {str(t): times[f"{key}@{t}@{b}"] for t in tensor_parallel_degrees(shapes.model, 64)
-                      if f"{key}@{t}@{b}" in times}
+            blocks = {str(t): times[f"{key}@{t}@{b}"] for t in TENSOR_PARALLEL_DEGREES if f"{key}@{t}@{b}" in times}
             if blocks:
                 result["micro_batches"][str(b)][f"{key}_s"] = blocks
     return _rounded(result)
@@ -342,7 +353,8 @@ def _trainer_block(model, state, device, dtype, sequence_parallel: bool = False)
 
 def tensor_parallel_degrees(model, count: int) -> List[int]:
     """The tensor-parallel degrees a layout of `count` ranks may use with `model` (beyond 1)."""
-    return [t for t in (2, 4, 8, 16, 32, 64) if t <= count and model.num_heads % t == 0 and model.hidden_size % t == 0]
+    return [t for t in TENSOR_PARALLEL_DEGREES if t <= count and model.num_heads % t == 0
+            and model.hidden_size % t == 0]
 
 
 def _tensor_parallel_block_times(shapes: Shapes, device, timer: _Timer, count: int) -> Dict[str, float]:
@@ -438,7 +450,7 @@ def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float
     blocks, ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction. Each group's
     engines are timed in TRAINER_ROUNDS interleaved rounds, the fastest of each: the overheads are
     differences of these times, which one slow stretch would swing."""
-    stage = min(shapes.config.zero.stage, 2)
+    stage = shapes.trainer_zero_stage
     groups = [{f"trainer@{blocks}@{m}": _trainer_run(shapes, count, blocks, m, stage) for blocks, m in TRAINER_STEPS}]
     if count > 1:  # ZeRO 3 against ZeRO 2, side by side (whatever slows this phase slows both)
         groups.append({f"zero{zero}@{blocks}": _trainer_run(shapes, count, blocks, ZERO3_MICRO_BATCHES, zero)
@@ -462,23 +474,26 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
     from megatron_bloom.planner.cost import predict_iteration
     from megatron_bloom.planner.hardware_file import hardware_from_data
 
-    def residual(key: str, blocks: int, micro_batches: int, stage: int, rank: dict) -> float:
-        data = {"format": FILE_FORMAT, "kind": "cpu" if shapes.on_cpu else "gpu", "memory_gb": 1.0,
-                "precision": shapes.config.precision, "cores": os.cpu_count() or 1, "ranks_per_node": count,
-                "ranks": {str(count): rank}}
-        run = _trainer_run(shapes, count, blocks, micro_batches, stage)
-        return times[key] - predict_iteration(run, hardware_from_data(data, "this calibration")).total_s
+    def device(rank: dict):
+        return hardware_from_data({"format": FILE_FORMAT, "kind": "cpu" if shapes.on_cpu else "gpu",
+                                   "memory_gb": 1.0, "precision": shapes.config.precision,
+                                   "cores": os.cpu_count() or 1, "ranks_per_node": count,
+                                   "ranks": {str(count): rank}}, "this calibration")
 
-    stage = min(shapes.config.zero.stage, 2)
-    left = {(blocks, m): residual(f"trainer@{blocks}@{m}", blocks, m, stage, rank_figures)
-            for blocks, m in TRAINER_STEPS}
+    def residual(key: str, blocks: int, micro_batches: int, stage: int, predicted_on) -> float:
+        run = _trainer_run(shapes, count, blocks, micro_batches, stage)
+        return times[key] - predict_iteration(run, predicted_on).total_s
+
+    measured, stage = device(rank_figures), shapes.trainer_zero_stage
+    left = {(blocks, m): residual(f"trainer@{blocks}@{m}", blocks, m, stage, measured) for blocks, m in TRAINER_STEPS}
     # left(blocks, m) = step + m * micro_batch + blocks * m * block
     block = max((left[3, 3] - left[1, 3]) / 6, 0.0)
     micro_batch = max((left[1, 3] - left[1, 1]) / 2 - block, 0.0)
     result = {"step_overhead_s": max(left[1, 1] - micro_batch - block, 0.0),
               "micro_batch_overhead_s": micro_batch, "block_micro_batch_overhead_s": block}
     if count > 1:
-        with_trainer = {**rank_figures, **result, "zero3_block_overhead_s": 0.0, "zero3_micro_batch_overhead_s": 0.0}
+        with_trainer = device({**rank_figures, **result, "zero3_block_overhead_s": 0.0,
+                               "zero3_micro_batch_overhead_s": 0.0})
         m = ZERO3_MICRO_BATCHES
         left = {blocks: (residual(f"zero3@{blocks}", blocks, m, 3, with_trainer)
                          - residual(f"zero2@{blocks}", blocks, m, 2, with_trainer)) / m for blocks in (1, 3)}
@@ -496,7 +511,7 @@ def _trainer_run(shapes: Shapes, count: int, layers: int, micro_batches: int, ze
         train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size * micro_batches * count,
                                   activation_checkpointing=False, compile=False),
         zero=dataclasses.replace(config.zero, stage=zero_stage),
-        hardware="cpu" if shapes.on_cpu else config.hardware)  # the activations the cost model counts here
+        hardware=shapes.counted_as)
 
 
 def _trainer_step(run: TrainConfig) -> Callable[[], object]:

@@ -132,7 +132,7 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
     peak = device.peak_tflops(config.precision) * 1e12
     head = 2.0 * b * s * h * model.padded_vocab_size(t) / t * 3 if last else 0.0
     compute_s = head / (peak * (device.lm_head_efficiency or device.gemm_efficiency))
-    measured_block = device.tensor_parallel_block_s(t, parallel.sequence_parallel, b) if t > 1 else None
+    measured_block = device.tensor_parallel_block_s(t, parallel.sequence_parallel, b)  # tp > 1 only
     if measured_block is not None:  # timed as this layout runs it: its collectives are in it
         compute_s += stage.blocks * measured_block * passes / 3
     else:
