@@ -62,11 +62,11 @@ setup(
     entry_points={
         "console_scripts": [
             "mbloom-convert=megatron_bloom.cli.convert:main",
-            "mbloom-eval=megatron_bloom.cli.eval:main",
-            "mbloom-generate=megatron_bloom.cli.generate:main",
+            "mbloom-eval=megatron_bloom.cli.eval:run",
+            "mbloom-generate=megatron_bloom.cli.generate:run",
             "mbloom-launch=megatron_bloom.cli.launch:main",
             "mbloom-plan=megatron_bloom.cli.plan:main",
-            "mbloom-train=megatron_bloom.cli.train:main",
+            "mbloom-train=megatron_bloom.cli.train:run",
             "mbloom-preprocess=megatron_bloom.cli.preprocess:main",
             "mbloom-merge-shards=megatron_bloom.cli.merge_shards:main",
             "mbloom-train-tokenizer=megatron_bloom.cli.train_tokenizer:main",

@@ -33,6 +33,7 @@ def worker(overrides, output: Path) -> None:
     from megatron_bloom.config import load_config
     from megatron_bloom.parallel import init_distributed
     from megatron_bloom.parallel.distributed import state_for_run
+    from megatron_bloom.parallel.process_exit import leave
     from megatron_bloom.training.loop import train
 
     config = load_config(overrides)
@@ -43,6 +44,7 @@ def worker(overrides, output: Path) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     (output / f"rank{dist.get_rank()}.json").write_text(json.dumps({"baseline": baseline, "peak": peak}))
     dist.destroy_process_group()
+    leave(0)  # the engine keeps gloo groups alive past destroy_process_group
 
 
 def run(*args: str, env=None) -> str:

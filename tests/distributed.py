@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_bloom.parallel.distributed import free_port
+from megatron_bloom.parallel.process_exit import leave
 from tests.processes import forkserver_context
 
 
@@ -26,6 +27,7 @@ def _worker(rank: int, world_size: int, port: int, results: str, fn: Callable, a
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave(0)  # as the commands end (megatron_bloom/parallel/process_exit.py)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:

@@ -34,6 +34,7 @@ from megatron_bloom.inference.evaluation import evaluate
 from megatron_bloom.inference.harness_evaluation import RESULTS_FILE, harness_evaluate, metrics, write_results
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.parallel.process_exit import run_and_leave
 
 USAGE = ("checkpoint.load=CKPT_DIR (eval.input=DOCS.jsonl | eval.harness.tasks=[TASK,...]) [eval.tokenizer=TOK] "
          "[parallel.tp=N] [precision=fp32] ...")
@@ -76,5 +77,10 @@ def loss(config, state, start: float) -> None:
         print(json.dumps(result), flush=True)
 
 
+def run() -> None:
+    """The console script: `main`, then an exit that gloo's threads cannot abort (parallel/process_exit.py)."""
+    run_and_leave(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

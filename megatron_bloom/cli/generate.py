@@ -30,6 +30,7 @@ from megatron_bloom.errors import UserError
 from megatron_bloom.inference.text_generation import generate
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.parallel.process_exit import run_and_leave
 
 USAGE = ('checkpoint.load=CKPT_DIR generate.prompt=TEXT | --prompt-file FILE|- [eval.tokenizer=TOK] '
          '[generate.max_new_tokens=N] ...')
@@ -79,5 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         dist.destroy_process_group()
 
 
+def run() -> None:
+    """The console script: `main`, then an exit that gloo's threads cannot abort (parallel/process_exit.py)."""
+    run_and_leave(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

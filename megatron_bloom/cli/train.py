@@ -17,6 +17,7 @@ from megatron_bloom.cli.errors import exit_on_user_error
 from megatron_bloom.config import load_config
 from megatron_bloom.parallel import init_distributed
 from megatron_bloom.parallel.distributed import state_for_run
+from megatron_bloom.parallel.process_exit import run_and_leave
 from megatron_bloom.training.host_memory import keep_freed_host_memory
 from megatron_bloom.training.validation import validate_training_inputs
 
@@ -47,5 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             dist.destroy_process_group()
 
 
+def run() -> None:
+    """The console script: `main`, then an exit that gloo's threads cannot abort (parallel/process_exit.py)."""
+    run_and_leave(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron_bloom.config import TrainConfig
 from megatron_bloom.errors import UserError
+from megatron_bloom.parallel.process_exit import leave
 from megatron_bloom.planner.cost import ADAM_BYTES_PER_PARAMETER
 from megatron_bloom.planner.hardware_file import FILE_FORMAT, LINKS
 from megatron_bloom.planner.memory import layer_activation_bytes
@@ -222,6 +223,7 @@ def _rank_main(rank: int, count: int, port: int, shapes: Shapes, seconds: float,
         (Path(out) / f"{rank}.json").write_text(json.dumps(times))
     finally:
         dist.destroy_process_group()
+    leave(0)  # the engines keep gloo groups alive past destroy_process_group (parallel/process_exit.py)
 
 
 class _Timer:
