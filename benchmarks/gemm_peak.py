@@ -53,6 +53,9 @@ def main() -> None:
     import torch
 
     from megatron_bloom.config import load_config
+    from megatron_bloom.model.cpu_kernels import describe_cpu
+
+    print(json.dumps({"cpu": describe_cpu()}))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_config([f"model={args.model}"]).model

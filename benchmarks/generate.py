@@ -31,6 +31,7 @@ from megatron_bloom.config.schema import GenerateConfig
 from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.inference.generation import generate_batch, prepare_for_inference
 from megatron_bloom.model import TaskConfig, build_model
+from megatron_bloom.model.cpu_kernels import describe_cpu
 from megatron_bloom.parallel import ParallelState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -105,6 +106,7 @@ def main() -> None:
         cost = accuracy_cost({"bf16": our_model(torch.bfloat16)[0], args.quantize: ours}, our_model(torch.float32)[0],
                              prompts, input_ids, mask, config, args.new_tokens)
     ratio = results["mbloom"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+    print(describe_cpu())
     print(f"{args.model}, {args.dtype}, batch {args.batch} (prompts of {lengths[0]}-{lengths[-1]} tokens), "
           f"{args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads"
           + (f"; decoding step compiled once in {warm_up_s['mbloom']:.1f} s" if args.compile else ""))

@@ -108,9 +108,11 @@ def main() -> None:
     import torch
 
     from benchmarks.gemm_peak import step_weighted_tflops
+    from megatron_bloom.model.cpu_kernels import describe_cpu
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     gemm_peak = step_weighted_tflops(load_config([f"model={args.model}"]).model, tokens, dtype)
+    print(describe_cpu())
     print(f"{args.model}, micro batch {args.micro_batch} x {seq_length} tokens, {args.precision}, AdamW, one process, "
           f"{os.cpu_count()} cores; medians of {args.repeats} alternating runs each")
     print(f"  mbloom-train: {ours_s:.3f} s/step, {tokens / ours_s:,.0f} tokens/s, "

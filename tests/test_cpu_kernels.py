@@ -32,6 +32,19 @@ def test_the_kernels_build_on_a_cpu_that_can_run_them():
     assert cpu_kernels.kernels_available(), "the CPU kernels (model/csrc/) did not build: see the warning above"
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="the CPU's flags are read from /proc/cpuinfo")
+def test_benchmarks_name_the_cpu_and_its_bf16_instructions():
+    """What benchmarks print beside their figures: the model name and flags of /proc/cpuinfo's first CPU."""
+    first = open("/proc/cpuinfo").read().split("\n\n")[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    flags = fields["flags"].split()
+    line = cpu_kernels.describe_cpu()
+    assert line.startswith(f"CPU: {fields['model name']}, ")
+    assert f"AVX512-BF16 {'yes' if 'avx512_bf16' in flags else 'no'}" in line
+    assert f"AMX-BF16 {'yes' if 'amx_bf16' in flags else 'no'}" in line
+    assert cpu_kernels.cpu_has_avx512_bf16() == ("avx512_bf16" in flags)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("c++") is None,
                     reason="compiling the AVX512-BF16 kernels needs an x86-64 machine with a C++ compiler")

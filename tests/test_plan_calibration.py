@@ -97,13 +97,14 @@ def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(t
 def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged_where_they_apply(tmp_path):
     """At tp 2 a calibrated block replaces the rates' block and its collectives (the embedding's and the
     head's stay), scaled to the micro-batch and shared further beyond the ranks measured; the trainer's
-    overheads in each micro-batch go to every layout, its step's (measured with data-parallel replicas) to
-    layouts with dp > 1 (and to one rank alone)."""
+    overheads in each micro-batch and its blocks' in each step go to every layout, its step's (measured with
+    data-parallel replicas) to layouts with dp > 1 (and to one rank alone)."""
     path = synthetic_file(tmp_path / "hw.json")
     data = json.loads(path.read_text())
     pair = data["ranks"]["2"]
     pair["micro_batches"]["4"].update(tensor_parallel_block_s={"2": 0.008}, sequence_parallel_block_s={"2": 0.010})
-    pair.update(step_overhead_s=0.05, micro_batch_overhead_s=0.003, block_micro_batch_overhead_s=0.001)
+    pair.update(step_overhead_s=0.05, block_step_overhead_s=0.002, micro_batch_overhead_s=0.003,
+                block_micro_batch_overhead_s=0.001)
     path.write_text(json.dumps(data))
     device = hardware(str(path))
 
@@ -132,18 +133,21 @@ def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged
     # dp 2: the trainer's overheads, a step's and per micro-batch (2 of them) and block (4)
     _, replicas = predicted("parallel.tp=1", "parallel.dp=2")
     without = dataclasses.replace(device, measured=tuple(
-        (n, b, dataclasses.replace(f, step_overhead_s=0.0, micro_batch_overhead_s=0.0, block_micro_batch_overhead_s=0.0))
+        (n, b, dataclasses.replace(f, step_overhead_s=0.0, block_step_overhead_s=0.0, micro_batch_overhead_s=0.0,
+                                   block_micro_batch_overhead_s=0.0))
         for n, b, f in device.measured))
     bare = predict_iteration(load_config([*TINY, f"hardware={path}", "parallel.pp=1", "train.micro_batch_size=4",
                                           "parallel.tp=1", "parallel.dp=2"]), without)
-    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 2 * trainer)
-    # without data parallelism on two ranks, no step's overhead (measured with replicas, it is mostly theirs)
-    assert plain.optimizer_s == pytest.approx(predict_iteration(plain_config, without).optimizer_s)
+    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 4 * 0.002 + 2 * trainer)
+    # without data parallelism on two ranks, no step's overhead (measured with replicas, it is mostly theirs);
+    # its blocks' still
+    assert plain.optimizer_s == pytest.approx(predict_iteration(plain_config, without).optimizer_s + 4 * 0.002)
 
 
 def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():
     """Steps made of the model's own prediction plus known overheads give back exactly those overheads:
-    a step's, a micro-batch's and a block's in each micro-batch, and ZeRO 3's beyond ZeRO 2's."""
+    a step's, a block's in each step, a micro-batch's and a block's in each micro-batch, and ZeRO 3's beyond
+    ZeRO 2's."""
     from megatron_bloom.planner.calibrate import (TRAINER_STEPS, ZERO3_MICRO_BATCHES, Shapes, _trainer_run,
                                                   trainer_overheads)
     from megatron_bloom.planner.hardware_file import hardware_from_data
@@ -153,13 +157,15 @@ def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():
     data = json.loads(synthetic_file_text())
     rank = {key: value for key, value in data["ranks"]["2"].items() if not key.startswith("zero3")}
     device = hardware_from_data({**data, "ranks": {"2": rank}}, "synthetic")
-    step, micro, block, zero3_block, zero3_micro = 0.02, 0.004, 0.001, 0.003, 0.005
+    step, block_step, micro, block, zero3_block, zero3_micro = 0.02, 0.006, 0.004, 0.001, 0.003, 0.005
     times = {}
     for blocks, m in TRAINER_STEPS:
         run = _trainer_run(shapes, 2, blocks, m, 1)
-        times[f"trainer@{blocks}@{m}"] = predict_iteration(run, device).total_s + step + m * (micro + blocks * block)
+        times[f"trainer@{blocks}@{m}"] = (predict_iteration(run, device).total_s + step + blocks * block_step
+                                          + m * (micro + blocks * block))
     with_trainer = hardware_from_data({**data, "ranks": {"2": {
-        **rank, "step_overhead_s": step, "micro_batch_overhead_s": micro, "block_micro_batch_overhead_s": block}}},
+        **rank, "step_overhead_s": step, "block_step_overhead_s": block_step, "micro_batch_overhead_s": micro,
+        "block_micro_batch_overhead_s": block}}},
         "synthetic")
     m = ZERO3_MICRO_BATCHES
     for blocks, slow in ((1, 0.03), (3, 0.05)):  # ZeRO 2's and 3's runs, both slowed the same in this phase
@@ -167,7 +173,8 @@ def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():
         times[f"zero3@{blocks}"] = (predict_iteration(_trainer_run(shapes, 2, blocks, m, 3), with_trainer).total_s
                                     + slow + m * (zero3_micro + blocks * zero3_block))
     found = trainer_overheads(shapes, 2, rank, times)
-    assert found == pytest.approx({"step_overhead_s": step, "micro_batch_overhead_s": micro,
+    assert found == pytest.approx({"step_overhead_s": step, "block_step_overhead_s": block_step,
+                                   "micro_batch_overhead_s": micro,
                                    "block_micro_batch_overhead_s": block, "zero3_block_overhead_s": zero3_block,
                                    "zero3_micro_batch_overhead_s": zero3_micro}, abs=1e-8)
 
@@ -228,7 +235,7 @@ def test_calibration_measures_this_machine_into_a_file_that_predicts(tmp_path):
     for figures in pair["micro_batches"].values():  # tp 2 (bloom-tiny's 4 heads), with and without SP
         assert figures["tensor_parallel_block_s"]["2"] > 0 and figures["sequence_parallel_block_s"]["2"] > 0
     assert "tensor_parallel_block_s" not in alone["micro_batches"]["4"]
-    for key in ("step_overhead_s", "micro_batch_overhead_s", "block_micro_batch_overhead_s"):
+    for key in ("step_overhead_s", "block_step_overhead_s", "micro_batch_overhead_s", "block_micro_batch_overhead_s"):
         assert alone[key] >= 0 and pair[key] >= 0
     assert pair["zero3_block_overhead_s"] >= 0 and "zero3_block_overhead_s" not in alone
     path = tmp_path / "hardware.json"

@@ -40,14 +40,33 @@ BLOCK = 32  # outputs per packed block of a linear's weight (csrc/linear.cpp's k
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 
-def cpu_has_avx512_bf16() -> bool:
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (empty off Linux or where it cannot be read)."""
     if platform.system() != "Linux":
-        return False
+        return {}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_bf16" in flags
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return "avx512_bf16" in _cpuinfo().get("flags", "").split()
+
+
+def describe_cpu() -> str:
+    """The CPU's model and what decides our kernels' speed against oneDNN's: AVX512-BF16 (which they use)
+    and AMX-BF16 tiles (which oneDNN uses, and they do not). For benchmarks to print beside their figures."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    model = info.get("model name") or platform.processor() or platform.machine()
+    return (f"CPU: {model}, {os.cpu_count()} cores; AVX512-BF16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
+            f"AMX-BF16 {'yes' if 'amx_bf16' in flags else 'no'}")
 
 
 @functools.lru_cache(maxsize=None)

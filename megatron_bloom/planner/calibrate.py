@@ -55,7 +55,7 @@ LARGE_MESSAGE_ELEMENTS = 4 * 2**20  # and its bandwidth (or an activation, if la
 MIN_REPETITIONS = 3
 TENSOR_PARALLEL_DEGREES = (2, 4, 8, 16, 32, 64)  # a block is timed at those of these a layout may use
 ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
-TRAINER_STEPS = ((1, 1), (1, 3), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
+TRAINER_STEPS = ((1, 1), (1, 3), (3, 1), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
 ZERO3_MICRO_BATCHES = 2  # ZeRO 3's steps (one and three blocks)
 TRAINER_ROUNDS = 2  # of the trainer's steps' timings
 TRAINER_WARMUP_STEPS = 2  # before a trainer's steps are timed (beside the timer's own warm-up)
@@ -469,8 +469,9 @@ def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float
 def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dict) -> Dict[str, float]:
     """What the trainer's steps took beyond the model's prediction of the same runs from `rank_figures`
     (DeepSpeed's engine and its gradient hooks, the embedding's backward, gradient accumulation, the optimizer's
-    bookkeeping), in the three parts the runs of TRAINER_STEPS tell apart: one a step, one a micro-batch, and
-    one a block and micro-batch. Then what ZeRO 3's runs took beyond ZeRO 2's, less the traffic the model
+    bookkeeping), in the four parts the runs of TRAINER_STEPS tell apart: one a step, one a block and step
+    (what scales with the parameters, not the micro-batches), one a micro-batch, and one a block and
+    micro-batch. Then what ZeRO 3's runs took beyond ZeRO 2's, less the traffic the model
     counts between them (its hooks on every module, gathering and releasing each parameter): a block's share
     and the rest's, a micro-batch."""
     from megatron_bloom.planner.cost import predict_iteration
@@ -488,11 +489,13 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
 
     measured, stage = device(rank_figures), shapes.trainer_zero_stage
     left = {(blocks, m): residual(f"trainer@{blocks}@{m}", blocks, m, stage, measured) for blocks, m in TRAINER_STEPS}
-    # left(blocks, m) = step + m * micro_batch + blocks * m * block
-    block = max((left[3, 3] - left[1, 3]) / 6, 0.0)
+    # left(blocks, m) = step + blocks * block_step + m * (micro_batch + blocks * block)
+    block = max((left[3, 3] - left[1, 3] - left[3, 1] + left[1, 1]) / 4, 0.0)
+    block_step = max((left[3, 1] - left[1, 1]) / 2 - block, 0.0)
     micro_batch = max((left[1, 3] - left[1, 1]) / 2 - block, 0.0)
-    result = {"step_overhead_s": max(left[1, 1] - micro_batch - block, 0.0),
-              "micro_batch_overhead_s": micro_batch, "block_micro_batch_overhead_s": block}
+    result = {"step_overhead_s": max(left[1, 1] - block_step - micro_batch - block, 0.0),
+              "block_step_overhead_s": block_step, "micro_batch_overhead_s": micro_batch,
+              "block_micro_batch_overhead_s": block}
     if count > 1:
         with_trainer = device({**rank_figures, **result, "zero3_block_overhead_s": 0.0,
                                "zero3_micro_batch_overhead_s": 0.0})

@@ -67,8 +67,10 @@ class Hardware:
     zero3_block_overhead_s: float = 0.0  # ZeRO 3's hooks, a block and micro-batch, beyond its traffic
     zero3_micro_batch_overhead_s: float = 0.0  # and the rest of the model's (embedding, head), a micro-batch
     # the trainer's work beyond the model's arithmetic and traffic (DeepSpeed's engine and hooks, the embedding's
-    # backward, gradient accumulation): a step's, a micro-batch's, a block's in each micro-batch
+    # backward, gradient accumulation, the optimizer's bookkeeping): a step's, a block's in each step, a
+    # micro-batch's, a block's in each micro-batch
     step_overhead_s: float = 0.0
+    block_step_overhead_s: float = 0.0
     micro_batch_overhead_s: float = 0.0
     block_micro_batch_overhead_s: float = 0.0
     # a block's forward and backward at tp > 1 as a layout runs it, collectives included, at this micro-batch:

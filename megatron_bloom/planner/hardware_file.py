@@ -5,7 +5,7 @@
      "cores": 2, "ranks_per_node": 4, "device": ..., "calibrated_for": {...}, "measured_at": ...,
      "ranks": {"<ranks running at once>": {
          "threads", "peak_tflops_16bit", "peak_tflops_fp32", "optimizer_gb_per_s", "block_overhead_s",
-         "step_overhead_s", "micro_batch_overhead_s", "block_micro_batch_overhead_s",
+         "step_overhead_s", "block_step_overhead_s", "micro_batch_overhead_s", "block_micro_batch_overhead_s",
          "zero3_block_overhead_s", "zero3_micro_batch_overhead_s",          (2 ranks and more)
          "tensor_parallel_gb_per_s", "tensor_parallel_latency_s", "gradient_gb_per_s", "gradient_latency_s",
          "p2p_gb_per_s", "p2p_latency_s",                                   (links: 2 ranks and more)
@@ -141,6 +141,7 @@ def _figures(base: Hardware, entry: dict, micro: dict, micro_batch_size: int) ->
         zero3_block_overhead_s=_number(entry, "zero3_block_overhead_s", optional=True, zero=True) or 0.0,
         zero3_micro_batch_overhead_s=_number(entry, "zero3_micro_batch_overhead_s", optional=True, zero=True) or 0.0,
         step_overhead_s=_number(entry, "step_overhead_s", optional=True, zero=True) or 0.0,
+        block_step_overhead_s=_number(entry, "block_step_overhead_s", optional=True, zero=True) or 0.0,
         micro_batch_overhead_s=_number(entry, "micro_batch_overhead_s", optional=True, zero=True) or 0.0,
         block_micro_batch_overhead_s=_number(entry, "block_micro_batch_overhead_s", optional=True, zero=True) or 0.0,
         intra_node_gb_per_s=rate["tensor_parallel"], intra_node_latency_s=latency["tensor_parallel"],
