@@ -20,7 +20,8 @@ so that each rank's figures are those it gets beside its n - 1 peers:
   and a large message: latency = the small one's time, bandwidth = the large one's extra bytes over its extra
   time (bus bytes for the all-reduces, 2 (n - 1) / n of the data, NCCL's convention);
 - last (what DeepSpeed's engines leave behind slows what follows), the trainer's own steps (training/loop.py)
-  on models of one and three blocks, the n ranks as data-parallel replicas: what they take beyond the cost
+  on models of one and three blocks, one sequence of TRAINER_TOKENS a micro-batch (its overheads do not scale
+  with the tokens), the n ranks as data-parallel replicas: what they take beyond the cost
   model's prediction of the same runs from the figures above (trainer_overheads), and at n >= 2 what ZeRO 3's
   steps take beyond that.
 Every rank repeats a timing as often as the others, which a collective needs; a time is the median of its
@@ -58,6 +59,11 @@ ROUNDS = 3  # of the shape classes' timings (each `seconds` / ROUNDS long)
 TRAINER_STEPS = ((1, 1), (1, 3), (3, 1), (3, 3))  # the trainer's steps timed: (blocks, micro-batches)
 ZERO3_MICRO_BATCHES = 2  # ZeRO 3's steps (one and three blocks)
 TRAINER_ROUNDS = 2  # of the trainer's steps' timings
+# The trainer's steps run one sequence of this many tokens (at most the model's) a micro-batch: its overheads
+# scale with the parameters and the modules, not the tokens, and its arithmetic with the tokens, so short
+# sequences leave the overheads most of what is timed (at full length they were differences of steps 10-100x
+# their size, and a 2% swing of one step moved them by more than their own size).
+TRAINER_TOKENS = 64
 TRAINER_WARMUP_STEPS = 2  # before a trainer's steps are timed (beside the timer's own warm-up)
 
 
@@ -508,12 +514,14 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
 
 
 def _trainer_run(shapes: Shapes, count: int, layers: int, micro_batches: int, zero_stage: int) -> TrainConfig:
-    """The config's model cut to `layers` blocks, on `count` data-parallel ranks, `micro_batches` per step."""
+    """The config's model cut to `layers` blocks, on `count` data-parallel ranks, `micro_batches` per step of
+    one sequence of TRAINER_TOKENS."""
     config = shapes.config
+    tokens = min(config.model.seq_length, TRAINER_TOKENS)
     return dataclasses.replace(
-        config, model=dataclasses.replace(config.model, num_layers=layers),
+        config, model=dataclasses.replace(config.model, num_layers=layers, seq_length=tokens),
         parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=count, sequence_parallel=False),
-        train=dataclasses.replace(config.train, global_batch_size=config.train.micro_batch_size * micro_batches * count,
+        train=dataclasses.replace(config.train, micro_batch_size=1, global_batch_size=micro_batches * count,
                                   activation_checkpointing=False, compile=False),
         zero=dataclasses.replace(config.zero, stage=zero_stage),
         hardware=shapes.counted_as)

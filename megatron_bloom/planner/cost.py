@@ -25,8 +25,8 @@ gradient reduction and the optimizer step:
   block and micro-batch and `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at
   ZeRO 3). The trainer's own work beyond all this (DeepSpeed's engine and hooks, gradient accumulation, the
   embedding's backward) adds `micro_batch_overhead_s` and `block_micro_batch_overhead_s` per block to each
-  micro-batch, `block_step_overhead_s` per block of the stage to the optimizer's step, and with data
-  parallelism (or one rank alone) `step_overhead_s` to it: what a calibration's runs of the trainer, the
+  micro-batch, and with data parallelism (or one rank alone) `step_overhead_s` and `block_step_overhead_s`
+  per block of the largest stage to the optimizer's step: what a calibration's runs of the trainer, the
   ranks as data-parallel replicas, took beyond this model's prediction.
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
@@ -118,12 +118,11 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
         (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
-    # the trainer's per-step work, measured with the machine's ranks as data-parallel replicas: beyond one rank,
-    # mostly what their reduction's bookkeeping adds to its traffic, which a layout without them does not pay
+    # the trainer's per-step work (and per block: what scales with the parameters), measured with the machine's
+    # ranks as data-parallel replicas: beyond one rank, mostly what their reduction's bookkeeping adds to its
+    # traffic, which a layout without them does not pay
     if parallel.dp > 1 or world == 1:
-        optimizer_s += device.step_overhead_s
-    # and its work per block (the optimizer's and the gradients' bookkeeping per parameter), every layout's
-    optimizer_s += max(stage.blocks for stage in stages) * device.block_step_overhead_s
+        optimizer_s += device.step_overhead_s + max(stage.blocks for stage in stages) * device.block_step_overhead_s
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
 
