@@ -71,7 +71,7 @@ def ranks_of(overrides: str) -> int:
 
 def measure(name: str, model: str, overrides: str, corpus: Path, iters: int, work: Path) -> float:
     ranks = ranks_of(overrides)
-    run_dir = work / name.replace(" ", "-")
+    run_dir = Path(tempfile.mkdtemp(prefix=name.replace(" ", "-") + "-", dir=work))  # a run of its own: metrics append
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)))
     run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m",
          "megatron_bloom.cli.train", f"model={model}", f"data.paths=[{corpus}]", "precision=bf16",
