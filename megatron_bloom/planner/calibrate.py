@@ -22,8 +22,8 @@ so that each rank's figures are those it gets beside its n - 1 peers:
 - last (what DeepSpeed's engines leave behind slows what follows), the trainer's own steps (training/loop.py)
   on models of one and three blocks, one sequence of TRAINER_TOKENS a micro-batch (its overheads do not scale
   with the tokens), the n ranks as data-parallel replicas: what they take beyond the cost
-  model's prediction of the same runs from the figures above (trainer_overheads), and at n >= 2 what ZeRO 3's
-  steps take beyond that.
+  model's prediction of the same runs from the figures above, with a block's and the head's compute as timed
+  at those shapes between the steps (trainer_overheads), and at n >= 2 what ZeRO 3's steps take beyond that.
 Every rank repeats a timing as often as the others, which a collective needs; a time is the median of its
 repetitions, a shape class's the fastest of ROUNDS interleaved rounds (the element-wise and recomputation
 figures are differences of them: a slow stretch in one would swing them), and a compute figure the median
@@ -309,9 +309,10 @@ def _forward_backward(fn, *inputs):
     return step
 
 
-def _shape_class_steps(shapes: Shapes, b: int, device) -> Dict[str, List[Callable[[], None]]]:
-    """What to time, at a micro-batch of `b` sequences: the forward and backward of a block, as a whole and
-    recomputed, and of its shape classes (the sum of a class's list)."""
+def _shape_class_steps(shapes: Shapes, b: int, device,
+                       seq_length: Optional[int] = None) -> Dict[str, List[Callable[[], None]]]:
+    """What to time, at a micro-batch of `b` sequences (of the model's length, or `seq_length`): the forward
+    and backward of a block, as a whole and recomputed, and of its shape classes (the sum of a class's list)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -320,7 +321,7 @@ def _shape_class_steps(shapes: Shapes, b: int, device) -> Dict[str, List[Callabl
     from megatron_bloom.model.transformer import attention_inputs
     from megatron_bloom.parallel.cross_entropy import VocabParallelCausalLMLoss
 
-    model, s, dtype = shapes.model, shapes.seq_length, shapes.dtype
+    model, s, dtype = shapes.model, seq_length or shapes.seq_length, shapes.dtype
     h, heads = model.hidden_size, model.num_heads
 
     x = torch.randn(b, s, h, device=device, dtype=dtype, requires_grad=True)
@@ -455,7 +456,8 @@ def _link_times(shapes: Shapes, device, timer: _Timer, rank: int, count: int) ->
 def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float]:
     """The trainer's steps over models of TRAINER_STEPS' blocks and micro-batches, these ranks as data-parallel
     replicas, at ZeRO 1 or 2 (the config's) and, with more than one rank, at ZeRO 2 and 3 (one and three
-    blocks, ZERO3_MICRO_BATCHES): what trainer_overheads compares with the model's prediction. Each group's
+    blocks, ZERO3_MICRO_BATCHES), and a block's and the head's forward and backward at the same shapes
+    ("trainer_block", "trainer_lm_head"): what trainer_overheads compares with the model's prediction. Each group's
     engines are timed in TRAINER_ROUNDS interleaved rounds, the fastest of each: the overheads are
     differences of these times, which one slow stretch would swing."""
     stage = shapes.trainer_zero_stage
@@ -466,6 +468,9 @@ def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float
     times, round_timer = {}, _Timer(timer.device, timer.seconds / TRAINER_ROUNDS)
     for group in groups:
         steps = {key: _trainer_step(run) for key, run in group.items()}
+        if group is groups[0]:  # a block's and the head's own forward and backward at the same shapes, between them
+            at_trainer_shapes = _shape_class_steps(shapes, 1, timer.device, _trainer_tokens(shapes))
+            steps.update({f"trainer_{key}": at_trainer_shapes[key][0] for key in ("block", "lm_head")})
         for _ in range(TRAINER_ROUNDS):
             for key, step in steps.items():
                 times[key] = min(times.get(key, math.inf), round_timer(step))
@@ -473,8 +478,9 @@ def _trainer_steps(shapes: Shapes, count: int, timer: _Timer) -> Dict[str, float
 
 
 def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dict) -> Dict[str, float]:
-    """What the trainer's steps took beyond the model's prediction of the same runs from `rank_figures`
-    (DeepSpeed's engine and its gradient hooks, the embedding's backward, gradient accumulation, the optimizer's
+    """What the trainer's steps took beyond the model's prediction of the same runs from `rank_figures`, its
+    blocks' and head's compute replaced by their forward and backward timed at the same shapes (what is left:
+    DeepSpeed's engine and its gradient hooks, the embedding's backward, gradient accumulation, the optimizer's
     bookkeeping), in the four parts the runs of TRAINER_STEPS tell apart: one a step, one a block and step
     (what scales with the parameters, not the micro-batches), one a micro-batch, and one a block and
     micro-batch. Then what ZeRO 3's runs took beyond ZeRO 2's, less the traffic the model
@@ -490,8 +496,12 @@ def trainer_overheads(shapes: Shapes, count: int, rank_figures: dict, times: dic
                                    "ranks": {str(count): rank}}, "this calibration")
 
     def residual(key: str, blocks: int, micro_batches: int, stage: int, predicted_on) -> float:
+        # the blocks' and the head's compute as timed at these shapes, not as the rates (measured at the model's
+        # length) predict it: a short sequence runs below those rates, and the gap is not the trainer's
         run = _trainer_run(shapes, count, blocks, micro_batches, stage)
-        return times[key] - predict_iteration(run, predicted_on).total_s
+        rates_say = predict_iteration(run, measured).stages[0].compute_s
+        timed = blocks * times["trainer_block"] + times["trainer_lm_head"]
+        return times[key] - predict_iteration(run, predicted_on).total_s - micro_batches * (timed - rates_say)
 
     measured, stage = device(rank_figures), shapes.trainer_zero_stage
     left = {(blocks, m): residual(f"trainer@{blocks}@{m}", blocks, m, stage, measured) for blocks, m in TRAINER_STEPS}
@@ -517,14 +527,17 @@ def _trainer_run(shapes: Shapes, count: int, layers: int, micro_batches: int, ze
     """The config's model cut to `layers` blocks, on `count` data-parallel ranks, `micro_batches` per step of
     one sequence of TRAINER_TOKENS."""
     config = shapes.config
-    tokens = min(config.model.seq_length, TRAINER_TOKENS)
     return dataclasses.replace(
-        config, model=dataclasses.replace(config.model, num_layers=layers, seq_length=tokens),
+        config, model=dataclasses.replace(config.model, num_layers=layers, seq_length=_trainer_tokens(shapes)),
         parallel=dataclasses.replace(config.parallel, tp=1, pp=1, dp=count, sequence_parallel=False),
         train=dataclasses.replace(config.train, micro_batch_size=1, global_batch_size=micro_batches * count,
                                   activation_checkpointing=False, compile=False),
         zero=dataclasses.replace(config.zero, stage=zero_stage),
         hardware=shapes.counted_as)
+
+
+def _trainer_tokens(shapes: Shapes) -> int:
+    return min(shapes.config.model.seq_length, TRAINER_TOKENS)
 
 
 def _trainer_step(run: TrainConfig) -> Callable[[], object]:
