@@ -97,14 +97,16 @@ def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(t
 def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged_where_they_apply(tmp_path):
     """At tp 2 a calibrated block replaces the rates' block and its collectives (the embedding's and the
     head's stay), scaled to the micro-batch and shared further beyond the ranks measured; the trainer's
-    overheads in each micro-batch go to every layout, its step's and its blocks' in each step (measured with
-    data-parallel replicas) to layouts with dp > 1 (and to one rank alone)."""
+    overheads, in each micro-batch and each step, go to every layout: those measured with data-parallel
+    replicas to layouts with dp > 1, those of one rank alone to layouts without replicas."""
     path = synthetic_file(tmp_path / "hw.json")
     data = json.loads(path.read_text())
     pair = data["ranks"]["2"]
     pair["micro_batches"]["4"].update(tensor_parallel_block_s={"2": 0.008}, sequence_parallel_block_s={"2": 0.010})
     pair.update(step_overhead_s=0.05, block_step_overhead_s=0.002, micro_batch_overhead_s=0.003,
                 block_micro_batch_overhead_s=0.001)
+    data["ranks"]["1"].update(step_overhead_s=0.02, block_step_overhead_s=0.0005, micro_batch_overhead_s=0.0015,
+                              block_micro_batch_overhead_s=0.0002)
     path.write_text(json.dumps(data))
     device = hardware(str(path))
 
@@ -115,7 +117,7 @@ def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged
     plain_config, plain = predicted("parallel.tp=2", "parallel.dp=1")
     _, parallel = predicted("parallel.tp=2", "parallel.dp=1", "parallel.sequence_parallel=true")
     head = 2.0 * 4 * 128 * 64 * 1024 / 2 * 3 / (0.15 * 1.2e12)  # the vocabulary's half, at the head's rate
-    trainer = 0.003 + 4 * 0.001  # the trainer's own work in a micro-batch: its and 4 blocks' overheads
+    trainer = 0.0015 + 4 * 0.0002  # the trainer's own work in a micro-batch, one rank alone's: its and 4 blocks'
     assert plain.stages[0].compute_s == pytest.approx(4 * 0.008 + head + trainer)
     assert parallel.stages[0].compute_s == pytest.approx(4 * 0.010 + head + trainer)
     collectives, sent = tensor_parallel_per_micro_batch(plain_config, plan_stages(plain_config)[0], blocks=False)
@@ -138,9 +140,9 @@ def test_a_measured_tensor_parallel_block_and_the_trainers_overheads_are_charged
         for n, b, f in device.measured))
     bare = predict_iteration(load_config([*TINY, f"hardware={path}", "parallel.pp=1", "train.micro_batch_size=4",
                                           "parallel.tp=1", "parallel.dp=2"]), without)
-    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 4 * 0.002 + 2 * trainer)
-    # without data parallelism on two ranks, no step's overheads (measured with replicas, they are mostly theirs)
-    assert plain.optimizer_s == pytest.approx(predict_iteration(plain_config, without).optimizer_s)
+    assert replicas.total_s - bare.total_s == pytest.approx(0.05 + 4 * 0.002 + 2 * (0.003 + 4 * 0.001))
+    # without data parallelism on two ranks, one rank alone's step overheads (the replicas' are theirs)
+    assert plain.optimizer_s - predict_iteration(plain_config, without).optimizer_s == pytest.approx(0.02 + 4 * 0.0005)
 
 
 def test_the_trainers_overheads_are_what_its_steps_took_beyond_the_prediction():

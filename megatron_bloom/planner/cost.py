@@ -25,9 +25,10 @@ gradient reduction and the optimizer step:
   block and micro-batch and `zero3_micro_batch_overhead_s` for the rest of the model (calibrated; pp is 1 at
   ZeRO 3). The trainer's own work beyond all this (DeepSpeed's engine and hooks, gradient accumulation, the
   embedding's backward) adds `micro_batch_overhead_s` and `block_micro_batch_overhead_s` per block to each
-  micro-batch, and with data parallelism (or one rank alone) `step_overhead_s` and `block_step_overhead_s`
-  per block of the largest stage to the optimizer's step: what a calibration's runs of the trainer, the
-  ranks as data-parallel replicas, took beyond this model's prediction.
+  micro-batch, and `step_overhead_s` and `block_step_overhead_s` per block of the largest stage to the
+  optimizer's step: what a calibration's runs of the trainer took beyond this model's prediction, the ranks
+  as data-parallel replicas for a layout with them, one rank alone for a layout without (its ranks do what
+  one rank alone does; replicas do more: their reduction's bookkeeping).
 - tp_s: the tensor-parallel collectives of the stage's blocks, embedding and head (the bytes
   planner/communication.py counts), at the intra-node bus bandwidth plus a latency per collective. Megatron-style
   tensor parallelism waits for them: none overlaps compute.
@@ -107,26 +108,31 @@ def predict_iteration(config: TrainConfig, device: Hardware,
     parallel, train = config.parallel, config.train
     world = parallel.tp * parallel.pp * parallel.dp
     alone = device.while_one_stage_runs(world, parallel.pp, train.micro_batch_size)
+    # the trainer's own work was measured with a calibration's ranks as data-parallel replicas, and on one
+    # rank alone: a layout without replicas does on each rank what one rank alone does (its replicas' work,
+    # twice and more the one rank's on this machine, is theirs)
+    trainer = device.for_layout(world if parallel.dp > 1 else 1, train.micro_batch_size)
     device = device.for_layout(world, train.micro_batch_size)
     stages = stages if stages is not None else plan_stages(config)
-    times = [stage_time(config, stage, device) for stage in stages]
+    times = [stage_time(config, stage, device, trainer) for stage in stages]
     m = micro_batches_per_step(config)
     # the first forward and the last backward: each stage while the others wait (on a CPU, with their cores)
-    crossing = times if alone is device else [stage_time(config, stage, alone) for stage in stages]
+    crossing = times if alone is device else [stage_time(config, stage, alone, trainer) for stage in stages]
     pipeline_s = sum(time.slot_s for time in crossing) + (m - 1) * max(time.slot_s for time in times)
     dp_s = max(data_parallel_seconds(config, stage, device) for stage in stages)
     shards = parallel.dp if config.zero.stage >= 1 else 1
     optimizer_s = max(stage.params_per_rank for stage in stages) / shards * ADAM_BYTES_PER_PARAMETER / (
         (device.optimizer_gb_per_s or device.memory_gb_per_s) * 1e9)
-    # the trainer's per-step work (and per block: what scales with the parameters), measured with the machine's
-    # ranks as data-parallel replicas: beyond one rank, mostly what their reduction's bookkeeping adds to its
-    # traffic, which a layout without them does not pay
-    if parallel.dp > 1 or world == 1:
-        optimizer_s += device.step_overhead_s + max(stage.blocks for stage in stages) * device.block_step_overhead_s
+    # the trainer's per-step work (and per block: what scales with the parameters)
+    optimizer_s += trainer.step_overhead_s + max(stage.blocks for stage in stages) * trainer.block_step_overhead_s
     return IterationTime(times, m, pipeline_s, dp_s, optimizer_s)
 
 
-def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> StageTime:
+def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware,
+               trainer: Optional[Hardware] = None) -> StageTime:
+    """One micro-batch's slot of `stage` on `device` (one rank's figures), with the trainer's own work in it
+    from `trainer`'s figures (default: the device's)."""
+    trainer = trainer or device
     model, parallel, train = config.model, config.parallel, config.train
     s, b, h, t = config.sample_length, train.micro_batch_size, model.hidden_size, parallel.tp
     last = stage.stage == parallel.pp - 1 and not config.fine_tuning
@@ -146,7 +152,7 @@ def stage_time(config: TrainConfig, stage: StagePlan, device: Hardware) -> Stage
         compute_s += (dense / (peak * device.gemm_efficiency) + attention / (peak * device.attention_efficiency)
                       + elementwise / (device.memory_gb_per_s * 1e9) + undivided)
     # the trainer's own work in each micro-batch (a calibrated machine's figures)
-    compute_s += device.micro_batch_overhead_s + stage.blocks * device.block_micro_batch_overhead_s
+    compute_s += trainer.micro_batch_overhead_s + stage.blocks * trainer.block_micro_batch_overhead_s
     if config.zero.stage == 3:  # DeepSpeed's per-module work (a calibrated machine's figures)
         compute_s += stage.blocks * device.zero3_block_overhead_s + device.zero3_micro_batch_overhead_s
     collectives, tp_bytes = tensor_parallel_per_micro_batch(config, stage, blocks=measured_block is None)
