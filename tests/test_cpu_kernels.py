@@ -167,9 +167,10 @@ def test_decode_attention_kernel_gives_the_eager_steps_results(hidden_size, num_
 
 @needs_kernel
 @pytest.mark.parametrize("real_columns, columns", [(1000, 1024), (1024, 1024), (7, 128)])
-def test_cross_entropy_kernel_gives_the_chunked_passes_results(real_columns, columns):
+def test_cross_entropy_kernel_gives_the_chunked_passes_results(real_columns, columns, monkeypatch):
     """`model.fused_kernels` on a CPU: loss and logits gradient of the kernel against torch's chunked passes,
     with a ragged last vector of columns, vocabulary padding and targets on another rank's slice."""
+    monkeypatch.setenv("MBLOOM_CPU_KERNELS", "ours")  # whichever is the faster here
     generator = torch.Generator().manual_seed(real_columns)
     logits = (4 * torch.randn(3, 100, columns, generator=generator)).bfloat16().requires_grad_()
     target = torch.randint(-5, real_columns, (3, 100), generator=generator)  # < 0: on another rank
@@ -189,10 +190,11 @@ def test_cross_entropy_kernel_gives_the_chunked_passes_results(real_columns, col
 
 
 @needs_kernel
-def test_gelu_kernel_gives_torchs_tanh_gelu_and_its_gradient():
+def test_gelu_kernel_gives_torchs_tanh_gelu_and_its_gradient(monkeypatch):
     """Training's GeLU on a CPU in bf16 (`fused_bloom_gelu`): the kernel against torch's tanh-GeLU (both in
     float32, rounded once to bf16) and against float64. Below x = -4 torch's 1 + tanh(u) cancels in float32;
     the kernel stays within bf16 rounding there too (checked down to -6, where float64 itself starts to)."""
+    monkeypatch.setenv("MBLOOM_CPU_KERNELS", "ours")  # whichever is the faster here
     x = torch.linspace(-12, 12, 2 ** 16 + 5, dtype=torch.float64).bfloat16().requires_grad_()
     grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
     y = fused_bloom_gelu(x)

@@ -35,9 +35,12 @@ def test_fused_gelu_matches_bloom_formula_to_float32_rounding():
     assert fused_error.max().item() <= (bloom_gelu(xb).float() - exact).abs().max().item()
 
 
-def test_fast_model_matches_transformers_with_causal_attention_blocks():
-    """sdpa on a CPU, no padding: attention in causal blocks (two whole ones and a ragged third), with the fused
-    GeLU, gives transformers' logits, loss and gradients within float32 rounding."""
+@pytest.mark.parametrize("kernels", ["ours", "torch"])
+def test_fast_model_matches_transformers_with_causal_attention_blocks(kernels, monkeypatch):
+    """sdpa on a CPU, no padding: attention in causal blocks (two whole ones and a ragged third), or torch's
+    kernel where that is the faster (MBLOOM_CPU_KERNELS forces each here), with the fused GeLU, gives
+    transformers' logits, loss and gradients within float32 rounding."""
+    monkeypatch.setenv("MBLOOM_CPU_KERNELS", kernels)
     config = small_config(vocab_size=1000, seq_length=2 * CAUSAL_BLOCK_ROWS + 44)
     reference = hf_model(config)
     ours = build_model(dataclasses.replace(config, attention_impl="sdpa", fused_kernels=True))
@@ -56,10 +59,11 @@ def test_fast_model_matches_transformers_with_causal_attention_blocks():
 
 
 @pytest.mark.parametrize("q_length, kv_length", [(300, 300), (100, 250)], ids=["prompt", "after-a-cache"])
-def test_causal_blocks_give_the_eager_attention_in_bf16(q_length, kv_length):
+def test_causal_blocks_give_the_eager_attention_in_bf16(q_length, kv_length, monkeypatch):
     """The CPU's causal blocks against the eager (transformers) computation in bf16: the same scores and
     probabilities, so outputs equal but for a rare last-bit difference of a longer or shorter sum; gradients
     within bf16 rounding (the blocks' softmax backward reads its bf16 output, the eager one float32)."""
+    monkeypatch.setenv("MBLOOM_CPU_KERNELS", "ours")  # the blocks, whichever is the faster here
     config = small_config(num_heads=4, hidden_size=128)
     attention = BloomAttention(dataclasses.replace(config, attention_impl="sdpa")).bfloat16()
     generator = torch.Generator().manual_seed(q_length)

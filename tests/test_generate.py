@@ -47,20 +47,27 @@ def test_cached_decoding_gives_the_logits_of_full_forwards(attention_impl, capac
 
 @pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16),
                     reason="oneDNN packs bf16 weights on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT only")
-def test_packed_cpu_inference_gives_the_plain_models_bf16_logits():
+@pytest.mark.parametrize("kernels", ["ours", "torch", "measure"])
+def test_packed_cpu_inference_gives_the_plain_models_bf16_logits(kernels, monkeypatch):
     """bf16 on a CPU: `prepare_for_inference` packs every linear and the LM head (for our bf16 kernel where
     the CPU has AVX512-BF16, else for oneDNN), and single-query attention goes through our kernel where
-    it can (heads of 32 values here); the prompt's and each decoding step's logits are the plain model's
-    within one bf16 ulp at their scale. (Not to the bit: the plain model's linears take whatever path torch
-    chooses on this CPU, AMX or AVX-512, which round a few sums differently.)"""
+    it can (heads of 32 values here), each where it is the faster or as MBLOOM_CPU_KERNELS forces; the
+    prompt's and each decoding step's logits are the plain model's within one bf16 ulp at their scale,
+    whichever side runs. (Not to the bit: the plain model's linears take whatever path torch chooses on this
+    CPU, AMX or AVX-512, which round a few sums differently.)"""
+    monkeypatch.setenv("MBLOOM_CPU_KERNELS", kernels)
     config = small_config(hidden_size=128)
     plain = build_model(config, dtype=torch.bfloat16).eval()
     packed = build_model(config, dtype=torch.bfloat16)
     state = ParallelState.single()
     prepare_for_inference(packed, state, torch.bfloat16, batch_size=2)
-    assert sum(isinstance(module, (KernelLinear, PackedLinear)) for module in packed.modules()) == \
-        4 * config.num_layers + 1
-    assert packed.transformer.h[0].self_attention.cpu_decode_kernel == cpu_kernels.kernels_available()
+    linears = [module for module in packed.modules() if isinstance(module, (KernelLinear, PackedLinear))]
+    assert len(linears) >= 4 * config.num_layers + 1  # both layouts where decoding and prompts chose apart
+    ours = kernels != "torch" and cpu_kernels.kernels_available()
+    if kernels != "measure":
+        assert all(isinstance(module, KernelLinear if ours else PackedLinear) for module in linears)
+        assert len(linears) == 4 * config.num_layers + 1
+        assert packed.transformer.h[0].self_attention.cpu_decode_kernel == ours
     torch.manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (2, 9))
     logits = {}

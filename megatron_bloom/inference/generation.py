@@ -23,7 +23,7 @@ from megatron_bloom.data.padding import padded_batch
 from megatron_bloom.errors import UserError
 from megatron_bloom.inference.sampling import choose_tokens
 from megatron_bloom.model import KVCache, ModelConfig, cpu_kernels
-from megatron_bloom.model.attention import BloomAttention
+from megatron_bloom.model.attention import BloomAttention, decode_kernel_chosen
 from megatron_bloom.model.heads import TiedLMHead
 from megatron_bloom.model.inference_linear import pack_linears, packing_available
 from megatron_bloom.parallel import ParallelState
@@ -152,8 +152,8 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
                           quantize: Optional[str] = None, compile: bool = False):
     """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed (each decoding step reads
     every weight once for `batch_size` rows: see model/inference_linear.py) and, where the CPU has
-    AVX512-BF16, single-query attention through our kernel (model/cpu_kernels.py); or with
-    `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model that runs the one-token steps:
+    AVX512-BF16 and it is the faster there, single-query attention through our kernel (model/cpu_kernels.py,
+    model/kernel_choice.py); or with `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model that runs the one-token steps:
     with `compile`, the (packed) model through `torch.compile` (see `compiled_decoding`), else None (the
     model itself)."""
     model.eval()
@@ -165,7 +165,8 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
     if state.device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernels.kernels_available():
         for module in model.modules():
             if isinstance(module, BloomAttention):
-                module.cpu_decode_kernel = cpu_kernels.attention_fits(module.head_dim)
+                module.cpu_decode_kernel = (cpu_kernels.attention_fits(module.head_dim)
+                                            and decode_kernel_chosen(module, batch_size, dtype))
     if quantize is not None or packing_available(state.device, dtype):
         # Packed before compiling too: the prompt's step runs eagerly, and is 6% faster with them.
         pack_linears(model, batch_size, quantize)

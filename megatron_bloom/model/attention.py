@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model import cpu_kernels, kernel_choice
 from megatron_bloom.model.alibi import alibi_bias, alibi_slopes, fold_alibi_into_query_key
 from megatron_bloom.model.causal_blocks import causal_block_attention
 from megatron_bloom.model.config import ModelConfig
@@ -156,9 +156,10 @@ class BloomAttention(nn.Module):
                                                      scale=self.inv_norm_factor)
             return context[..., :head_dim]
         attn_mask = bias.view(batch_size, self.num_heads, 1, -1) + additive_mask
-        if purely_causal and not query.is_cuda and dropout == 0.0:
+        if purely_causal and not query.is_cuda and dropout == 0.0 and _causal_blocks_chosen(query):
             # CPUs: causal blocks (1.7x faster forward and backward than torch's CPU flash kernel with this
-            # mask, whose arbitrary-mask path neither skips the masked blocks nor runs at GEMM speed)
+            # mask on the AMD EPYC they were tuned on, whose arbitrary-mask path neither skips the masked
+            # blocks nor runs at GEMM speed), where they are the faster on this CPU
             n = batch_size * self.num_heads
             query = query.reshape(n, q_length, head_dim)
             key, value = (x.reshape(n, kv_length, head_dim) for x in (key, value))
@@ -167,3 +168,55 @@ class BloomAttention(nn.Module):
             return context.view(batch_size, self.num_heads, q_length, head_dim)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout,
                                               scale=self.inv_norm_factor)
+
+
+def _causal_blocks_chosen(query: torch.Tensor) -> bool:
+    """Whether causal blocks run a purely causal batch's attention faster than torch's CPU kernel on this
+    CPU (kernel_choice.py): timed forward and backward on 8 heads of the power of two nearest the queries'
+    length (one choice for lengths around it, not one for each prompt's); always while torch.compile traces
+    (it does not time)."""
+    if torch.compiler.is_compiling():
+        return True
+    length, head_dim = 2 ** round(math.log2(query.shape[2])), query.shape[-1]
+
+    def candidates():
+        def inputs():
+            return [torch.randn(8, length, head_dim, dtype=query.dtype, requires_grad=True) for _ in range(3)]
+        mask = torch.full((length, length), float("-inf"), dtype=query.dtype).triu(1).expand(8, length, length)
+        scale = 1.0 / math.sqrt(head_dim)
+        blocks, fused = inputs(), inputs()
+
+        def forward_backward(fn, tensors):
+            out = fn(*tensors)
+            out.backward(torch.ones_like(out))
+        return {"ours": lambda: forward_backward(lambda q, k, v: causal_block_attention(q, k, v, mask, scale), blocks),
+                "torch": lambda: forward_backward(lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale), fused)}
+    shape = f"~{length} tokens, head {head_dim}, {str(query.dtype).replace('torch.', '')}"
+    with torch.enable_grad():
+        return kernel_choice.choose("causal_attention", shape, candidates) == "ours"
+
+
+def decode_kernel_chosen(attention: BloomAttention, batch_size: int, dtype: torch.dtype,
+                         kv_length: int = 256) -> bool:
+    """Whether our single-query kernel decodes `attention`'s heads faster than the eager products on this
+    CPU (kernel_choice.py), timed at `batch_size` sequences of `kv_length` cached positions."""
+    heads, head_dim = attention.num_heads, attention.head_dim
+
+    def candidates():
+        cache = LayerKVCache(2 * kv_length)
+        cache.append(*(torch.randn(batch_size, heads, kv_length, head_dim, dtype=dtype) for _ in range(2)))
+        query = torch.randn(batch_size, heads, 1, head_dim, dtype=dtype)
+        bias = torch.randn(batch_size * heads, 1, kv_length, dtype=dtype)
+        mask = torch.zeros(batch_size, 1, 1, kv_length, dtype=dtype)
+        keys, values = cache.keys[:, :, :kv_length], cache.values[:, :, :kv_length]
+
+        def step(kernel: bool):
+            previous, attention.cpu_decode_kernel = attention.cpu_decode_kernel, kernel
+            try:
+                return attention._decode_attention(query, keys, values, bias, mask, cache)
+            finally:
+                attention.cpu_decode_kernel = previous
+        return {"ours": lambda: step(True), "torch": lambda: step(False)}
+    return kernel_choice.choose("decode_attention", f"batch {batch_size}, {heads} heads of {head_dim}",
+                                candidates) == "ours"

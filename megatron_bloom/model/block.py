@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model import cpu_kernels, kernel_choice
 from megatron_bloom.model.attention import BloomAttention
 from megatron_bloom.model.config import ModelConfig
 from megatron_bloom.model.kv_cache import LayerKVCache
@@ -49,11 +50,26 @@ def fused_bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """The same function through torch's vectorized tanh-GeLU kernel: one pass forward and one backward
     (BLOOM's formula as separate ops makes seven). Its sqrt(2/pi) is exact where BLOOM's is rounded to
     0.79788456, a relative difference of 8e-10. Training in bf16 on CPUs with AVX512-BF16 it runs through our
-    kernel (csrc/gelu.cpp: 3x faster than torch's there); torch.compile fuses torch's own."""
+    kernel (csrc/gelu.cpp: 3x faster than torch's on the AMD EPYC it was tuned on) where it is the faster on
+    this CPU (kernel_choice.py); torch.compile fuses torch's own."""
     if (not torch.compiler.is_compiling() and x.requires_grad and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and x.is_contiguous() and cpu_kernels.kernels_available()):
+            and x.dtype == torch.bfloat16 and x.is_contiguous() and cpu_kernels.kernels_available()
+            and kernel_choice.choose("gelu", _size_class(x), lambda: _gelu_candidates(x)) == "ours"):
         return _KernelGeLU.apply(x)
     return F.gelu(x, approximate="tanh")
+
+
+def _size_class(x: torch.Tensor) -> str:
+    """The power of two nearest `x`'s size: the element-wise kernels' choice holds for sizes around it."""
+    return f"2^{round(math.log2(max(x.numel(), 1)))}"
+
+
+def _gelu_candidates(x: torch.Tensor) -> dict:
+    """Forward and backward of the GeLU on a copy of `x`, through our kernel and through torch's."""
+    x = x.detach().clone()
+    grad = torch.randn_like(x)
+    return {"ours": lambda: (cpu_kernels.gelu_tanh(x), cpu_kernels.gelu_tanh_backward(grad, x)),
+            "torch": lambda: (F.gelu(x, approximate="tanh"), torch.ops.aten.gelu_backward(grad, x, approximate="tanh"))}
 
 
 class _KernelGeLU(torch.autograd.Function):

@@ -7,9 +7,11 @@ few rows at a time, so that extra pass over the weights is most of a step's time
 decoding step of bloom-small in bf16 about 1.7x faster per linear and 2x for the LM head, with outputs
 bit-identical to `F.linear` in bf16 (float32 rounds differently, so it is left as it is). On CPUs with
 AVX512-BF16 our own kernel (`cpu_kernels.py`: a contiguous stream of weights per block of outputs)
-replaces oneDNN's: 1.55x faster again for a decoding step's 8 rows, as fast for a prompt's hundreds, and
-the same results up to the last bit of a few outputs. Weights are frozen by packing: for generation and
-evaluation, never training.
+can replace oneDNN's: on the AMD EPYC it was tuned on, 1.55x faster again for a decoding step's 8 rows, as
+fast for a prompt's hundreds, and the same results up to the last bit of a few outputs. Where the CPU has
+AMX tiles oneDNN's many-row products are faster, so each weight shape's decoding and prompt rows take the
+faster of the two on the CPU at hand (`kernel_choice.py`): both layouts are kept where they differ.
+Weights are frozen by packing: for generation and evaluation, never training.
 
 `generate.quantize=int8` stores each weight as int8 with one scale per output channel (symmetric,
 round-to-nearest: the weight-only scheme of LLM.int8's baseline and of torchao's `int8_weight_only`) and
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model import cpu_kernels, kernel_choice
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -110,14 +112,63 @@ class KernelInt8Linear(Int8Linear):
         return cpu_kernels.int8_linear(x, self.weight_int8, self.scales, self.bias)
 
 
+class ByRowsLinear(nn.Module):
+    """One linear layer through `few` below PROMPT_ROWS rows (decoding) and through `many` from there (a
+    prompt): each holds its own layout of the weight."""
+
+    def __init__(self, few: nn.Module, many: nn.Module) -> None:
+        super().__init__()
+        self.few, self.many = few, many
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.many if x.numel() >= PROMPT_ROWS * x.shape[-1] else self.few)(x)
+
+
+PROMPT_ROWS = 64  # rows from which a product is a prompt's (many rows), not a decoding step's
+MEASURED_PROMPT_ROWS = 256  # a prompt's rows, as measured (batch 8, 32 tokens)
+MEASURED_OUTPUTS = 4096  # at most this many of a weight's outputs are timed (an LM head's are hundreds of thousands)
+
+
 def inference_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int,
                      quantize: Optional[str] = None) -> nn.Module:
     """The frozen stand-in for a linear layer: int8 when `quantize` is "int8", else bf16 packed; through our
-    kernels where the CPU, the dtype (bf16) and the weight's shape allow it, else through torch's."""
+    kernels where the CPU, the dtype (bf16) and the weight's shape allow it and they are the faster on this
+    CPU for decoding's `rows` or for a prompt's (kernel_choice.py), else through torch's."""
     kernel = weight.dtype == torch.bfloat16 and cpu_kernels.fits(weight) and cpu_kernels.kernels_available()
-    if quantize == "int8":
-        return KernelInt8Linear(weight, bias) if kernel else Int8Linear(weight, bias)
-    return KernelLinear(weight, bias) if kernel else PackedLinear(weight, bias, rows)
+    int8 = quantize == "int8"
+    if not kernel:
+        return Int8Linear(weight, bias) if int8 else PackedLinear(weight, bias, rows)
+    decoding_rows = min(max(rows, 1), PROMPT_ROWS - 1)
+
+    def side(name: str, for_rows: int) -> nn.Module:
+        if name == "ours":
+            return KernelInt8Linear(weight, bias) if int8 else KernelLinear(weight, bias)
+        return Int8Linear(weight, bias) if int8 else PackedLinear(weight, bias, for_rows)
+    decoding, prompt = (_linear_choice(weight, bias, int8, name, measured_rows)
+                        for name, measured_rows in (("decode", decoding_rows), ("prompt", MEASURED_PROMPT_ROWS)))
+    if decoding == prompt:
+        return side(decoding, rows)
+    return ByRowsLinear(side(decoding, decoding_rows), side(prompt, MEASURED_PROMPT_ROWS))
+
+
+def _linear_choice(weight: torch.Tensor, bias: Optional[torch.Tensor], int8: bool, rows_class: str,
+                   rows: int) -> str:
+    """Ours or torch's product (oneDNN's packed layout; int8: torch's int8 kernel, or the weights dequantized
+    for many rows) for this weight's shape at `rows` rows, by kernel_choice."""
+    outputs, inputs = weight.shape
+    timed = min(outputs, MEASURED_OUTPUTS)
+
+    def candidates():
+        part = weight.detach()[:timed]
+        part_bias = bias.detach()[:timed] if bias is not None else None
+        x = torch.randn(rows, inputs, dtype=weight.dtype)
+        if int8:
+            ours, theirs = KernelInt8Linear(part, part_bias), Int8Linear(part, part_bias)
+        else:
+            ours, theirs = KernelLinear(part, part_bias), PackedLinear(part, part_bias, rows)
+        return {"ours": lambda: ours(x), "torch": lambda: theirs(x)}
+    operator = f"{'int8_' if int8 else ''}linear@{rows_class}"
+    return kernel_choice.choose(operator, f"{rows}x{inputs}x{timed}", candidates)
 
 
 def pack_linears(model: nn.Module, rows: int, quantize: Optional[str] = None) -> int:

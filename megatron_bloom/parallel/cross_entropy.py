@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_bloom.model import cpu_kernels
+from megatron_bloom.model import cpu_kernels, kernel_choice
 from megatron_bloom.model.heads import IGNORE_INDEX
 from megatron_bloom.parallel.mappings import (
     all_reduce_,
@@ -89,26 +89,53 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 _compiled(_write_logits_grad)(grad[chunk], rows[chunk], log_sum_exp[chunk], grad_loss[chunk],
                                               local_target[chunk], target_grad[chunk], real_columns)
             return grad.view(logits.shape), None, None, None, None, None
-        grad[:, real_columns:] = 0  # padding columns: never predicted, no gradient
-        # d loss / d logit = (softmax - one_hot(target)) * grad_loss, one float32 chunk at a time
-        for chunk in _row_chunks(rows) if real_columns else ():
-            probs = torch.sub(rows[chunk, :real_columns], log_sum_exp[chunk, None]).exp_()
-            probs.mul_(grad_loss[chunk, None])
-            probs.scatter_add_(-1, local_target[chunk, None], target_grad[chunk, None])
-            grad[chunk, :real_columns] = probs
+        _chunked_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad, real_columns)
         return grad.view(logits.shape), None, None, None, None, None
+
+
+def _chunked_logits_grad(grad, rows, log_sum_exp, grad_loss, local_target, target_grad, real_columns) -> None:
+    """`cpu_kernels.cross_entropy_logits_grad` through torch's ops, one float32 chunk at a time."""
+    grad[:, real_columns:] = 0  # padding columns: never predicted, no gradient
+    # d loss / d logit = (softmax - one_hot(target)) * grad_loss
+    for chunk in _row_chunks(rows) if real_columns else ():
+        probs = torch.sub(rows[chunk, :real_columns], log_sum_exp[chunk, None]).exp_()
+        probs.mul_(grad_loss[chunk, None])
+        probs.scatter_add_(-1, local_target[chunk, None], target_grad[chunk, None])
+        grad[chunk, :real_columns] = probs
 
 
 def _path(rows: torch.Tensor, fused: bool) -> str:
     """How the passes over the logits run: `model.fused_kernels` picks our CPU kernel for bf16 logits where
-    the CPU has AVX512-BF16, and compiled kernels on GPUs; otherwise torch's ops on chunks."""
+    the CPU has AVX512-BF16 and it is the faster there (kernel_choice.py), and compiled kernels on GPUs;
+    otherwise torch's ops on chunks."""
     if fused and rows.shape[1] > 0:
         if (rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and rows.stride(1) == 1
-                and cpu_kernels.kernels_available()):
+                and cpu_kernels.kernels_available()
+                and (torch.compiler.is_compiling()  # tracing does not time: the kernel, as before the choice
+                     or kernel_choice.choose("cross_entropy", f"{rows.shape[1]} columns",
+                                             lambda: _cross_entropy_candidates(rows)) == "ours")):
             return "cpu_kernel"
         if rows.is_cuda and _compiled(_sum_exp) is not None:
             return "compiled"
     return "chunked"
+
+
+def _cross_entropy_candidates(rows: torch.Tensor) -> dict:
+    """Both passes over (a copy of at most 2048 of) these logits' rows, through our kernel and torch's ops."""
+    rows = rows[:2048].clone()
+    count = rows.shape[0]
+    log_sum_exp = torch.full((count,), float(rows.float().amax()) + 10.0)
+    grad_loss, target = torch.full((count,), 1.0 / count), torch.zeros(count, dtype=torch.long)
+    target_grad, grad = -grad_loss, torch.empty_like(rows)
+
+    def ours():
+        cpu_kernels.cross_entropy_max_sum_exp(rows)
+        cpu_kernels.cross_entropy_logits_grad(grad, rows, log_sum_exp, grad_loss, target, target_grad, rows.shape[1])
+
+    def chunked():
+        _local_max_and_sum_exp(rows, "chunked")
+        _chunked_logits_grad(grad, rows, log_sum_exp, grad_loss, target, target_grad, rows.shape[1])
+    return {"ours": ours, "torch": chunked}
 
 
 def _local_max_and_sum_exp(rows: torch.Tensor, path: str) -> tuple:
