@@ -116,6 +116,18 @@ def test_damaged_edited_or_foreign_cache_files_are_measured_again(choices_dir, c
     assert not list(choices_dir.glob(".*.tmp"))  # written whole: a temporary file renamed over it
 
 
+def test_a_cache_that_cannot_be_written_leaves_the_choice_to_each_process(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "a-file" / "extensions"))  # not a directory
+    monkeypatch.delenv("MBLOOM_CPU_KERNELS", raising=False)
+    calls = []
+    assert kernel_choice.choose("test_unwritable", "one shape", sides(0.003, 0.001, calls)) == "torch"
+    assert kernel_choice.choose("test_unwritable", "another shape", sides(0.001, 0.003, calls)) == "ours"
+    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert err.count("could not be written") == 1 and "hold for this process only" in err
+
+
 def test_the_environment_forces_a_side_and_nonsense_is_one_paragraph(choices_dir, monkeypatch):
     for side in ("ours", "torch", " Torch "):
         monkeypatch.setenv("MBLOOM_CPU_KERNELS", side)

@@ -83,19 +83,27 @@ def machine() -> str:
 
 def _cached_or_measured(operator: str, shape: str, key: str, candidates) -> str:
     path = cache_path()
-    with _locked(path):
-        entries = _read(path)
-        entry = entries.get(key)
-        if entry is not None:
-            _say(operator, shape, entry, "cached")
-            return entry["choice"]
-        seconds = measure(candidates())
-        entry = {"choice": "torch" if seconds["torch"] * (1 + MARGIN) < seconds["ours"] else "ours",
-                 "seconds": seconds}
-        entries[key] = entry
-        _write(path, entries)
-    _say(operator, shape, entry, "measured")
+    try:
+        with _locked(path):
+            entries = _read(path)
+            entry = entries.get(key)
+            if entry is None:
+                entry = entries[key] = _measured(candidates)
+                _write(path, entries)
+                how = "measured"
+            else:
+                how = "cached"
+    except OSError as error:  # a cache directory that cannot be written: this process's choice only
+        _warn(f"{path} could not be written ({error.strerror or type(error).__name__}); the CPU kernels' choices "
+              "hold for this process only (set TORCH_EXTENSIONS_DIR to a writable directory)")
+        entry, how = _measured(candidates), "measured"
+    _say(operator, shape, entry, how)
     return entry["choice"]
+
+
+def _measured(candidates) -> dict:
+    seconds = measure(candidates())
+    return {"choice": "torch" if seconds["torch"] * (1 + MARGIN) < seconds["ours"] else "ours", "seconds": seconds}
 
 
 def measure(calls: Mapping[str, Callable[[], object]]) -> Dict[str, float]:
@@ -174,7 +182,9 @@ def _say(operator: str, shape: str, entry: dict, how: str) -> None:
 
 
 def _warn(message: str) -> None:
-    _tell(f"megatron_bloom: {message}")
+    if (message, "") not in _said:  # once a process
+        _said.add((message, ""))
+        _tell(f"megatron_bloom: {message}")
 
 
 def _tell(line: str) -> None:
