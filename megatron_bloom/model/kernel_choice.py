@@ -175,10 +175,11 @@ def _say(operator: str, shape: str, entry: dict, how: str) -> None:
         return
     _said.add((operator, entry["choice"]))
     seconds = entry.get("seconds") if isinstance(entry.get("seconds"), dict) else {}
+    threads = torch.get_num_threads()
     timings = ", ".join(f"{name} {value * 1e3:.3g} ms" for name, value in sorted(seconds.items())
                         if isinstance(value, (int, float)))
     _tell(f"megatron_bloom: {operator} runs {'our kernel' if entry['choice'] == 'ours' else 'torch'} on this CPU "
-          f"({shape}, {torch.get_num_threads()} threads; {how}{': ' + timings if timings else ''})")
+          f"({shape}, {threads} thread{'s' * (threads > 1)}; {how}{': ' + timings if timings else ''})")
 
 
 def _warn(message: str) -> None:
