@@ -38,16 +38,18 @@ def test_bloom_176b_as_it_was_trained():
 
 def test_bloom_176b_iteration_time_is_predicted_without_running():
     """No --iter-time: the cost model (planner/cost.py) on the a100-80gb preset's published figures predicts
-    BLOOM-176B's 104.7 s per iteration within 15% (90.8 s: the preset's InfiniBand, a DGX A100's, against
-    Jean Zay's Omni-Path, and framework overheads the model leaves out)."""
+    BLOOM-176B's 104.7 s per iteration within 15% (91.2 s: the preset's InfiniBand, a DGX A100's, against
+    Jean Zay's Omni-Path, and framework overheads the model leaves out), so its 150 TFLOPs per GPU too."""
     report = json.loads(run_cli(["megatron_bloom.cli.plan", *BLOOM_176B, "--json"]).stdout.strip().splitlines()[-1])
     assert abs(report["predicted_iter_time_s"] - 104.7) <= 0.15 * 104.7
+    assert abs(report["predicted_tflops_per_gpu"] - 150) <= 0.15 * 150
     # the same FLOPs in that time: about 150 TFLOPs x 104.7 s per GPU
     assert report["predicted_tflops_per_gpu"] * report["predicted_iter_time_s"] == pytest.approx(150 * 104.7, rel=0.05)
     parts = report["predicted_breakdown_s"]
     assert report["predicted_iter_time_s"] == pytest.approx(sum(parts.values()))
-    # 128 micro-batches and 11 more slots fill the pipeline; the reduction and the step are a second or less
-    assert parts["pipeline"] > 0.98 * report["predicted_iter_time_s"] and parts["data_parallel"] < 2.0
+    # 128 micro-batches and 11 more slots fill the pipeline; the reduction (float32 gradients all-reduced, bf16
+    # weights gathered) and the step are two seconds or less
+    assert parts["pipeline"] > 0.97 * report["predicted_iter_time_s"] and parts["data_parallel"] < 2.5
     assert report["predicted_mfu"] == pytest.approx(
         report["predicted_tflops_per_gpu"] / 312.0 * 3 / 4, rel=0.02)  # the model's FLOPs, not the recomputation's
     assert "iter_time_s" not in report and "mfu" not in report

@@ -68,14 +68,20 @@ def test_a_layout_is_predicted_with_the_figures_of_its_rank_count_and_micro_batc
 
 def test_cost_model_uses_the_files_links_and_reduces_bf16_gradients_in_float32(tmp_path):
     """dp 2 at ZeRO 1 in bf16: a ring all-reduce of the rank's float32 gradients on the file's gradient link,
-    2 (d - 1) / d of 4 P bytes plus 2 (d - 1) latencies, not overlapped; recomputation adds the file's 1.5
-    forwards of compute."""
+    2 (d - 1) / d of 4 P bytes plus 2 (d - 1) latencies, then (DeepSpeed's BF16 optimizer) an all-gather of
+    the updated bf16 weights, half that in a quarter of the bytes; not overlapped; recomputation adds the
+    file's 1.5 forwards of compute."""
     path = str(synthetic_file(tmp_path / "hw.json"))
     config = load_config([*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
                           "train.micro_batch_size=4", "zero.stage=1"])
     params = plan_stages(config)[0].params_per_rank
     predicted = predict_iteration(config, hardware(path))
-    assert predicted.data_parallel_s == pytest.approx(4 * params / 1e9 + 2 * 1e-3)
+    assert predicted.data_parallel_s == pytest.approx(1.25 * (4 * params / 1e9 + 2 * 1e-3))
+    fp32 = load_config([*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
+                        "train.micro_batch_size=4", "zero.stage=1", "precision=fp32"])
+    # fp32 at ZeRO 1: a reduce-scatter and an all-gather of as many bytes, one all-reduce's traffic
+    fp32_rank = dataclasses.replace(hardware(path), precision="fp32")
+    assert predict_iteration(fp32, fp32_rank).data_parallel_s == pytest.approx(4 * params / 1e9 + 2 * 1e-3)
     recomputed = load_config([*TINY, f"hardware={path}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
                               "train.micro_batch_size=4", "train.activation_checkpointing=true"])
     base_compute = predicted.stages[0].compute_s

@@ -37,8 +37,9 @@ gradient reduction and the optimizer step:
   stages are tp x dp ranks apart), else intra-node.
 - dp: a ring all-reduce of the gradients of the rank's parameters over dp ranks (float32 in bf16 runs with
   ZeRO, as training/deepspeed_config.py asks DeepSpeed; ZeRO 1 sends the same bytes as a reduce-scatter and an
-  all-gather; ZeRO 2 and 3 reduce-scatter after every micro-batch, and ZeRO 3 gathers the parameters twice a
-  micro-batch: `zero_reductions`), at the inter-node bandwidth
+  all-gather, and in bf16 DeepSpeed's BF16 optimizer all-reduces the float32 gradients whole, then gathers
+  the updated bf16 weights; ZeRO 2 and 3 reduce-scatter after every micro-batch, and ZeRO 3 gathers the
+  parameters twice a micro-batch: `zero_reductions`), at the inter-node bandwidth
   per GPU once the replicas span nodes; at pp > 1 the embedding's gradient is also summed between the first
   and the last stage, which both hold it (tied). None of it overlaps compute: DeepSpeed's pipeline engine and its BF16 optimizer (ZeRO 1) reduce
   after the last backward, and ZeRO 2 and 3 without `overlap_comm` (training/deepspeed_config.py leaves it
@@ -183,13 +184,18 @@ def data_parallel_seconds(config: TrainConfig, stage: StagePlan, device: Hardwar
 
 def zero_reductions(config: TrainConfig) -> float:
     """The data-parallel traffic of a step, in all-reduces of the gradients (2 (d - 1) / d of them each, at
-    `gradient_bytes`; a reduce-scatter or an all-gather is half of one). ZeRO 0 and 1 reduce once a step. ZeRO
+    `gradient_bytes`; a reduce-scatter or an all-gather is half of one). ZeRO 0 and 1 reduce once a step: ZeRO 1
+    reduce-scatters the gradients and gathers the new weights, except in bf16 (float32 gradients), where
+    DeepSpeed's BF16 optimizer all-reduces the gradients whole (the engine's fallback all-reduce: it has no
+    `reduce_gradients`) and then gathers the updated bf16 weights (`BF16_Optimizer.update_lp_params`). ZeRO
     2 and 3 keep only their partition of the gradients, so they reduce-scatter after every micro-batch's
     backward (DeepSpeed issue #2252); ZeRO 2 then gathers the new weights once a step, ZeRO 3 the parameters
     for every forward and again every backward (Rajbhandari et al. 2020, section 7), in the weights' width."""
     m, stage = micro_batches_per_step(config), config.zero.stage
     weights = WEIGHT_BYTES[config.precision] / gradient_bytes(config)  # a gather's width against a reduction's
-    return {2: (m + weights) / 2, 3: m * (1 + 2 * weights) / 2}.get(stage, 1.0)
+    bf16_optimizer = weights < 1  # bf16 weights, float32 gradients
+    return {1: (2 if bf16_optimizer else 1) / 2 + weights / 2, 2: (m + weights) / 2,
+            3: m * (1 + 2 * weights) / 2}.get(stage, 1.0)
 
 
 def gradient_bytes(config: TrainConfig) -> int:
