@@ -153,9 +153,9 @@ def prepare_for_inference(model, state: ParallelState, dtype: torch.dtype, batch
     """Evaluation mode; on CPUs in bf16, the linear layers and the LM head packed (each decoding step reads
     every weight once for `batch_size` rows: see model/inference_linear.py) and, where the CPU has
     AVX512-BF16 and it is the faster there, single-query attention through our kernel (model/cpu_kernels.py,
-    model/kernel_choice.py); or with `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model that runs the one-token steps:
-    with `compile`, the (packed) model through `torch.compile` (see `compiled_decoding`), else None (the
-    model itself)."""
+    model/kernel_choice.py); or with `quantize="int8"` their weights in int8 (CPU, tp 1). Returns the model
+    that runs the one-token steps: with `compile`, the (packed) model through `torch.compile` (see
+    `compiled_decoding`), else None (the model itself)."""
     model.eval()
     if quantize is not None and (state.device.type != "cpu" or state.tp > 1):
         raise UserError(f"generate.quantize={quantize} runs on CPUs at parallel.tp=1 (this run: "
