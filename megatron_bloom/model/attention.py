@@ -177,12 +177,13 @@ def _causal_blocks_chosen(query: torch.Tensor) -> bool:
     (it does not time)."""
     if torch.compiler.is_compiling():
         return True
-    length, head_dim = 2 ** round(math.log2(query.shape[2])), query.shape[-1]
+    length, head_dim = kernel_choice.nearest_power_of_two(query.shape[2]), query.shape[-1]
 
     def candidates():
         def inputs():
             return [torch.randn(8, length, head_dim, dtype=query.dtype, requires_grad=True) for _ in range(3)]
-        mask = torch.full((length, length), float("-inf"), dtype=query.dtype).triu(1).expand(8, length, length)
+        mask = causal_additive_mask(None, 1, length, length, query.dtype, query.device).view(1, length, length)
+        mask = mask.expand(8, length, length)
         scale = 1.0 / math.sqrt(head_dim)
         blocks, fused = inputs(), inputs()
 

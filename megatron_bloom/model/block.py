@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -54,14 +53,10 @@ def fused_bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     this CPU (kernel_choice.py); torch.compile fuses torch's own."""
     if (not torch.compiler.is_compiling() and x.requires_grad and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.is_contiguous() and cpu_kernels.kernels_available()
-            and kernel_choice.choose("gelu", _size_class(x), lambda: _gelu_candidates(x)) == "ours"):
+            and kernel_choice.choose("gelu", f"{kernel_choice.nearest_power_of_two(x.numel())} values",
+                                     lambda: _gelu_candidates(x)) == "ours"):
         return _KernelGeLU.apply(x)
     return F.gelu(x, approximate="tanh")
-
-
-def _size_class(x: torch.Tensor) -> str:
-    """The power of two nearest `x`'s size: the element-wise kernels' choice holds for sizes around it."""
-    return f"2^{round(math.log2(max(x.numel(), 1)))}"
 
 
 def _gelu_candidates(x: torch.Tensor) -> dict:

@@ -74,7 +74,7 @@ class Int8Linear(nn.Module):
     rows go through torch's int8-weight kernel; many rows (a prompt), for which that kernel is slower than
     a GEMM, through the weight dequantized on the fly."""
 
-    DEQUANTIZED_ROWS = 64
+    DEQUANTIZED_ROWS = 64  # = PROMPT_ROWS: where a product is a prompt's
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         super().__init__()
@@ -124,7 +124,7 @@ class ByRowsLinear(nn.Module):
         return (self.many if x.numel() >= PROMPT_ROWS * x.shape[-1] else self.few)(x)
 
 
-PROMPT_ROWS = 64  # rows from which a product is a prompt's (many rows), not a decoding step's
+PROMPT_ROWS = Int8Linear.DEQUANTIZED_ROWS  # rows from which a product is a prompt's (many rows), not a decoding step's
 MEASURED_PROMPT_ROWS = 256  # a prompt's rows, as measured (batch 8, 32 tokens)
 MEASURED_OUTPUTS = 4096  # at most this many of a weight's outputs are timed (an LM head's are hundreds of thousands)
 
@@ -139,22 +139,25 @@ def inference_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], rows: i
     if not kernel:
         return Int8Linear(weight, bias) if int8 else PackedLinear(weight, bias, rows)
     decoding_rows = min(max(rows, 1), PROMPT_ROWS - 1)
-
-    def side(name: str, for_rows: int) -> nn.Module:
-        if name == "ours":
-            return KernelInt8Linear(weight, bias) if int8 else KernelLinear(weight, bias)
-        return Int8Linear(weight, bias) if int8 else PackedLinear(weight, bias, for_rows)
     decoding, prompt = (_linear_choice(weight, bias, int8, name, measured_rows)
                         for name, measured_rows in (("decode", decoding_rows), ("prompt", MEASURED_PROMPT_ROWS)))
     if decoding == prompt:
-        return side(decoding, rows)
-    return ByRowsLinear(side(decoding, decoding_rows), side(prompt, MEASURED_PROMPT_ROWS))
+        return _linear_side(decoding, weight, bias, int8, rows)
+    return ByRowsLinear(_linear_side(decoding, weight, bias, int8, decoding_rows),
+                        _linear_side(prompt, weight, bias, int8, MEASURED_PROMPT_ROWS))
+
+
+def _linear_side(side: str, weight: torch.Tensor, bias: Optional[torch.Tensor], int8: bool, rows: int) -> nn.Module:
+    """The linear of `side`: "ours" (our kernel), or "torch" (oneDNN's layout packed for `rows`; int8: torch's
+    int8 kernel, or the weights dequantized for many rows)."""
+    if side == "ours":
+        return KernelInt8Linear(weight, bias) if int8 else KernelLinear(weight, bias)
+    return Int8Linear(weight, bias) if int8 else PackedLinear(weight, bias, rows)
 
 
 def _linear_choice(weight: torch.Tensor, bias: Optional[torch.Tensor], int8: bool, rows_class: str,
                    rows: int) -> str:
-    """Ours or torch's product (oneDNN's packed layout; int8: torch's int8 kernel, or the weights dequantized
-    for many rows) for this weight's shape at `rows` rows, by kernel_choice."""
+    """Ours or torch's product for this weight's shape at `rows` rows, by kernel_choice."""
     outputs, inputs = weight.shape
     timed = min(outputs, MEASURED_OUTPUTS)
 
@@ -162,11 +165,8 @@ def _linear_choice(weight: torch.Tensor, bias: Optional[torch.Tensor], int8: boo
         part = weight.detach()[:timed]
         part_bias = bias.detach()[:timed] if bias is not None else None
         x = torch.randn(rows, inputs, dtype=weight.dtype)
-        if int8:
-            ours, theirs = KernelInt8Linear(part, part_bias), Int8Linear(part, part_bias)
-        else:
-            ours, theirs = KernelLinear(part, part_bias), PackedLinear(part, part_bias, rows)
-        return {"ours": lambda: ours(x), "torch": lambda: theirs(x)}
+        sides = {side: _linear_side(side, part, part_bias, int8, rows) for side in kernel_choice.CANDIDATES}
+        return {side: (lambda linear=linear: linear(x)) for side, linear in sides.items()}
     operator = f"{'int8_' if int8 else ''}linear@{rows_class}"
     return kernel_choice.choose(operator, f"{rows}x{inputs}x{timed}", candidates)
 

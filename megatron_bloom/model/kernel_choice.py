@@ -26,8 +26,10 @@ what it chose in one line per operator (rank 0, stderr; one more where a shape c
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -75,6 +77,12 @@ def cache_path() -> Path:
     return Path(root) / FILE_NAME
 
 
+def nearest_power_of_two(size: int) -> int:
+    """The size class a choice is made for (one for the sizes around it, not one for each size met)."""
+    return 2 ** round(math.log2(max(size, 1)))
+
+
+@functools.lru_cache(maxsize=None)
 def machine() -> str:
     """What a cached choice holds for: this CPU, torch's version and our kernels' sources."""
     sources = hashlib.sha256(b"".join(path.read_bytes() for path in cpu_kernels.SOURCES)).hexdigest()[:16]
